@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs the Debian packages firma and its test suite need, when any is missing.
+# Runs `apt-get update` once, and only when something must be installed.
+set -euo pipefail
+need=()
+command -v bwrap >/dev/null 2>&1 || need+=(bubblewrap)
+command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v dig >/dev/null 2>&1 || need+=(dnsutils)
+command -v ping >/dev/null 2>&1 || need+=(iputils-ping)
+command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
+command -v useradd >/dev/null 2>&1 || need+=(passwd)
+[ -e /usr/lib/x86_64-linux-gnu/libseccomp.so.2 ] || [ -e /usr/lib/aarch64-linux-gnu/libseccomp.so.2 ] \
+  || ldconfig -p 2>/dev/null | grep -q 'libseccomp.so.2' || need+=(libseccomp2)
+[ -x /usr/bin/python3.11 ] || need+=(python3.11)
+if [ ${#need[@]} -eq 0 ]; then exit 0; fi
+if [ "$(id -u)" -ne 0 ]; then
+  echo "[ERR]  missing system packages: ${need[*]}; run as root or: sudo apt-get install ${need[*]}" >&2
+  exit 1
+fi
+echo "installing system packages: ${need[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq "${need[@]}" >/dev/null

@@ -1,0 +1,80 @@
+"""The contract between the lifecycle and a backend.
+
+A backend turns an `ExecutionEnvelope` into a running, confined child. It gets every input from
+the plan/envelope and platform facts from a `Host`; it never reads `os.environ`."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Awaitable, Callable, Protocol
+
+from ..core.model import Check, EnforcementProof, ExecutionEnvelope, RunPlan
+from ..host import Host
+
+
+class RoutingMode(Enum):
+    # Services are served from sockets planted inside the sandbox's network namespace (bwrap).
+    PLANTED = "planted"
+    # Services listen on host loopback ephemeral ports; the backend/runner confines the agent to them.
+    HOST_LOOPBACK = "host_loopback"
+
+
+@dataclass(frozen=True)
+class RoutingPlan:
+    mode: RoutingMode
+    dns_stub: bool  # a DNS refusal stub must exist (planted, or on host loopback)
+
+
+@dataclass
+class PlantedSockets:
+    """Listening sockets created inside the sandbox's netns, owned by the launcher."""
+
+    proxy_tcp: socket.socket  # 127.0.0.1:18080
+    dns_udp: socket.socket  # 127.0.0.1:53
+    dns_tcp: socket.socket  # 127.0.0.1:53
+
+    def close(self) -> None:
+        for s in (self.proxy_tcp, self.dns_udp, self.dns_tcp):
+            s.close()
+
+
+@dataclass
+class LaunchHooks:
+    """Callbacks the lifecycle gives a backend for the launch.
+
+    `serve_planted` is awaited by planting backends after the sockets exist and before the agent
+    is released; it returns once the services are serving them. `add_check` records a measured
+    launch-time fact for the proof."""
+
+    serve_planted: Callable[[PlantedSockets], Awaitable[None]]
+    add_check: Callable[[Check], None]
+    log: Callable[[str], None] = field(default=lambda _msg: None)
+
+
+class LaunchedChild(Protocol):
+    pid: int
+
+    async def wait(self) -> int:
+        """Wait for the child; return its exit code, or 128+N when it died of signal N."""
+
+    def forward_signal(self, signum: int) -> None:
+        """Deliver a signal to the sandbox's process group (or the runner's)."""
+
+    def kill_tree(self) -> None:
+        """SIGKILL every process of the run; idempotent."""
+
+
+class Backend(Protocol):
+    name: str
+
+    def prepare(self, plan: RunPlan, host: Host) -> EnforcementProof:
+        """Validate host and inputs (typed errors, no side effects) and return the proof."""
+
+    def routing(self) -> RoutingPlan:
+        """Where services must live; valid after `prepare`."""
+
+    async def launch(self, envelope: ExecutionEnvelope, hooks: LaunchHooks) -> LaunchedChild:
+        """Start the confined child; for PLANTED routing, plant sockets and await
+        `hooks.serve_planted` before releasing the agent."""

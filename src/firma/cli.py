@@ -1,0 +1,53 @@
+"""Thin CLI: parse, call into the library, map FirmaError to one `[ERR]` line and exit 1.
+
+Each command lives in its own `cli_<name>` module exposing `add_parser(subparsers)` and
+`run(args) -> int`; this file only dispatches."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import FirmaError
+
+# command name -> module implementing add_parser/run
+COMMANDS = {
+    "run": "firma.cli_run",
+    "sidecar": "firma.cli_sidecar",
+    "doctor": "firma.cli_doctor",
+    "audit": "firma.cli_audit",
+    "contract": "firma.cli_contract",
+    "conformance": "firma.cli_conformance",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="firma", description="Run AI agents confined behind a policy sidecar."
+    )
+    parser.add_argument("--config", help="path to firma.toml")
+    parser.add_argument("--log-file", help="write firma's own log lines to this file")
+    parser.add_argument("--log-filter", help="log level directive, e.g. info or debug")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
+    for name, modname in COMMANDS.items():
+        mod = importlib.import_module(modname)
+        p = mod.add_parser(sub)
+        p.set_defaults(_module=mod)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = build_parser().parse_args(argv)
+        return int(args._module.run(args))
+    except FirmaError as exc:
+        print(f"[ERR]  {exc}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,13 @@
+"""`firma audit` (placeholder until implemented)."""
+
+from __future__ import annotations
+
+from .errors import FirmaError
+
+
+def add_parser(sub):
+    return sub.add_parser("audit", help="not implemented yet")
+
+
+def run(args) -> int:
+    raise FirmaError("firma audit is not implemented yet")

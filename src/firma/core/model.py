@@ -1,0 +1,197 @@
+"""Plain data shared by every layer: the launch plan, the execution envelope and the proof.
+
+Pure: no I/O, no environment reads. Everything is frozen so a plan, once resolved, cannot drift
+between the gate that checked it and the backend that enforces it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from types import MappingProxyType
+from typing import Mapping
+
+BACKENDS = ("bwrap", "vz", "runner")
+PROFILES = ("generic", "claude-code", "codex")
+
+# Inside a bwrap sandbox the agent sees exactly these planted endpoints.
+PLANTED_PROXY_ADDR = ("127.0.0.1", 18080)
+PLANTED_DNS_ADDR = ("127.0.0.1", 53)
+
+
+def frozen_map(m: Mapping[str, str] | None = None) -> Mapping[str, str]:
+    return MappingProxyType(dict(sorted((m or {}).items())))
+
+
+class NetworkConfinement(StrEnum):
+    LINUX_NETWORK_NAMESPACE = "linux_network_namespace"
+    MACOS_SANDBOX_NETWORK_DENY = "macos_sandbox_network_deny"
+    MACOS_VZ_GUEST = "macos_vz_guest"
+    EXTERNAL_RUNNER = "external_runner"
+    PROXY_ONLY = "proxy_only"
+
+
+class IdentityMode(StrEnum):
+    SANDBOX_USER = "sandbox-user"
+    HOST_USER = "host-user"
+
+    @property
+    def contract_name(self) -> str:
+        """Spelling used in the launch contract: `sandbox_user` | `host_user`."""
+        return self.value.replace("-", "_")
+
+
+@dataclass(frozen=True)
+class Mount:
+    source: str  # absolute host path
+    target: str  # absolute path inside the sandbox
+    read_only: bool = False
+
+
+@dataclass(frozen=True)
+class SeccompPolicyRef:
+    source_policy_path: str
+    artifact_dir: str
+
+
+@dataclass(frozen=True)
+class VzInputs:
+    """The macOS flags and guest inputs, captured once from the environment by the planner."""
+
+    guest: bool = False  # FIRMA_RUN_VZ_GUEST truthy
+    structural_network: bool = False  # FIRMA_RUN_VZ_STRUCTURAL_NETWORK truthy
+    runner: str | None = None  # raw FIRMA_RUN_VZ_GUEST_RUNNER (None = unset)
+    kernel: str | None = None
+    initrd: str | None = None
+    rootfs: str | None = None
+
+
+@dataclass(frozen=True)
+class SidecarChoice:
+    """`local` = embedded sidecar in the launcher; otherwise an endpoint tcp://H:P | unix:///P."""
+
+    endpoint: str = "local"
+    autostart: bool = True
+    startup_timeout_secs: float = 10.0
+
+    @property
+    def embedded(self) -> bool:
+        return self.endpoint == "local"
+
+
+@dataclass(frozen=True)
+class Identity:
+    sandbox_id: str  # sbx_<uuid7 hex>
+    session_id: str
+    profile: str
+    agent_id: str
+    user: str  # x-firma-user
+
+    def attribution_headers(self) -> Mapping[str, str]:
+        """Trusted attribution headers (ref names), sorted by name."""
+        return frozen_map(
+            {
+                "x-firma-agent": self.agent_id,
+                "x-firma-profile": self.profile,
+                "x-firma-sandbox-id": self.sandbox_id,
+                "x-firma-session-id": self.session_id,
+                "x-firma-user": self.user,
+            }
+        )
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Everything one `firma run` needs, resolved from CLI + firma.toml + profile + environment."""
+
+    identity: Identity
+    backend: str
+    argv: tuple[str, ...]
+    cwd: str  # absolute workspace, mounted read-write
+    home: str
+    state_root: str
+    identity_mode: IdentityMode = IdentityMode.SANDBOX_USER
+    # Launch environment built from empty (SPEC §11) *without* the proxy variables, which depend
+    # on where the bridge ends up (planted 127.0.0.1:18080 or a host-loopback ephemeral port).
+    base_env: Mapping[str, str] = field(default_factory=frozen_map)
+    allow_hosts: tuple[str, ...] = ()
+    policy_path: str | None = None
+    seccomp_policy: SeccompPolicyRef | None = None
+    mounts: tuple[Mount, ...] = ()
+    mask_home_paths: tuple[str, ...] = ()  # relative to home
+    writable_home_paths: tuple[str, ...] = ()  # relative to home, bound read-write when present
+    sidecar: SidecarChoice = field(default_factory=SidecarChoice)
+    allow_non_structural: bool = False
+    monitor: bool = False
+    proof_file: str | None = None
+    keep_markers: bool = False
+    vz: VzInputs = field(default_factory=VzInputs)
+    runner_path: str | None = None  # raw FIRMA_RUN_RUNNER (None = unset)
+    config_path: str | None = None
+
+    @property
+    def runtime_dir(self) -> str:
+        return f"{self.state_root}/run/{self.identity.sandbox_id}"
+
+
+@dataclass(frozen=True)
+class EnforcementProof:
+    backend: str
+    structural: bool
+    fail_closed: bool
+    network_confinement: NetworkConfinement
+    detail: str
+
+
+@dataclass(frozen=True)
+class Check:
+    """One launch-time verification recorded in the proof document."""
+
+    name: str
+    ok: bool
+    detail: str
+
+
+INVARIANT_NAMES = (
+    "sidecar_only_egress",
+    "dns_confined",
+    "fail_closed_startup",
+    "fail_closed_runtime",
+    "direct_bypass_resistant",
+    "preserve_stdio_signals_exit",
+)
+
+
+@dataclass(frozen=True)
+class Invariant:
+    name: str
+    mode: str = "required"  # or "disabled_by_policy" (only fail_closed_startup)
+
+
+DEFAULT_INVARIANTS = tuple(Invariant(n) for n in INVARIANT_NAMES)
+
+
+@dataclass(frozen=True)
+class NetworkEndpoints:
+    proxy_url: str | None  # e.g. http://127.0.0.1:18080
+    dns_stub_addr: str | None  # e.g. 127.0.0.1:53
+    attribution_headers: Mapping[str, str] = field(default_factory=frozen_map)
+
+
+@dataclass(frozen=True)
+class ExecutionEnvelope:
+    """What a backend must enforce: pure data, built by the lifecycle after routing."""
+
+    sandbox_id: str
+    runtime_dir: str
+    executable: str
+    args: tuple[str, ...]
+    cwd: str
+    env: Mapping[str, str]  # final launch environment (proxy variables included), no secrets
+    identity_mode: IdentityMode
+    home: str
+    seccomp_filter_path: str | None
+    mounts: tuple[Mount, ...]
+    mask_home_paths: tuple[str, ...]
+    network: NetworkEndpoints
+    invariants: tuple[Invariant, ...] = DEFAULT_INVARIANTS
