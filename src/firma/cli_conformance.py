@@ -1,13 +1,37 @@
-"""`firma conformance` (placeholder until implemented)."""
+"""`firma conformance --runner PATH [--json] [--evidence-dir DIR]`.
+
+Runs the six invariant probes through the runner (plus a positive control for each directly on
+the host), prints a table (or JSON) and exits 0 only when every invariant passed. Evidence files
+are kept in the evidence directory (a fresh private temp directory unless one is given)."""
 
 from __future__ import annotations
 
-from .errors import FirmaError
+import json
+import os
+import tempfile
+
+from .conformance.kit import run_conformance
 
 
 def add_parser(sub):
-    return sub.add_parser("conformance", help="not implemented yet")
+    p = sub.add_parser("conformance", help="check a runner against the six launch-contract invariants")
+    p.add_argument("--runner", required=True, metavar="PATH", help="runner executable to check")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument(
+        "--evidence-dir",
+        metavar="DIR",
+        help="where to keep contracts and probe evidence (default: a new private temp directory)",
+    )
+    return p
 
 
 def run(args) -> int:
-    raise FirmaError("firma conformance is not implemented yet")
+    work = args.evidence_dir or tempfile.mkdtemp(prefix="firma-conformance-")
+    if args.evidence_dir:
+        os.makedirs(work, mode=0o700, exist_ok=True)
+    report = run_conformance(args.runner, work)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        print(report.table())
+    return 0 if report.ok else 1
