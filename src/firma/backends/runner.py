@@ -1,0 +1,97 @@
+"""`runner` backend (any host): an operator-provided executable enforces the launch contract.
+
+firma validates FIRMA_RUN_RUNNER (SPEC §6 rules and texts), serves the bridge and DNS stub on host
+loopback, writes the contract v1 (no guest section) to `<runtime_dir>/runner/launch.json` and
+starts `<runner> --launch-contract <path>` through the shared external launcher. The proof says
+`external_runner`: the runner is trusted to enforce the invariants, and `firma conformance` is how
+an operator checks that it does."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+from ..core.contract_validate import validate_contract
+from ..core.model import EnforcementProof, ExecutionEnvelope, NetworkConfinement, RunPlan
+from ..errors import BackendError
+from ..host import Host
+from .base import LaunchedChild, LaunchHooks, RoutingMode, RoutingPlan
+
+RUNNER_ENV = "FIRMA_RUN_RUNNER"
+DETAIL = "external runner enforces the launch contract invariants"
+CONTRACT_SUBDIR = "runner"
+CONTRACT_NAME = "launch.json"
+
+
+def check_runner_path(value: str | None, name: str = RUNNER_ENV) -> str:
+    """SPEC §6 checks for a runner executable; returns the path or raises the reason text."""
+    if value is None:
+        raise _err(f"runner backend requires {name}")
+    if not value.startswith("/"):
+        raise _err(f"{name} must be an absolute path: {value}")
+    try:
+        st = os.stat(value)  # follows links: a dangling link does not exist
+    except (FileNotFoundError, NotADirectoryError):
+        raise _err(f"{name} does not exist: {value}") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _err(f"{name} does not exist: {value}") from None
+        raise _err(f"failed to inspect {name} {value}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise _err(f"{name} must point to a file: {value}")
+    if not st.st_mode & 0o111:
+        raise _err(f"{name} must be executable: {value}")
+    return value
+
+
+def _err(reason: str) -> BackendError:
+    return BackendError("runner", reason)
+
+
+class RunnerBackend:
+    name = "runner"
+
+    def __init__(self) -> None:
+        self._runner: str | None = None
+
+    def prepare(self, plan: RunPlan, host: Host) -> EnforcementProof:
+        self._runner = check_runner_path(plan.runner_path)
+        return EnforcementProof(
+            backend="runner",
+            structural=True,
+            fail_closed=True,
+            network_confinement=NetworkConfinement.EXTERNAL_RUNNER,
+            detail=DETAIL,
+        )
+
+    def routing(self) -> RoutingPlan:
+        return RoutingPlan(mode=RoutingMode.HOST_LOOPBACK, dns_stub=True)
+
+    def contract_path(self, envelope: ExecutionEnvelope) -> str:
+        return os.path.join(envelope.runtime_dir, CONTRACT_SUBDIR, CONTRACT_NAME)
+
+    async def launch(self, envelope: ExecutionEnvelope, hooks: LaunchHooks) -> LaunchedChild:
+        if self._runner is None:
+            raise _err("launch called before prepare")
+        from ..core.contract import build_contract
+        from . import external
+
+        try:
+            contract = build_contract(envelope, self._runner)
+        except Exception as exc:  # a ContractError already reads well; anything else is a bug
+            if isinstance(exc, BackendError):
+                raise
+            raise _err(str(exc)) from exc
+        # Check our own output against the runner-side rules before a runner ever sees it: a
+        # contract the runner would reject is a firma bug, and says so before anything starts.
+        problems = validate_contract(contract)
+        if problems:
+            raise _err(f"generated launch contract is invalid: {problems[0]}")
+        return await external.launch_contract(
+            backend=self.name,
+            runner_path=self._runner,
+            contract=contract,
+            contract_path=self.contract_path(envelope),
+            hooks=hooks,
+        )
