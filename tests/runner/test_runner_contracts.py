@@ -1,0 +1,124 @@
+"""Contracts firma really produces — `firma run --backend runner` and the VZ guest path — pass the
+runner-side validator and the published JSON Schema."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+
+from firma.core.contract_validate import contract_schema, validate_contract
+
+SCHEMA = jsonschema.Draft202012Validator(contract_schema())
+
+
+def capture_runner(tmp_path: Path, exit_code: int = 0) -> tuple[Path, Path]:
+    out = tmp_path / "captured"
+    out.mkdir()
+    script = tmp_path / "capture_runner.sh"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'OUT="{out}"\n'
+        'printf "%s\\n" "$@" > "$OUT/argv"\n'
+        'stat -c %a "$2" > "$OUT/mode"\n'
+        'stat -c %a "$(dirname "$2")" > "$OUT/dirmode"\n'
+        'cp "$2" "$OUT/contract.json"\n'
+        f"exit {exit_code}\n"
+    )
+    script.chmod(0o755)
+    return script, out
+
+
+def run_firma(tmp_path: Path, runner: Path, *extra_env: tuple[str, str]):
+    work = tmp_path / "workspace"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FIRMA_")}
+    env.update({"FIRMA_STATE_DIR": str(tmp_path / "state"), "FIRMA_RUN_RUNNER": str(runner),
+                "FIRMA_CAPABILITY_TOKEN": "must-never-appear"})
+    env.update(dict(extra_env))
+    return subprocess.run(
+        [sys.executable, "-m", "firma", "run", "--backend", "runner", "--", "/bin/echo", "hi"],
+        cwd=work, env=env, capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_firma_run_backend_runner_contract_validates_and_matches_schema(tmp_path):
+    runner, out = capture_runner(tmp_path, exit_code=5)
+    r = run_firma(tmp_path, runner)
+    assert r.returncode == 5, r.stderr  # the runner's exit status is the run's
+    argv = (out / "argv").read_text().splitlines()
+    assert argv[0] == "--launch-contract" and len(argv) == 2
+    path = argv[1]
+    assert os.path.isabs(path) and path.endswith("/runner/launch.json")
+    assert (out / "mode").read_text().strip() == "600"
+    assert (out / "dirmode").read_text().strip() == "700"
+    contract = json.loads((out / "contract.json").read_text())
+    assert validate_contract(contract) == []
+    SCHEMA.validate(contract)
+    assert "guest" not in contract
+    assert path == f"{contract['runtime_dir']}/runner/launch.json"
+    assert contract["runner"]["path"] == str(runner)
+    assert contract["command"]["executable"].endswith("echo") and contract["command"]["args"] == ["hi"]
+    assert "FIRMA_CAPABILITY_TOKEN" not in contract["command"]["env"]
+    assert "must-never-appear" not in (out / "contract.json").read_text()
+    assert contract["network"]["proxy_url"].startswith("http://127.0.0.1:")
+    assert contract["network"]["dns_stub_addr"].startswith("127.0.0.1:")
+    assert contract["network"]["attribution_headers"]["x-firma-sandbox-id"] == contract["sandbox_id"]
+    assert [i["mode"] for i in contract["invariants"]] == ["required"] * 6
+    # The CLI validator agrees on the file as written (mode 0600 kept by a private copy).
+    copy = tmp_path / "copy.json"
+    copy.write_text((out / "contract.json").read_text())
+    copy.chmod(0o600)
+    v = subprocess.run([sys.executable, "-m", "firma", "contract", "validate", str(copy)],
+                       capture_output=True, text=True, timeout=60)
+    assert v.returncode == 0, v.stderr
+
+
+def test_vz_guest_contract_validates_and_matches_schema(tmp_path):
+    from firma.core.contract import build_contract, contract_json
+    from firma.core.model import (
+        ExecutionEnvelope, IdentityMode, Mount, NetworkEndpoints, frozen_map,
+    )
+
+    guest = {}
+    for name in ("kernel", "initrd", "rootfs"):
+        p = tmp_path / name
+        p.write_bytes(b"x")
+        guest[name] = str(p)
+    sbx = "sbx_0192f0c8a1b27c3d9e4f5a6b7c8d9e0f"
+    env = ExecutionEnvelope(
+        sandbox_id=sbx, runtime_dir=f"/tmp/firma-0/run/{sbx}", executable="/usr/bin/true", args=("a",),
+        cwd=str(tmp_path), env=frozen_map({"HOME": "/h", "HTTP_PROXY": "http://127.0.0.1:41000"}),
+        identity_mode=IdentityMode.HOST_USER, home="/h", seccomp_filter_path=None,
+        mounts=(Mount(str(tmp_path), str(tmp_path), False),), mask_home_paths=(),
+        network=NetworkEndpoints("http://127.0.0.1:41000", "127.0.0.1:41001",
+                                 frozen_map({"x-firma-sandbox-id": sbx, "x-firma-user": "u"})),
+    )
+    contract = json.loads(contract_json(build_contract(env, "/usr/local/bin/vz-runner", guest=_guest_arg(guest))))
+    assert list(contract)[:5] == ["version", "sandbox_id", "runtime_dir", "runner", "guest"]
+    assert validate_contract(contract, file_exists=os.path.isfile) == []
+    SCHEMA.validate(contract)
+    assert contract["command"]["identity_mode"] == "host_user"
+    # Dropping a guest file makes it invalid for the runner.
+    os.unlink(guest["rootfs"])
+    assert validate_contract(contract, file_exists=os.path.isfile)
+
+
+def _guest_arg(guest: dict):
+    """build_contract's guest argument: whatever shape core/contract.py takes (mapping or VzInputs)."""
+    import inspect
+
+    from firma.core import contract as mod
+
+    sig = inspect.signature(mod.build_contract)
+    ann = str(sig.parameters["guest"].annotation)
+    if "VzInputs" in ann:
+        from firma.core.model import VzInputs
+
+        return VzInputs(guest=True, runner="/usr/local/bin/vz-runner", **guest)
+    return guest
+
