@@ -22,6 +22,11 @@ def add_parser(sub):
         metavar="DIR",
         help="where to keep contracts and probe evidence (default: a new private temp directory)",
     )
+    p.add_argument(
+        "--probe-python",
+        metavar="PATH",
+        help="Python 3 interpreter the probes run with inside the runner (default: /usr/bin/python3)",
+    )
     return p
 
 
@@ -29,7 +34,7 @@ def run(args) -> int:
     work = args.evidence_dir or tempfile.mkdtemp(prefix="firma-conformance-")
     if args.evidence_dir:
         os.makedirs(work, mode=0o700, exist_ok=True)
-    report = run_conformance(args.runner, work)
+    report = run_conformance(args.runner, work, python=args.probe_python)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
     else:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import os
 import shutil
 import signal
@@ -62,7 +63,22 @@ def upstreams_from_contract(contract: Mapping[str, Any]) -> Upstreams:
         raise ContractError(f"proxy_url {net['proxy_url']} must name a host and port")
     dns = parse_host_port(net["dns_stub_addr"])
     assert dns is not None  # validated
+    # firma serves the bridge and stub on host loopback; anything else in a contract handed to
+    # this runner is not firma's and would send agent traffic (and DNS) off the machine.
+    for what, host in (("proxy_url", u.hostname), ("dns_stub_addr", dns[0])):
+        if not _is_loopback_ip(host):
+            raise ContractError(
+                f"{what} host {host} is not a loopback IP address; {PROG} only relays to the host "
+                "bridge and DNS stub on loopback"
+            )
     return Upstreams(proxy=(u.hostname, u.port), dns=dns)
+
+
+def _is_loopback_ip(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def planted_proxy_url() -> str:

@@ -12,6 +12,7 @@ import pytest
 
 from firma.backends.base import PlantedSockets
 from firma.core.model import IdentityMode
+from firma.errors import ContractError
 from firma.runner_linux import (
     Relays,
     Upstreams,
@@ -45,6 +46,17 @@ def test_envelope_from_contract():
     assert env.mounts[0].source == "/home/dev/project" and env.runtime_dir == "/tmp/rt"
     assert [i.name for i in env.invariants][0] == "sidecar_only_egress"
     assert upstreams_from_contract(c) == Upstreams(("127.0.0.1", 40001), ("127.0.0.1", 40002))
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [("proxy_url", "http://10.0.0.1:8080"), ("proxy_url", "http://localhost:8080"), ("dns_stub_addr", "192.0.2.1:53")],
+)
+def test_reference_runner_only_relays_to_loopback(key, value):
+    c = good_contract()
+    c["network"][key] = value
+    with pytest.raises(ContractError, match="not a loopback IP address"):
+        upstreams_from_contract(c)
 
 
 def _dead_port():

@@ -84,6 +84,15 @@ def _ipv6_loopback() -> bool:
         return False
 
 
+def default_probe_python() -> str:
+    """The probes are stdlib-only: prefer the system interpreter, which a sandbox that masks home
+    directories (bwrap as root masks /root) still shows; else the real path of this one."""
+    for candidate in ("/usr/bin/python3", "/usr/local/bin/python3"):
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return os.path.realpath(sys.executable)
+
+
 def new_sandbox_id() -> str:
     # Kit-made ids are only labels for attribution; the kit never hands them to a firma run.
     return "sbx_" + uuid.uuid4().hex
@@ -101,8 +110,7 @@ class Kit:
     def __init__(self, runner_path: str, work_dir: str, *, python: str | None = None) -> None:
         self.runner_path = runner_path
         self.work = Path(work_dir)
-        # The real interpreter (not a venv shim) so probes run wherever the runner puts them.
-        self.python = python or os.path.realpath(sys.executable)
+        self.python = python or default_probe_python()
         self.token = secrets.token_hex(8)
         self._dns_lock = threading.Lock()
         self._dns_seen: list[str] = []
@@ -479,10 +487,12 @@ class Kit:
         )
 
 
-def run_conformance(runner_path: str, work_dir: str) -> Report:
+def run_conformance(runner_path: str, work_dir: str, *, python: str | None = None) -> Report:
     runner = os.path.abspath(runner_path)
     if not os.path.isfile(runner) or not os.access(runner, os.X_OK):
         raise ConformanceError(f"runner {runner_path} is not an executable file; pass --runner PATH")
-    with Kit(runner, work_dir) as kit:
+    if python is not None and not (os.path.isabs(python) and os.access(python, os.X_OK)):
+        raise ConformanceError(f"probe interpreter {python} is not an absolute path to an executable")
+    with Kit(runner, work_dir, python=python) as kit:
         results = kit.run_all()
     return Report(runner, kit.evidence_dir, tuple(results))
