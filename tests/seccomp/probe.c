@@ -1,0 +1,174 @@
+/* Seccomp confinement probe. Usage: probe EVIDENCE_FILE TEST...
+ * Each TEST runs in a forked child (fresh session, no shared state) and appends one line
+ * "<test> <result>" to EVIDENCE_FILE: result is 0 on success, else the errno of the blocked call,
+ * or "signal:<n>" when the child was killed. Tests that need a capability first try to get one
+ * from a new user namespace, so a refusal measures the filter, not a missing capability. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/ptrace.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <termios.h>
+#include <unistd.h>
+#include <linux/io_uring.h>
+
+static int fail(void) { return errno ? errno : 255; }
+
+static int t_tiocsti(unsigned long cmd) {
+    int m = posix_openpt(O_RDWR | O_NOCTTY);
+    if (m < 0 || grantpt(m) || unlockpt(m)) return 200;
+    int s = open(ptsname(m), O_RDWR);
+    if (s < 0 || setsid() < 0 || ioctl(s, TIOCSCTTY, 0) < 0) return 201;
+    char c = 'x';
+    return syscall(SYS_ioctl, s, cmd, &c) == 0 ? 0 : fail();
+}
+
+static int t_io_uring(void) {
+    struct io_uring_params p;
+    memset(&p, 0, sizeof p);
+    long fd = syscall(SYS_io_uring_setup, 4, &p);
+    return fd >= 0 ? 0 : fail();
+}
+
+static int t_ptrace(void) {
+    pid_t kid = fork();
+    if (kid == 0) { pause(); _exit(0); }
+    long r = ptrace(PTRACE_ATTACH, kid, 0, 0);
+    int e = r == 0 ? 0 : fail();
+    if (r == 0) { waitpid(kid, NULL, 0); ptrace(PTRACE_DETACH, kid, 0, 0); }
+    kill(kid, SIGKILL); waitpid(kid, NULL, 0);
+    return e;
+}
+
+static int t_process_vm_writev(void) {
+    long r = syscall(SYS_process_vm_writev, getpid(), NULL, 0, NULL, 0, 0);
+    return r == 0 ? 0 : fail();
+}
+
+static int t_unshare_net(void) {
+    return unshare(CLONE_NEWUSER | CLONE_NEWNET) == 0 ? 0 : fail();
+}
+
+static int t_clone_newnet(void) {
+    long r = syscall(SYS_clone, CLONE_NEWUSER | CLONE_NEWNET | SIGCHLD, 0, 0, 0, 0);
+    if (r == 0) _exit(0);
+    if (r < 0) return fail();
+    waitpid(r, NULL, 0);
+    return 0;
+}
+
+static int t_setns(void) {
+    unshare(CLONE_NEWUSER | CLONE_NEWNET); /* best effort: a netns we may enter */
+    int fd = open("/proc/self/ns/net", O_RDONLY);
+    if (fd < 0) return 202;
+    return setns(fd, CLONE_NEWNET) == 0 ? 0 : fail();
+}
+
+static int t_mount(void) {
+    unshare(CLONE_NEWUSER | CLONE_NEWNS); /* best effort: gives CAP_SYS_ADMIN where allowed */
+    if (mount("none", "/", NULL, MS_REC | MS_PRIVATE, NULL) != 0 && errno != EPERM) return 203;
+    return mount("none", "/tmp", "tmpfs", 0, NULL) == 0 ? 0 : fail();
+}
+
+static int t_af_packet(unsigned long domain) {
+    unshare(CLONE_NEWUSER | CLONE_NEWNET); /* best effort: gives CAP_NET_RAW where allowed */
+    long fd = syscall(SYS_socket, domain, SOCK_RAW, 0);
+    return fd >= 0 ? 0 : fail();
+}
+
+static int t_setuid(void) {
+    /* No-op credential changes: always allowed by the kernel, so EPERM can only be the filter. */
+    if (syscall(SYS_setuid, getuid())) return fail();
+    if (syscall(SYS_setgid, getgid())) return fail();
+    if (syscall(SYS_setreuid, -1, -1)) return fail();
+    if (syscall(SYS_setregid, -1, -1)) return fail();
+    if (syscall(SYS_setresuid, -1, -1, -1)) return fail();
+    if (syscall(SYS_setresgid, -1, -1, -1)) return fail();
+    return 0;
+}
+
+static int t_execve(void) {
+    char *argv[] = {"true", NULL};
+    pid_t kid = fork();
+    if (kid == 0) { execve("/bin/true", argv, environ); _exit(100 + errno); }
+    int st; waitpid(kid, &st, 0);
+    int code = WIFEXITED(st) ? WEXITSTATUS(st) : 255;
+    return code == 0 ? 0 : (code >= 100 ? code - 100 : 255);
+}
+
+static int t_execveat(void) {
+    char *argv[] = {"true", NULL};
+    pid_t kid = fork();
+    if (kid == 0) {
+        syscall(SYS_execveat, AT_FDCWD, "/bin/true", argv, environ, 0);
+        _exit(100 + errno);
+    }
+    int st; waitpid(kid, &st, 0);
+    int code = WIFEXITED(st) ? WEXITSTATUS(st) : 255;
+    return code == 0 ? 0 : (code >= 100 ? code - 100 : 255);
+}
+
+static int t_unlink(void) {
+    char path[] = "/tmp/probe-unlink-XXXXXX";
+    int fd = mkstemp(path);
+    if (fd < 0) return 204;
+    return unlink(path) == 0 ? 0 : fail();
+}
+
+static int t_int80(void) {
+#if defined(__x86_64__)
+    long ret;
+    /* getpid through the i386 entry point: the filter must kill, not answer. */
+    __asm__ volatile("int $0x80" : "=a"(ret) : "a"(20L) : "memory");
+    return ret > 0 ? 0 : 205;
+#else
+    return 206;
+#endif
+}
+
+static int run(const char *t) {
+    if (!strcmp(t, "tiocsti")) return t_tiocsti(TIOCSTI);
+    if (!strcmp(t, "tiocsti_hibits")) return t_tiocsti(TIOCSTI | (1UL << 32));
+    if (!strcmp(t, "io_uring")) return t_io_uring();
+    if (!strcmp(t, "ptrace")) return t_ptrace();
+    if (!strcmp(t, "process_vm_writev")) return t_process_vm_writev();
+    if (!strcmp(t, "unshare_net")) return t_unshare_net();
+    if (!strcmp(t, "clone_newnet")) return t_clone_newnet();
+    if (!strcmp(t, "setns")) return t_setns();
+    if (!strcmp(t, "mount")) return t_mount();
+    if (!strcmp(t, "af_packet")) return t_af_packet(AF_PACKET);
+    if (!strcmp(t, "af_packet_hibits")) return t_af_packet(AF_PACKET | (1UL << 32));
+    if (!strcmp(t, "setuid")) return t_setuid();
+    if (!strcmp(t, "execve")) return t_execve();
+    if (!strcmp(t, "execveat")) return t_execveat();
+    if (!strcmp(t, "unlink")) return t_unlink();
+    if (!strcmp(t, "int80")) return t_int80();
+    return 254;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 3) { fprintf(stderr, "usage: probe EVIDENCE TEST...\n"); return 2; }
+    FILE *ev = fopen(argv[1], "a");
+    if (!ev) { perror(argv[1]); return 2; }
+    setvbuf(ev, NULL, _IONBF, 0);
+    fprintf(ev, "started %d\n", (int)getpid());
+    for (int i = 2; i < argc; i++) {
+        pid_t kid = fork();
+        if (kid == 0) { errno = 0; _exit(run(argv[i])); }
+        int st;
+        waitpid(kid, &st, 0);
+        if (WIFSIGNALED(st)) fprintf(ev, "%s signal:%d\n", argv[i], WTERMSIG(st));
+        else fprintf(ev, "%s %d\n", argv[i], WEXITSTATUS(st));
+    }
+    fprintf(ev, "done\n");
+    return 0;
+}

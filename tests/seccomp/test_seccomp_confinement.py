@@ -1,0 +1,106 @@
+"""Real confinement: the compiled filter, applied by bwrap, blocks each hardening entry.
+
+Two positive controls per probe: the same call succeeds outside any sandbox, and inside the same
+bwrap sandbox without the filter (so a refusal measures the filter, not a missing capability)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+
+import pytest
+from conftest import HARDENING_TESTS, write_policy
+
+from firma.core.model import SeccompPolicyRef
+from firma.seccomp import open_verified, prepare_filter
+
+pytestmark = pytest.mark.confinement
+EPERM = str(errno.EPERM)
+
+
+def _filtered(run_probe, artifact, tests, prefix=()):
+    fd = open_verified(artifact)
+    try:
+        return run_probe(tests, seccomp_fd=fd, prefix=prefix)
+    finally:
+        os.close(fd)
+
+
+def test_hardening_blocks_each_entry_with_eperm(run_probe, state_root, machine):
+    outside = run_probe(HARDENING_TESTS, sandbox=False)
+    assert outside.done, outside.stderr
+    assert outside.results == {t: "0" for t in HARDENING_TESTS}
+    bare = run_probe(HARDENING_TESTS)
+    assert bare.done, bare.stderr
+    assert bare.results == {t: "0" for t in HARDENING_TESTS}
+
+    art = prepare_filter(None, state_root, machine)
+    confined = _filtered(run_probe, art, HARDENING_TESTS)
+    assert confined.started and confined.done, confined.stderr
+    assert confined.results == {t: EPERM for t in HARDENING_TESTS}
+
+
+def test_foreign_architecture_syscall_kills_the_process(run_probe, state_root, machine):
+    if machine != "x86_64":
+        pytest.fail(f"the i386 entry-point probe exists only for x86_64 hosts (this is {machine})")
+    assert run_probe(["int80"], sandbox=False).results == {"int80": "0"}
+    assert run_probe(["int80"]).results == {"int80": "0"}
+    confined = _filtered(run_probe, prepare_filter(None, state_root, machine), ["int80"])
+    assert confined.done
+    assert confined.results == {"int80": f"signal:{int(signal.SIGSYS)}"}
+
+
+def test_default_filter_leaves_ordinary_calls_alone(run_probe, state_root, machine):
+    tests = ["setuid", "execve", "execveat", "unlink"]
+    confined = _filtered(run_probe, prepare_filter(None, state_root, machine), tests)
+    assert confined.results == {t: "0" for t in tests}
+
+
+def test_credential_write_policy_blocks_setuid_family(run_probe, state_root, machine, tmp_path):
+    assert run_probe(["setuid"], sandbox=False).results == {"setuid": "0"}
+    assert run_probe(["setuid"]).results == {"setuid": "0"}
+    pol = write_policy(tmp_path / "p.toml", ["credential.write"])
+    art = prepare_filter(SeccompPolicyRef(str(pol), ""), state_root, machine)
+    confined = _filtered(run_probe, art, ["setuid", "unlink", *HARDENING_TESTS])
+    assert confined.results["setuid"] == EPERM
+    assert confined.results["unlink"] == "0"
+    # The hardening list applies to project policies too.
+    assert all(confined.results[t] == EPERM for t in HARDENING_TESTS)
+
+
+def test_filesystem_delete_policy_blocks_unlink(run_probe, state_root, machine, tmp_path):
+    assert run_probe(["unlink"]).results == {"unlink": "0"}
+    pol = write_policy(tmp_path / "p.toml", ["filesystem.delete"])
+    art = prepare_filter(SeccompPolicyRef(str(pol), ""), state_root, machine)
+    assert _filtered(run_probe, art, ["unlink"]).results == {"unlink": EPERM}
+
+
+def test_system_execute_policy_starts_initial_command_then_denies_exec(
+    run_probe, state_root, machine, tmp_path
+):
+    pol = write_policy(tmp_path / "p.toml", ["system.execute"])
+    art = prepare_filter(SeccompPolicyRef(str(pol), ""), state_root, machine)
+    assert art.exec_gate and art.command_prefix
+    tests = ["execve", "execveat", "tiocsti"]
+    # Positive control: same sandbox, same gate prefix, no execute deny → exec works.
+    default = prepare_filter(None, state_root, machine)
+    control = _filtered(run_probe, default, tests[:2])
+    assert control.results == {"execve": "0", "execveat": "0"}
+
+    confined = _filtered(run_probe, art, tests, prefix=art.command_prefix)
+    # The initial command ran (its evidence file exists) …
+    assert confined.started and confined.done, confined.stderr
+    # … but nothing it starts can exec, whichever entry point it uses.
+    assert confined.results == {"execve": EPERM, "execveat": EPERM, "tiocsti": EPERM}
+
+
+def test_exec_gate_refuses_missing_command(run_probe, state_root, machine, tmp_path, probe_dir):
+    import subprocess
+
+    pol = write_policy(tmp_path / "p.toml", ["system.execute"])
+    art = prepare_filter(SeccompPolicyRef(str(pol), ""), state_root, machine)
+    out = subprocess.run([*art.command_prefix, "no-such-command-xyz"], capture_output=True,
+                         text=True, env={"PATH": "/usr/bin:/bin"})
+    assert out.returncode == 127
+    assert "command not found" in out.stderr
