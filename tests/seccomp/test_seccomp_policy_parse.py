@@ -1,0 +1,98 @@
+"""Pure policy parsing and rule mapping (SPEC §10)."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from firma.core.seccomp_policy import (
+    ACTIONS,
+    AF_PACKET,
+    HARDENING,
+    TIOCSTI,
+    default_policy,
+    parse_policy,
+)
+from firma.errors import SeccompError
+
+GOOD = b'policy_id = "p"\npolicy_version = "2"\ndefault_action = "allow"\ndeny_actions = []\n'
+
+
+def parse(text: str):
+    return parse_policy(text.encode(), "/x/p.toml")
+
+
+def test_minimal_policy_parses():
+    pol = parse_policy(GOOD, "/x/p.toml")
+    assert (pol.policy_id, pol.policy_version, pol.deny_actions) == ("p", "2", ())
+    assert pol.source_path == "/x/p.toml" and len(pol.source_sha256) == 64
+
+
+def test_actions_map_to_spec_syscalls():
+    assert ACTIONS["credential.write"] == (
+        "setuid", "setgid", "setreuid", "setregid", "setresuid", "setresgid", "setgroups",
+        "setfsuid", "setfsgid")
+    assert ACTIONS["system.execute"] == ("execve", "execveat")
+    assert ACTIONS["filesystem.delete"] == (
+        "unlink", "unlinkat", "rmdir", "rename", "renameat", "renameat2")
+
+
+def test_unknown_key_is_named():
+    with pytest.raises(SeccompError, match=r"/x/p.toml: unknown key 'extra'"):
+        parse(GOOD.decode() + 'extra = 1\n')
+
+
+def test_unknown_action_is_named():
+    with pytest.raises(SeccompError, match=r"unknown action 'network.connect'"):
+        parse(GOOD.decode().replace("[]", '["network.connect"]'))
+
+
+@pytest.mark.parametrize("text, match", [
+    ('policy_id = "p"\npolicy_version = "1"\ndefault_action = "allow"\n', "missing required key 'deny_actions'"),
+    (GOOD.decode().replace('"allow"', '"deny"'), 'default_action must be "allow"'),
+    (GOOD.decode().replace("[]", '["system.execute", "system.execute"]'), "listed twice"),
+    (GOOD.decode().replace('"p"', '"../etc"'), "policy_id"),
+    (GOOD.decode().replace('"p"', '"firma-default"'), "reserved"),
+    (GOOD.decode().replace('"2"', "true"), "policy_version"),
+    (GOOD.decode().replace("[]", '"system.execute"'), "list of strings"),
+    ("policy_id = ", "invalid TOML"),
+])
+def test_invalid_policies_are_refused(text, match):
+    with pytest.raises(SeccompError, match=match) as info:
+        parse(text)
+    assert "\n" not in str(info.value)
+
+
+def test_integer_version_is_accepted_as_text():
+    assert parse(GOOD.decode().replace('"2"', "3")).policy_version == "3"
+
+
+def test_execute_deny_goes_to_the_exec_gate_not_the_bpf():
+    pol = parse(GOOD.decode().replace("[]", '["system.execute", "credential.write"]'))
+    assert pol.exec_gate
+    names = {r.syscall for r in pol.rules()}
+    assert "execve" not in names and "execveat" not in names
+    assert {"setuid", "setgroups"} <= names
+    assert pol.denied_syscalls[:2] == ("setuid", "setgid")
+
+
+def test_default_policy_is_hardening_only():
+    pol = default_policy()
+    assert pol.deny_actions == () and not pol.exec_gate
+    assert pol.rules() == HARDENING
+
+
+def test_hardening_covers_the_spec_list():
+    names = {r.syscall for r in HARDENING}
+    for s in ("io_uring_setup", "io_uring_enter", "io_uring_register", "ptrace",
+              "process_vm_writev", "kexec_load", "init_module", "finit_module", "mount", "umount2",
+              "pivot_root", "unshare", "setns", "ioctl", "socket"):
+        assert s in names, s
+    ioctl = [r for r in HARDENING if r.syscall == "ioctl"]
+    assert any(a.value == TIOCSTI and a.mask == 0xFFFFFFFF for r in ioctl for a in r.args)
+    sock = [r for r in HARDENING if r.syscall == "socket"]
+    assert [a.value for r in sock for a in r.args] == [AF_PACKET]
+    # Only clone3 differs: ENOSYS so libc falls back to the inspectable clone().
+    assert {r.errno for r in HARDENING if r.syscall != "clone3"} == {errno.EPERM}
+    assert [r.errno for r in HARDENING if r.syscall == "clone3"] == [errno.ENOSYS]
