@@ -98,7 +98,7 @@ def test_vz_guest_contract_validates_and_matches_schema(tmp_path):
         network=NetworkEndpoints("http://127.0.0.1:41000", "127.0.0.1:41001",
                                  frozen_map({"x-firma-sandbox-id": sbx, "x-firma-user": "u"})),
     )
-    contract = json.loads(contract_json(build_contract(env, "/usr/local/bin/vz-runner", guest=_guest_arg(guest))))
+    contract = json.loads(contract_json(build_contract(env, "/usr/local/bin/vz-runner", guest=guest)))
     assert list(contract)[:5] == ["version", "sandbox_id", "runtime_dir", "runner", "guest"]
     assert validate_contract(contract, file_exists=os.path.isfile) == []
     SCHEMA.validate(contract)
@@ -106,19 +106,4 @@ def test_vz_guest_contract_validates_and_matches_schema(tmp_path):
     # Dropping a guest file makes it invalid for the runner.
     os.unlink(guest["rootfs"])
     assert validate_contract(contract, file_exists=os.path.isfile)
-
-
-def _guest_arg(guest: dict):
-    """build_contract's guest argument: whatever shape core/contract.py takes (mapping or VzInputs)."""
-    import inspect
-
-    from firma.core import contract as mod
-
-    sig = inspect.signature(mod.build_contract)
-    ann = str(sig.parameters["guest"].annotation)
-    if "VzInputs" in ann:
-        from firma.core.model import VzInputs
-
-        return VzInputs(guest=True, runner="/usr/local/bin/vz-runner", **guest)
-    return guest
 

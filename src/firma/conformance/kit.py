@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from ..backends.external import runner_argv
 from ..core.contract_validate import validate_contract
 from ..core.model import (
     ExecutionEnvelope,
@@ -264,6 +265,7 @@ class Kit:
         )
 
     def _write_contract(self, env: ExecutionEnvelope) -> str:
+        from ..backends.external import write_private
         from ..core.contract import build_contract, contract_json
 
         contract = build_contract(env, self.runner_path)
@@ -271,11 +273,9 @@ class Kit:
         if problems:
             # The kit's own contract must be valid, or a runner refusing it proves nothing.
             raise ConformanceError(f"kit built an invalid contract: {problems[0]}")
-        path = self.work / "contracts" / f"{env.sandbox_id}.json"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(contract_json(contract))
-        return str(path)
+        path = str(self.work / "contracts" / f"{env.sandbox_id}.json")
+        write_private(path, contract_json(contract))
+        return path
 
     def _spawn(self, argv: list[str], env: dict[str, str] | None, cwd: str | None, *,
                stdin_data: str | None, on_ready: Callable[[subprocess.Popen], None] | None,
@@ -370,8 +370,9 @@ class Kit:
         try:
             if side == "runner":
                 contract = self._write_contract(env)
+                # Started exactly as firma starts a runner: the contract's environment and cwd.
                 launched = self._spawn(
-                    [self.runner_path, "--launch-contract", contract], self._runner_environ(), None,
+                    runner_argv(self.runner_path, contract), dict(env.env), env.cwd,
                     stdin_data=stdin_for(nonce) if stdin_for else None, on_ready=hook, nonce=nonce,
                 )
             else:
@@ -405,12 +406,6 @@ class Kit:
             trap_tcp=since["trap"], trap_tcp6=since["trap6"], trap_udp=since["trap_udp"],
             upstream_paths=since["upstream"], dns_queries=dns_seen, ready_seen=launched.ready_seen,
         )
-
-    def _runner_environ(self) -> dict[str, str]:
-        env = dict(os.environ)
-        # The runner is a host program: it gets the operator's environment, never a live sandbox id.
-        env.pop("FIRMA_RUN_SANDBOX_ID", None)
-        return env
 
     def _marks(self) -> dict[str, int]:
         return {
