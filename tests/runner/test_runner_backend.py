@@ -106,3 +106,72 @@ def test_backend_reads_no_environment(runner, monkeypatch):
     monkeypatch.setenv("FIRMA_RUN_RUNNER", str(runner))
     assert _reason(None) == "runner backend requires FIRMA_RUN_RUNNER"
     assert os.environ["FIRMA_RUN_RUNNER"] == str(runner)
+
+
+def test_launch_writes_contract_privately_and_runs_the_runner(tmp_path):
+    """launch(): contract at <runtime_dir>/runner/launch.json (0600 in 0700), no guest section,
+    runner started as `<runner> --launch-contract <abs path>`, its exit status kept, file removed."""
+    import asyncio
+    import json
+
+    from firma.backends.base import LaunchHooks
+    from firma.core.contract_validate import validate_contract
+    from firma.core.model import ExecutionEnvelope, IdentityMode, NetworkEndpoints, frozen_map
+
+    out = tmp_path / "out"
+    out.mkdir()
+    script = tmp_path / "runner.sh"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'printf "%s\\n" "$@" > "{out}/argv"\n'
+        f'stat -c %a "$2" > "{out}/mode"\n'
+        f'cp "$2" "{out}/contract.json"\n'
+        "exit 9\n"
+    )
+    script.chmod(0o755)
+    sbx = "sbx_0192f0c8a1b27c3d9e4f5a6b7c8d9e0f"
+    runtime = tmp_path / "state" / "run" / sbx
+    runtime.mkdir(parents=True, mode=0o700)
+    env = ExecutionEnvelope(
+        sandbox_id=sbx, runtime_dir=str(runtime), executable="/bin/true", args=(), cwd=str(tmp_path),
+        env=frozen_map({"PATH": "/usr/bin:/bin", "FIRMA_CAPABILITY_TOKEN": "secret"}),
+        identity_mode=IdentityMode.SANDBOX_USER, home=str(tmp_path), seccomp_filter_path=None,
+        mounts=(), mask_home_paths=(),
+        network=NetworkEndpoints("http://127.0.0.1:41000", "127.0.0.1:41001", frozen_map({"x-firma-sandbox-id": sbx})),
+    )
+    checks = []
+    backend = RunnerBackend()
+    backend.prepare(plan(str(script)), LINUX)
+
+    async def go():
+        child = await backend.launch(env, LaunchHooks(serve_planted=None, add_check=checks.append))
+        return await child.wait()
+
+    assert asyncio.run(go()) == 9
+    path = f"{runtime}/runner/launch.json"
+    assert (out / "argv").read_text().splitlines() == ["--launch-contract", path]
+    assert (out / "mode").read_text().strip() == "600"
+    contract = json.loads((out / "contract.json").read_text())
+    assert "guest" not in contract and validate_contract(contract) == []
+    assert "FIRMA_CAPABILITY_TOKEN" not in contract["command"]["env"]
+    assert not os.path.exists(path)  # removed once the runner exited
+    assert any(c.name == "launch_contract_private" and c.ok for c in checks)
+
+
+def test_launch_refuses_without_network_runtime(tmp_path, runner):
+    import asyncio
+
+    from firma.backends.base import LaunchHooks
+    from firma.core.model import ExecutionEnvelope, IdentityMode, NetworkEndpoints
+    from firma.errors import FirmaError
+
+    env = ExecutionEnvelope(
+        sandbox_id="sbx_1", runtime_dir=str(tmp_path), executable="/bin/true", args=(), cwd=str(tmp_path),
+        env={}, identity_mode=IdentityMode.SANDBOX_USER, home=str(tmp_path), seccomp_filter_path=None,
+        mounts=(), mask_home_paths=(), network=NetworkEndpoints(None, "127.0.0.1:1"),
+    )
+    backend = RunnerBackend()
+    backend.prepare(plan(str(runner)), LINUX)
+    with pytest.raises(FirmaError, match=r"^backend error \(runner\): runner launch requires proxy_url from network runtime; sidecar bridge was not prepared$"):
+        asyncio.run(backend.launch(env, LaunchHooks(serve_planted=None, add_check=lambda c: None)))
+    assert not os.path.exists(f"{tmp_path}/runner/launch.json")

@@ -12,10 +12,12 @@ import errno
 import os
 import stat
 
+from ..core.contract import build_contract
 from ..core.contract_validate import validate_contract
 from ..core.model import EnforcementProof, ExecutionEnvelope, NetworkConfinement, RunPlan
-from ..errors import BackendError
+from ..errors import BackendError, ContractError
 from ..host import Host
+from . import external
 from .base import LaunchedChild, LaunchHooks, RoutingMode, RoutingPlan
 
 RUNNER_ENV = "FIRMA_RUN_RUNNER"
@@ -74,14 +76,16 @@ class RunnerBackend:
     async def launch(self, envelope: ExecutionEnvelope, hooks: LaunchHooks) -> LaunchedChild:
         if self._runner is None:
             raise _err("launch called before prepare")
-        from ..core.contract import build_contract
-        from . import external
-
+        for key in ("proxy_url", "dns_stub_addr"):
+            value = getattr(envelope.network, key)
+            if value is None or not str(value).strip():
+                # The ref text, worded for this backend: the host services were not started.
+                raise _err(
+                    f"runner launch requires {key} from network runtime; sidecar bridge was not prepared"
+                )
         try:
             contract = build_contract(envelope, self._runner)
-        except Exception as exc:  # a ContractError already reads well; anything else is a bug
-            if isinstance(exc, BackendError):
-                raise
+        except ContractError as exc:
             raise _err(str(exc)) from exc
         # Check our own output against the runner-side rules before a runner ever sees it: a
         # contract the runner would reject is a firma bug, and says so before anything starts.
