@@ -1,13 +1,19 @@
-"""`firma doctor` (placeholder until implemented)."""
+"""`firma doctor [--json]`: read-only preflight report; exit 0 with no FAIL, 1 with any FAIL."""
 
 from __future__ import annotations
 
-from .errors import FirmaError
+from .doctor import evaluate, exit_code, gather, report_json, report_text
+from .host import detect_host
 
 
 def add_parser(sub):
-    return sub.add_parser("doctor", help="not implemented yet")
+    p = sub.add_parser("doctor", help="check whether this host can confine a run")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    return p
 
 
 def run(args) -> int:
-    raise FirmaError("firma doctor is not implemented yet")
+    host = detect_host()
+    checks = evaluate(host, gather(host, config_path=getattr(args, "config", None)))
+    print(report_json(checks) if args.json else report_text(checks), flush=True)
+    return exit_code(checks)

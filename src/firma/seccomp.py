@@ -281,10 +281,10 @@ def _parts(artifact: SeccompArtifact) -> tuple[str, ...]:
     return (artifact.policy_id, artifact.policy_version, artifact.arch)
 
 
-def prepare_filter(policy: SeccompPolicyRef | None, state_root: str, machine: str) -> SeccompArtifact:
-    """Compile the policy (built-in default when None), store it if absent, verify it, describe it.
-
-    The hardening rules are part of every filter. Raises SeccompError with a one-line reason."""
+def plan_artifact(
+    policy: SeccompPolicyRef | None, state_root: str, machine: str
+) -> tuple[SeccompArtifact, bytes]:
+    """Compile in memory and describe where the artifact lives; writes nothing."""
     pol = load_policy(policy)
     arch, _ = _arch_token(machine)
     if policy is not None and policy.artifact_dir:
@@ -297,18 +297,27 @@ def prepare_filter(policy: SeccompPolicyRef | None, state_root: str, machine: st
     bpf = compile_bpf(pol, machine)
     sha = hashlib.sha256(bpf).hexdigest()
     meta = _metadata(pol, arch, sha)
-    syscalls = tuple(json.loads(meta)["syscalls"])
     prefix = (sys.executable, "-I", _EXEC_GATE_SCRIPT, "--") if pol.exec_gate else ()
     directory = os.path.join(root, pol.policy_id, pol.policy_version, arch)
     art = SeccompArtifact(
         path=os.path.join(directory, BPF_NAME),
         metadata_path=os.path.join(directory, METADATA_NAME),
         sha256=sha, policy_id=pol.policy_id, policy_version=pol.policy_version, arch=arch,
-        root=root, metadata=meta, syscalls=syscalls, command_prefix=prefix,
+        root=root, metadata=meta, syscalls=tuple(json.loads(meta)["syscalls"]),
+        command_prefix=prefix,
     )
-    dfd = _open_dir_chain(root, _parts(art), create=True)
+    return art, bpf
+
+
+def prepare_filter(policy: SeccompPolicyRef | None, state_root: str, machine: str) -> SeccompArtifact:
+    """Compile the policy (built-in default when None), store it if absent, verify it, describe it.
+
+    The hardening rules are part of every filter. Raises SeccompError with a one-line reason."""
+    art, bpf = plan_artifact(policy, state_root, machine)
+    directory = os.path.dirname(art.path)
+    dfd = _open_dir_chain(art.root, _parts(art), create=True)
     try:
-        for name, data in ((BPF_NAME, bpf), (METADATA_NAME, meta)):
+        for name, data in ((BPF_NAME, bpf), (METADATA_NAME, art.metadata)):
             if _lstat_at(dfd, name) is None:
                 _write_private(dfd, name, data)
     except OSError as exc:

@@ -1,0 +1,480 @@
+"""`firma doctor`: can this host give a run the confinement it promises?
+
+Two halves. `gather()` does the (read-only) looking: config file, state directory, libseccomp, a
+bwrap smoke sandbox, the sidecar endpoint. `evaluate()` is pure: a `Host` plus those observations
+in, a list of checks out, so tests can describe any host. The bwrap verdict comes from
+`preflight.bwrap_preflight`, the function `firma run` calls, so the two cannot disagree."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import shutil
+import socket
+import stat
+import subprocess
+import tomllib
+from dataclasses import asdict, dataclass, field
+from typing import Mapping
+
+from .errors import FirmaError
+from .host import Host, is_truthy
+from .preflight import bwrap_preflight
+
+OK, WARN, FAIL = "OK", "WARN", "FAIL"
+MIN_BWRAP = (0, 8, 0)  # --disable-userns first appeared in bubblewrap 0.8.0
+VZ_GUEST_VARS = ("FIRMA_RUN_VZ_GUEST_RUNNER", "FIRMA_RUN_VZ_GUEST_KERNEL",
+                 "FIRMA_RUN_VZ_GUEST_INITRD", "FIRMA_RUN_VZ_GUEST_ROOTFS")
+
+
+@dataclass(frozen=True)
+class DoctorCheck:
+    name: str
+    status: str  # OK | WARN | FAIL
+    detail: str
+    remediation: str = ""  # one line; empty when there is nothing to do
+
+
+@dataclass(frozen=True)
+class PathFacts:
+    """lstat of a path, or exists=False."""
+
+    exists: bool
+    is_symlink: bool = False
+    is_dir: bool = False
+    mode: int = 0
+    uid: int = 0
+
+
+@dataclass(frozen=True)
+class Observations:
+    config_path: str | None = None
+    config_source: str = "none"  # --config | FIRMA_CONFIG | discovered | none
+    config_error: str | None = None
+    config: Mapping = field(default_factory=dict)
+    state_root: str = ""
+    state_root_facts: PathFacts = PathFacts(False)
+    kernel_seccomp: bool = False  # "Seccomp:" present in /proc/self/status
+    seccomp_error: str | None = None  # libseccomp missing, compile or policy failure
+    seccomp_detail: str = ""
+    smoke: tuple[bool, str] | None = None  # bwrap smoke sandbox (None: not attempted)
+    apparmor_restrict_userns: str | None = None
+    sidecar_endpoint: str | None = None
+    sidecar_error: str | None = None  # None = answered (when an endpoint is configured)
+    vz_error: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure evaluation
+
+
+def _version_tuple(text: str | None) -> tuple[int, ...] | None:
+    m = re.search(r"(\d+)\.(\d+)(?:\.(\d+))?", text or "")
+    return tuple(int(g or 0) for g in m.groups()) if m else None
+
+
+def _os_check(host: Host) -> DoctorCheck:
+    desc = f"{host.system} {host.machine} (kernel {host.kernel_osrelease or 'unknown'})"
+    if host.is_wsl:
+        return DoctorCheck("os", FAIL, f"WSL detected: {desc}; network namespaces are not a "
+                           "reliable boundary there", "use a native Linux host (or macOS)")
+    if host.is_linux or host.is_macos:
+        return DoctorCheck("os", OK, desc)
+    return DoctorCheck("os", FAIL, f"unsupported host {desc}",
+                       "run on Linux (bwrap) or macOS (vz), or use --backend runner")
+
+
+def _linux_checks(host: Host, obs: Observations) -> list[DoctorCheck]:
+    out = []
+    version = _version_tuple(host.bwrap_version)
+    if host.bwrap_path is None:
+        out.append(DoctorCheck("bubblewrap", FAIL, "bwrap not found on PATH",
+                               "install it with: apt-get install bubblewrap"))
+    elif host.bwrap_version is None:
+        out.append(DoctorCheck("bubblewrap", FAIL, f"{host.bwrap_path} --version failed",
+                               "reinstall bubblewrap: apt-get install --reinstall bubblewrap"))
+    elif version is not None and version < MIN_BWRAP:
+        need = ".".join(map(str, MIN_BWRAP))
+        out.append(DoctorCheck("bubblewrap", FAIL, f"{host.bwrap_version} at {host.bwrap_path} "
+                               f"lacks --disable-userns (needs >= {need}); firma run would fail "
+                               "at launch", f"upgrade bubblewrap to {need} or later"))
+    else:
+        out.append(DoctorCheck("bubblewrap", OK, f"{host.bwrap_version} at {host.bwrap_path}"))
+
+    knobs = (f"kernel.unprivileged_userns_clone={host.unprivileged_userns_clone or 'n/a'}, "
+             f"user.max_user_namespaces={host.max_user_namespaces or 'n/a'}")
+    if host.unprivileged_userns_clone == "0":
+        out.append(DoctorCheck("user_namespaces", FAIL, f"restricted: {knobs}",
+                               "sysctl -w kernel.unprivileged_userns_clone=1"))
+    elif host.max_user_namespaces == "0":
+        out.append(DoctorCheck("user_namespaces", FAIL, f"restricted: {knobs}",
+                               "sysctl -w user.max_user_namespaces=15000"))
+    elif obs.apparmor_restrict_userns == "1" and not host.is_root:
+        out.append(DoctorCheck("user_namespaces", WARN, f"{knobs}; AppArmor restricts "
+                               "unprivileged user namespaces "
+                               "(kernel.apparmor_restrict_unprivileged_userns=1)",
+                               "allow bwrap with an AppArmor profile, or sysctl -w "
+                               "kernel.apparmor_restrict_unprivileged_userns=0"))
+    else:
+        out.append(DoctorCheck("user_namespaces", OK, f"available: {knobs}"))
+
+    # The verdict `firma run` would reach, from the very same function.
+    try:
+        bwrap_preflight(host)
+    except FirmaError as exc:
+        out.append(DoctorCheck("bwrap_backend", FAIL, f"firma run would refuse: {exc}",
+                               _fix_from_message(str(exc))))
+    else:
+        if obs.smoke is None:
+            out.append(DoctorCheck("bwrap_backend", WARN, "preflight passed; sandbox smoke test "
+                                   "not run", "run firma doctor without --no-smoke"))
+        elif obs.smoke[0]:
+            out.append(DoctorCheck("bwrap_backend", OK, f"preflight passed; {obs.smoke[1]}"))
+        else:
+            out.append(DoctorCheck("bwrap_backend", FAIL, "preflight passed but a test sandbox "
+                                   f"failed, so firma run would fail at launch: {obs.smoke[1]}",
+                                   "check user-namespace/AppArmor/container restrictions on "
+                                   "this host (see the user_namespaces check)"))
+
+    if not obs.kernel_seccomp:
+        out.append(DoctorCheck("seccomp", FAIL, "kernel has no seccomp filter support",
+                               "use a kernel built with CONFIG_SECCOMP_FILTER"))
+    elif obs.seccomp_error:
+        out.append(DoctorCheck("seccomp", FAIL, obs.seccomp_error, _fix_from_message(
+            obs.seccomp_error, "fix the seccomp policy or artifacts named above")))
+    else:
+        out.append(DoctorCheck("seccomp", OK, obs.seccomp_detail))
+    return out
+
+
+def _fix_from_message(msg: str, default: str = "see the detail") -> str:
+    """Our one-line errors carry their fix after `; ` (e.g. `…; enable them with: sysctl …`)."""
+    return msg.rsplit("; ", 1)[1] if "; " in msg else default
+
+
+def _macos_checks(host: Host, obs: Observations) -> list[DoctorCheck]:
+    out = []
+    if host.sandbox_exec_path:
+        out.append(DoctorCheck("sandbox_exec", OK, host.sandbox_exec_path))
+    else:
+        out.append(DoctorCheck("sandbox_exec", FAIL, "sandbox-exec is not installed or not "
+                               "executable", "restore /usr/bin/sandbox-exec (part of macOS)"))
+    if not is_truthy(host.environ.get("FIRMA_RUN_VZ_GUEST")):
+        out.append(DoctorCheck("vz_guest_inputs", OK, "guest mode not selected "
+                               "(FIRMA_RUN_VZ_GUEST unset)"))
+    elif obs.vz_error:
+        out.append(DoctorCheck("vz_guest_inputs", FAIL, obs.vz_error,
+                               "set FIRMA_RUN_VZ_GUEST_RUNNER/KERNEL/INITRD/ROOTFS to absolute "
+                               "paths of existing files (runner executable)"))
+    else:
+        out.append(DoctorCheck("vz_guest_inputs", OK, "runner, kernel, initrd and rootfs valid"))
+    return out
+
+
+def _state_check(host: Host, obs: Observations) -> DoctorCheck:
+    f, root = obs.state_root_facts, obs.state_root
+    if not f.exists:
+        return DoctorCheck("state_dir", OK, f"{root} (will be created with mode 0700)")
+    if f.is_symlink:
+        return DoctorCheck("state_dir", FAIL, f"{root} is a symlink",
+                           f"remove {root} or set FIRMA_STATE_DIR to a private directory")
+    if not f.is_dir:
+        return DoctorCheck("state_dir", FAIL, f"{root} is not a directory",
+                           f"remove {root} or set FIRMA_STATE_DIR elsewhere")
+    if f.uid != host.uid:
+        return DoctorCheck("state_dir", FAIL, f"{root} is owned by uid {f.uid}, not {host.uid}",
+                           f"remove {root} or set FIRMA_STATE_DIR to a directory you own")
+    if f.mode & 0o077:
+        return DoctorCheck("state_dir", FAIL, f"{root} has mode {f.mode:04o}, expected 0700",
+                           f"chmod 700 {root}")
+    return DoctorCheck("state_dir", OK, f"{root} (mode 0700)")
+
+
+def _config_check(obs: Observations) -> DoctorCheck:
+    if obs.config_error:
+        return DoctorCheck("config", FAIL, obs.config_error,
+                           f"fix {obs.config_path or 'the config file'} (see the detail)")
+    if obs.config_path is None:
+        return DoctorCheck("config", OK, "no firma.toml found; built-in defaults apply")
+    return DoctorCheck("config", OK, f"{obs.config_path} parsed ({obs.config_source})")
+
+
+def _sidecar_check(obs: Observations) -> DoctorCheck:
+    ep = obs.sidecar_endpoint
+    if ep is None or ep == "local":
+        return DoctorCheck("sidecar", OK, "none configured; firma run starts an embedded sidecar")
+    if obs.sidecar_error:
+        return DoctorCheck("sidecar", FAIL, f"{ep} is not answering: {obs.sidecar_error}",
+                           f"start it (firma sidecar --listen {ep}) or fix sidecar_endpoint")
+    return DoctorCheck("sidecar", OK, f"{ep} answers")
+
+
+def evaluate(host: Host, obs: Observations) -> list[DoctorCheck]:
+    checks = [_os_check(host)]
+    if host.is_linux:
+        checks += _linux_checks(host, obs)
+    if host.is_macos:
+        checks += _macos_checks(host, obs)
+    checks += [_state_check(host, obs), _config_check(obs), _sidecar_check(obs)]
+    return checks
+
+
+def report_json(checks: list[DoctorCheck]) -> str:
+    return json.dumps({"checks": [asdict(c) for c in checks],
+                       "ok": not any(c.status == FAIL for c in checks)}, indent=2)
+
+
+def report_text(checks: list[DoctorCheck]) -> str:
+    width = max(len(c.name) for c in checks)
+    lines = []
+    for c in checks:
+        lines.append(f"{c.status:<4}  {c.name:<{width}}  {c.detail}")
+        if c.status != OK and c.remediation:
+            lines.append(f"{'':<4}  {'':<{width}}  fix: {c.remediation}")
+    return "\n".join(lines)
+
+
+def exit_code(checks: list[DoctorCheck]) -> int:
+    return 1 if any(c.status == FAIL for c in checks) else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Gathering (read-only I/O)
+
+
+def state_root_for(host: Host) -> str:
+    """SPEC §12: $FIRMA_STATE_DIR → $XDG_RUNTIME_DIR/firma → /tmp/firma-$UID."""
+    env = host.environ
+    if env.get("FIRMA_STATE_DIR", "").strip():
+        return os.path.abspath(env["FIRMA_STATE_DIR"])
+    if env.get("XDG_RUNTIME_DIR", "").strip():
+        return os.path.join(env["XDG_RUNTIME_DIR"], "firma")
+    return f"/tmp/firma-{host.uid}"
+
+
+def find_config(host: Host, cli_path: str | None, cwd: str) -> tuple[str | None, str]:
+    """SPEC §2: --config, then FIRMA_CONFIG, then the nearest .firma/firma.toml up from cwd."""
+    if cli_path:
+        return os.path.abspath(cli_path), "--config"
+    if host.environ.get("FIRMA_CONFIG", "").strip():
+        return os.path.abspath(host.environ["FIRMA_CONFIG"]), "FIRMA_CONFIG"
+    home = host.environ.get("HOME")
+    d = os.path.abspath(cwd)
+    while True:
+        cand = os.path.join(d, ".firma", "firma.toml")
+        if os.path.isfile(cand):
+            return cand, "discovered"
+        if d == "/" or (home and d == os.path.abspath(home)):
+            return None, "none"
+        d = os.path.dirname(d)
+
+
+def _load_config(path: str) -> tuple[Mapping, str | None]:
+    """Parse with the run's own loader when present (same verdict), else TOML syntax only."""
+    try:
+        with open(path, "rb") as fh:
+            doc = tomllib.load(fh)
+    except OSError as exc:
+        return {}, f"{path} cannot be read: {exc.strerror}"
+    except tomllib.TOMLDecodeError as exc:
+        return {}, f"{path}: invalid TOML: {exc}"
+    try:
+        from .core import config as run_config  # issue 3's loader
+    except ImportError:
+        return doc, None
+    loader = getattr(run_config, "load_config_file", None) or getattr(run_config, "load_file", None)
+    if loader is not None:
+        try:
+            loader(path)
+        except FirmaError as exc:
+            return doc, str(exc)
+    return doc, None
+
+
+def _facts(path: str) -> PathFacts:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return PathFacts(False)
+    return PathFacts(True, stat.S_ISLNK(st.st_mode), stat.S_ISDIR(st.st_mode),
+                     stat.S_IMODE(st.st_mode), st.st_uid)
+
+
+def _kernel_seccomp() -> bool:
+    try:
+        with open("/proc/self/status") as fh:
+            return any(line.startswith("Seccomp:") for line in fh)
+    except OSError:
+        return False
+
+
+def _seccomp_policy_ref(config: Mapping, config_path: str | None):
+    from .core.model import SeccompPolicyRef
+
+    sp = (config.get("run") or {}).get("seccomp_policy") if isinstance(config, Mapping) else None
+    if not isinstance(sp, Mapping) or not sp.get("source_policy_path"):
+        return None
+    base = os.path.dirname(config_path or ".")
+    src = os.path.join(base, str(sp["source_policy_path"]))
+    adir = str(sp.get("artifact_dir") or "")
+    return SeccompPolicyRef(os.path.normpath(src), os.path.normpath(os.path.join(base, adir))
+                            if adir else "")
+
+
+def _seccomp(host: Host, ref, state_root: str) -> tuple[str | None, str, bytes | None]:
+    """Compile (in memory) what run would load; verify the stored artifact when there is one."""
+    from .errors import SeccompError
+    from .seccomp import open_verified, plan_artifact
+
+    try:
+        art, bpf = plan_artifact(ref, state_root, host.machine)
+    except SeccompError as exc:
+        return str(exc), "", None
+    detail = (f"libseccomp compiles policy {art.policy_id}/{art.policy_version}/{art.arch} "
+              f"({len(bpf) // 8} BPF instructions)")
+    if os.path.lexists(os.path.dirname(art.path)):
+        try:
+            os.close(open_verified(art))
+        except SeccompError as exc:
+            return f"firma run would refuse: {exc}", "", bpf
+        detail += f"; stored artifact verified (sha256 {art.sha256})"
+    return None, detail, bpf
+
+
+def _smoke(host: Host, bpf: bytes | None) -> tuple[bool, str]:
+    """Start the sandbox shape firma run uses (userns, every namespace, --disable-userns and the
+    seccomp filter from memory) around `true`. Writes nothing to disk."""
+    true = shutil.which("true", path=host.environ.get("PATH", os.defpath)) or "/bin/true"
+    argv = [host.bwrap_path or "bwrap", "--unshare-all", "--unshare-user", "--disable-userns",
+            "--die-with-parent", "--new-session", "--ro-bind", "/", "/", "--proc", "/proc",
+            "--dev", "/dev"]
+    if host.is_root:
+        argv += ["--uid", "1000", "--gid", "1000"]
+    fds: tuple[int, ...] = ()
+    if bpf is not None:
+        fd = os.memfd_create("firma-doctor-seccomp", os.MFD_CLOEXEC)
+        os.write(fd, bpf)
+        os.lseek(fd, 0, os.SEEK_SET)
+        fds = (fd,)
+        argv += ["--seccomp", str(fd)]
+    try:
+        proc = subprocess.run([*argv, true], pass_fds=fds, capture_output=True, text=True,
+                              timeout=15, env={"PATH": "/usr/bin:/bin"})
+    except (OSError, subprocess.SubprocessError) as exc:
+        return False, f"bwrap could not be started: {exc}"
+    finally:
+        for fd in fds:
+            os.close(fd)
+    if proc.returncode != 0:
+        err = " ".join(proc.stderr.split()) or f"exit status {proc.returncode}"
+        return False, err
+    what = "with the seccomp filter" if bpf is not None else "without seccomp"
+    return True, f"test sandbox (user+net+pid namespaces, --disable-userns) started {what}"
+
+
+def parse_endpoint(ep: str) -> tuple[str, object]:
+    if ep.startswith("unix://"):
+        return "unix", ep[len("unix://"):]
+    if ep.startswith("tcp://"):
+        host, _, port = ep[len("tcp://"):].rstrip("/").rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"invalid endpoint {ep!r}; expected tcp://HOST:PORT or unix:///PATH")
+        return "tcp", (host.strip("[]"), int(port))
+    raise ValueError(f"invalid endpoint {ep!r}; expected tcp://HOST:PORT or unix:///PATH")
+
+
+def probe_sidecar(ep: str, timeout: float = 3.0) -> str | None:
+    """None when the endpoint answers, else why not."""
+    try:
+        from .services.sidecar import probe_endpoint  # issue 2's readiness probe
+    except ImportError:
+        probe_endpoint = None
+    if probe_endpoint is not None:
+        try:
+            asyncio.run(probe_endpoint(ep, timeout))
+            return None
+        except FirmaError as exc:
+            return str(exc)
+    try:
+        kind, addr = parse_endpoint(ep)
+    except ValueError as exc:
+        return str(exc)
+    try:
+        if kind == "unix":
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        else:
+            s = socket.socket(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET,
+                              socket.SOCK_STREAM)
+        with s:
+            s.settimeout(timeout)
+            s.connect(addr)
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
+def _vz_error(host: Host) -> str | None:
+    try:
+        from .core import vzinputs  # issue 5's validator (same texts as firma run)
+    except ImportError:
+        vzinputs = None
+    check = getattr(vzinputs, "validate_guest_inputs", None) if vzinputs else None
+    if check is not None:
+        try:
+            check(host.environ)
+        except FirmaError as exc:
+            return str(exc)
+        except TypeError:
+            pass
+        else:
+            return None
+    for name in VZ_GUEST_VARS:  # minimal re-check when the validator is not available
+        value = host.environ.get(name)
+        if value is None:
+            return f"VZ guest mode requires {name}"
+        if not os.path.isabs(value):
+            return f"{name} must be an absolute path: {value}"
+        if not os.path.isfile(value):
+            return f"{name} does not exist: {value}"
+    return None
+
+
+def gather(host: Host, *, config_path: str | None = None, cwd: str | None = None,
+           smoke: bool = True) -> Observations:
+    cwd = cwd or os.getcwd()
+    path, source = find_config(host, config_path, cwd)
+    config, cerr = _load_config(path) if path else ({}, None)
+    state_root = state_root_for(host)
+    kernel_seccomp = _kernel_seccomp() if host.is_linux else False
+    serr, sdetail, bpf = (None, "", None)
+    if host.is_linux:
+        serr, sdetail, bpf = _seccomp(host, _seccomp_policy_ref(config, path), state_root)
+    smoke_result = None
+    if host.is_linux and smoke:
+        try:
+            bwrap_preflight(host)
+        except FirmaError:
+            smoke_result = None
+        else:
+            smoke_result = _smoke(host, bpf)
+    apparmor = None
+    try:
+        with open("/proc/sys/kernel/apparmor_restrict_unprivileged_userns") as fh:
+            apparmor = fh.read().strip()
+    except OSError:
+        pass
+    endpoint = host.environ.get("FIRMA_SIDECAR_ENDPOINT", "").strip() or None
+    run_table = config.get("run") if isinstance(config, Mapping) else None
+    if endpoint is None and isinstance(run_table, Mapping):
+        endpoint = run_table.get("sidecar_endpoint") or None
+    serr_sidecar = probe_sidecar(endpoint) if endpoint and endpoint != "local" else None
+    return Observations(
+        config_path=path, config_source=source, config_error=cerr, config=config,
+        state_root=state_root, state_root_facts=_facts(state_root),
+        kernel_seccomp=kernel_seccomp, seccomp_error=serr, seccomp_detail=sdetail,
+        smoke=smoke_result, apparmor_restrict_userns=apparmor,
+        sidecar_endpoint=endpoint, sidecar_error=serr_sidecar,
+        vz_error=_vz_error(host) if host.is_macos else None,
+    )

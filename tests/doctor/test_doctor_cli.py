@@ -1,0 +1,155 @@
+"""`firma doctor` end to end on this host (real bwrap, real seccomp, loopback sidecar probes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from firma.host import detect_host
+from firma.preflight import bwrap_preflight
+from firma.seccomp import prepare_filter
+
+
+def doctor(tmp_path, env_extra=None, path=None, args=("--json",)):
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    state = tmp_path / "state"
+    env = {"HOME": str(home), "PATH": path if path is not None else os.environ.get("PATH", ""),
+           "FIRMA_STATE_DIR": str(state)}
+    env.update(env_extra or {})
+    proc = subprocess.run([sys.executable, "-m", "firma", "doctor", *args], cwd=str(home), env=env,
+                          capture_output=True, text=True, timeout=60)
+    return proc
+
+
+def checks_of(proc):
+    doc = json.loads(proc.stdout)
+    return doc, {c["name"]: c for c in doc["checks"]}
+
+
+def test_doctor_json_ok_on_this_host_and_agrees_with_run(tmp_path):
+    if shutil.which("bwrap") is None:
+        pytest.fail("bwrap is required; run scripts/install-system-deps.sh")
+    bwrap_preflight(detect_host())  # what `firma run` checks: must pass here
+    proc = doctor(tmp_path)
+    doc, checks = checks_of(proc)
+    assert proc.returncode == 0, proc.stdout
+    assert doc["ok"] is True
+    assert checks["bwrap_backend"]["status"] == "OK"
+    assert "with the seccomp filter" in checks["bwrap_backend"]["detail"]
+    assert checks["bubblewrap"]["status"] == "OK"
+    assert checks["seccomp"]["status"] == "OK"
+
+
+def test_doctor_fails_when_bwrap_is_not_on_path(tmp_path):
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for tool in ("true",):  # a PATH that works, minus bwrap
+        os.symlink(shutil.which(tool), bindir / tool)
+    proc = doctor(tmp_path, path=str(bindir))
+    doc, checks = checks_of(proc)
+    assert proc.returncode == 1
+    assert doc["ok"] is False
+    assert checks["bubblewrap"]["status"] == "FAIL"
+    assert "apt-get install bubblewrap" in checks["bubblewrap"]["remediation"]
+    assert checks["bwrap_backend"]["status"] == "FAIL"
+    # firma run on the same host refuses for the same reason.
+    run_host = detect_host({"PATH": str(bindir)})
+    with pytest.raises(Exception) as info:
+        bwrap_preflight(run_host)
+    assert str(info.value) in checks["bwrap_backend"]["detail"]
+
+
+def test_doctor_text_output(tmp_path):
+    proc = doctor(tmp_path, path="/nonexistent", args=())
+    assert proc.returncode == 1
+    assert "FAIL  bubblewrap" in proc.stdout and "fix: " in proc.stdout
+
+
+def test_tampered_stored_artifact_fails_seccomp_check(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    art = prepare_filter(None, str(state), os.uname().machine)
+    data = bytearray(open(art.path, "rb").read())
+    data[0] ^= 1
+    open(art.path, "wb").write(bytes(data))
+    proc = doctor(tmp_path)
+    _, checks = checks_of(proc)
+    assert proc.returncode == 1
+    assert checks["seccomp"]["status"] == "FAIL"
+    assert "firma run would refuse" in checks["seccomp"]["detail"]
+
+
+def test_state_dir_with_group_access_fails(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    state.chmod(0o770)
+    proc = doctor(tmp_path)
+    _, checks = checks_of(proc)
+    assert checks["state_dir"]["status"] == "FAIL"
+    assert checks["state_dir"]["remediation"] == f"chmod 700 {state}"
+
+
+def test_bad_config_and_bad_seccomp_policy(tmp_path):
+    cfg = tmp_path / "firma.toml"
+    cfg.write_text("[run\n")
+    proc = doctor(tmp_path, {"FIRMA_CONFIG": str(cfg)})
+    _, checks = checks_of(proc)
+    assert proc.returncode == 1 and checks["config"]["status"] == "FAIL"
+
+    pol = tmp_path / "seccomp.toml"
+    pol.write_text('policy_id = "p"\npolicy_version = "1"\ndefault_action = "allow"\n'
+                   'deny_actions = ["system.reboot"]\n')
+    cfg.write_text('[run]\nseccomp_policy = { source_policy_path = "seccomp.toml", '
+                   'artifact_dir = "artifacts" }\n')
+    proc = doctor(tmp_path, {"FIRMA_CONFIG": str(cfg)})
+    _, checks = checks_of(proc)
+    assert checks["seccomp"]["status"] == "FAIL"
+    assert "unknown action 'system.reboot'" in checks["seccomp"]["detail"]
+
+
+class Listener:
+    """Loopback TCP listener that records every accepted connection."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.port = self.sock.getsockname()[1]
+        self.accepted = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return
+        self.accepted += 1
+        conn.close()
+
+    def close(self):
+        self.sock.close()
+
+
+def test_sidecar_endpoint_reachability(tmp_path):
+    lst = Listener()
+    try:
+        proc = doctor(tmp_path, {"FIRMA_SIDECAR_ENDPOINT": f"tcp://127.0.0.1:{lst.port}"})
+        _, checks = checks_of(proc)
+        lst.thread.join(10)
+        assert checks["sidecar"]["status"] == "OK", checks["sidecar"]
+        assert lst.accepted == 1  # the probe reached the far side
+    finally:
+        lst.close()
+    # A port nobody listens on (the listener above is closed now).
+    proc = doctor(tmp_path, {"FIRMA_SIDECAR_ENDPOINT": f"tcp://127.0.0.1:{lst.port}"})
+    _, checks = checks_of(proc)
+    assert proc.returncode == 1 and checks["sidecar"]["status"] == "FAIL"
