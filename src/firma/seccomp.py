@@ -41,8 +41,8 @@ _EXEC_GATE_SCRIPT = str(Path(__file__).with_name("seccomp_exec.py"))
 # platform.machine() → libseccomp arch name (pyseccomp.Arch attribute).
 ARCHES = {
     "x86_64": "X86_64", "amd64": "X86_64", "aarch64": "AARCH64", "arm64": "AARCH64",
-    "riscv64": "RISCV64", "ppc64le": "PPC64LE", "s390x": "S390X",
-}
+    "riscv64": "RISCV64", "ppc64le": "PPC64LE",
+}  # not s390x: its clone() takes flags second, and the clone namespace rules read arg 0
 
 
 @dataclass(frozen=True)
@@ -133,7 +133,6 @@ def _metadata(policy: SeccompPolicy, arch: str, bpf_sha: str) -> bytes:
         "arch": arch,
         "bpf_sha256": bpf_sha,
         "source_sha256": policy.source_sha256,
-        "source_path": policy.source_path,
         "default_action": "allow",
         "deny_actions": list(policy.deny_actions),
         "bad_arch_action": "kill_process",

@@ -61,6 +61,16 @@ def read_evidence(path: Path) -> tuple[dict[str, str], bool, bool]:
     return results, started, done
 
 
+def sandbox_argv(binds=()) -> list[str]:
+    """The bare bwrap sandbox the probes run in (no --disable-userns: see run_probe)."""
+    argv = [_need("bwrap"), "--unshare-all", "--unshare-user", "--uid", "1000", "--gid", "1000",
+            "--die-with-parent", "--new-session", "--ro-bind", "/", "/", "--dev", "/dev",
+            "--proc", "/proc", "--tmpfs", "/tmp"]
+    for src, dst, rw in binds:
+        argv += ["--bind" if rw else "--ro-bind", str(src), str(dst)]
+    return argv
+
+
 @pytest.fixture
 def run_probe(probe_dir, tmp_path):
     """run_probe(tests, seccomp_fd=None, sandbox=True, prefix=()) -> ProbeRun.
@@ -77,11 +87,7 @@ def run_probe(probe_dir, tmp_path):
         cmd = [*prefix, str(probe_dir / "probe"), str(ev), *tests]
         fds = ()
         if sandbox:
-            argv = [_need("bwrap"), "--unshare-all", "--unshare-user", "--uid", "1000", "--gid",
-                    "1000", "--die-with-parent", "--new-session", "--ro-bind", "/", "/",
-                    "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
-                    "--ro-bind", str(probe_dir), str(probe_dir),
-                    "--bind", str(evdir), str(evdir)]
+            argv = sandbox_argv([(probe_dir, probe_dir, False), (evdir, evdir, True)])
             if seccomp_fd is not None:
                 argv += ["--seccomp", str(seccomp_fd)]
                 fds = (seccomp_fd,)

@@ -135,6 +135,29 @@ static int t_int80(void) {
 #endif
 }
 
+static int t_x32(void) {
+#if defined(__x86_64__)
+    /* getpid with the x32 ABI bit: a foreign ABI that must be killed, not answered. */
+    long r = syscall(0x40000000L | SYS_getpid);
+    return r > 0 ? 0 : fail();
+#else
+    return 206;
+#endif
+}
+
+static int t_unshare_cli(void) {
+    /* The util-linux command an agent would reach for: `unshare -rn true`. */
+    pid_t kid = fork();
+    if (kid == 0) {
+        int null = open("/dev/null", O_WRONLY);
+        dup2(null, 2);
+        execlp("unshare", "unshare", "-rn", "true", (char *)NULL);
+        _exit(127);
+    }
+    int st; waitpid(kid, &st, 0);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 255;
+}
+
 static int run(const char *t) {
     if (!strcmp(t, "tiocsti")) return t_tiocsti(TIOCSTI);
     if (!strcmp(t, "tiocsti_hibits")) return t_tiocsti(TIOCSTI | (1UL << 32));
@@ -152,6 +175,8 @@ static int run(const char *t) {
     if (!strcmp(t, "execveat")) return t_execveat();
     if (!strcmp(t, "unlink")) return t_unlink();
     if (!strcmp(t, "int80")) return t_int80();
+    if (!strcmp(t, "x32")) return t_x32();
+    if (!strcmp(t, "unshare_cli")) return t_unshare_cli();
     return 254;
 }
 

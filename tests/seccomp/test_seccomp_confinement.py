@@ -10,7 +10,7 @@ import os
 import signal
 
 import pytest
-from conftest import HARDENING_TESTS, write_policy
+from conftest import HARDENING_TESTS, sandbox_argv, write_policy
 
 from firma.core.model import SeccompPolicyRef
 from firma.seccomp import open_verified, prepare_filter
@@ -49,6 +49,22 @@ def test_foreign_architecture_syscall_kills_the_process(run_probe, state_root, m
     confined = _filtered(run_probe, prepare_filter(None, state_root, machine), ["int80"])
     assert confined.done
     assert confined.results == {"int80": f"signal:{int(signal.SIGSYS)}"}
+
+
+def test_x32_abi_syscall_kills_the_process(run_probe, state_root, machine):
+    if machine != "x86_64":
+        pytest.fail(f"the x32 probe exists only for x86_64 hosts (this is {machine})")
+    # Without the filter the kernel answers (ENOSYS when x32 is compiled out), nobody dies.
+    assert "signal" not in run_probe(["x32"]).results["x32"]
+    confined = _filtered(run_probe, prepare_filter(None, state_root, machine), ["x32"])
+    assert confined.results == {"x32": f"signal:{int(signal.SIGSYS)}"}
+
+
+def test_unshare_command_fails_inside(run_probe, state_root, machine):
+    assert run_probe(["unshare_cli"], sandbox=False).results == {"unshare_cli": "0"}
+    assert run_probe(["unshare_cli"]).results == {"unshare_cli": "0"}
+    confined = _filtered(run_probe, prepare_filter(None, state_root, machine), ["unshare_cli"])
+    assert confined.done and confined.results["unshare_cli"] not in ("0", "127")
 
 
 def test_default_filter_leaves_ordinary_calls_alone(run_probe, state_root, machine):
@@ -104,3 +120,25 @@ def test_exec_gate_refuses_missing_command(run_probe, state_root, machine, tmp_p
                          text=True, env={"PATH": "/usr/bin:/bin"})
     assert out.returncode == 127
     assert "command not found" in out.stderr
+
+
+def test_exec_gate_keeps_exit_status_and_stdio(state_root, machine, tmp_path):
+    import subprocess
+
+    pol = write_policy(tmp_path / "p.toml", ["system.execute"])
+    art = prepare_filter(SeccompPolicyRef(str(pol), ""), state_root, machine)
+
+    def sh(script):
+        fd = open_verified(art)
+        try:
+            return subprocess.run([*sandbox_argv(), "--seccomp", str(fd), *art.command_prefix,
+                                   "sh", "-c", script], pass_fds=(fd,), capture_output=True,
+                                  text=True, timeout=60)
+        finally:
+            os.close(fd)
+
+    out = sh("echo hello; exit 7")
+    assert (out.returncode, out.stdout) == (7, "hello\n")
+    # The shell started, but a command it runs cannot be executed.
+    out = sh("/bin/true; echo status=$?")
+    assert "status=126" in out.stdout and "Operation not permitted" in out.stderr
