@@ -36,7 +36,10 @@ BPF_NAME = "policy.bpf"
 METADATA_NAME = "policy.metadata.json"
 METADATA_FORMAT = 1
 _MAX_POLICY_BYTES = 64 * 1024
-_EXEC_GATE_SCRIPT = str(Path(__file__).with_name("seccomp_exec.py"))
+_EXEC_GATE_SCRIPT = Path(__file__).with_name("seccomp_exec.py")
+# The exec gate runs inside the sandbox, where firma's own venv may be hidden (/root is masked
+# when the caller is root): prefer a system interpreter; the gate needs only the stdlib.
+_GATE_PYTHONS = ("/usr/bin/python3", "/usr/local/bin/python3", "/bin/python3")
 
 # platform.machine() → libseccomp arch name (pyseccomp.Arch attribute).
 ARCHES = {
@@ -79,6 +82,23 @@ def _arch_token(machine: str) -> tuple[str, int]:
             + ", ".join(sorted(ARCHES))
         )
     return name.lower(), getattr(pyseccomp.Arch, name)
+
+
+def _exec_gate_prefix(machine: str) -> tuple[str, ...]:
+    """`python3 -I -S -c <gate source> ARCH NR_EXECVE NR_EXECVEAT --` (see seccomp_exec)."""
+    import pyseccomp
+
+    _, arch = _arch_token(machine)
+    python = next((p for p in _GATE_PYTHONS if os.access(p, os.X_OK)),
+                  os.path.realpath(sys.executable))
+    try:
+        source = _EXEC_GATE_SCRIPT.read_text()
+    except OSError as exc:
+        raise SeccompError(f"seccomp: exec gate {_EXEC_GATE_SCRIPT} unreadable: {exc}") from None
+    nrs = [pyseccomp.resolve_syscall(arch, n) for n in EXEC_SYSCALLS]
+    if min(nrs) < 0:
+        raise SeccompError(f"seccomp: execve/execveat unknown on {machine}; cannot gate exec")
+    return (python, "-I", "-S", "-c", source, hex(arch), *(str(n) for n in nrs), "--")
 
 
 def compile_bpf(policy: SeccompPolicy, machine: str) -> bytes:
@@ -296,7 +316,7 @@ def plan_artifact(
     bpf = compile_bpf(pol, machine)
     sha = hashlib.sha256(bpf).hexdigest()
     meta = _metadata(pol, arch, sha)
-    prefix = (sys.executable, "-I", _EXEC_GATE_SCRIPT, "--") if pol.exec_gate else ()
+    prefix = _exec_gate_prefix(machine) if pol.exec_gate else ()
     directory = os.path.join(root, pol.policy_id, pol.policy_version, arch)
     art = SeccompArtifact(
         path=os.path.join(directory, BPF_NAME),

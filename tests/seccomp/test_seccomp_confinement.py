@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+from pathlib import Path
 
 import pytest
 from conftest import HARDENING_TESTS, sandbox_argv, write_policy
@@ -120,6 +121,8 @@ def test_exec_gate_refuses_missing_command(run_probe, state_root, machine, tmp_p
                          text=True, env={"PATH": "/usr/bin:/bin"})
     assert out.returncode == 127
     assert "command not found" in out.stderr
+    # The gate runs on a system interpreter with the stdlib only (firma's venv may be masked).
+    assert art.command_prefix[0].startswith(("/usr/", "/bin/")) and "-S" in art.command_prefix
 
 
 def test_exec_gate_keeps_exit_status_and_stdio(state_root, machine, tmp_path):
@@ -128,10 +131,16 @@ def test_exec_gate_keeps_exit_status_and_stdio(state_root, machine, tmp_path):
     pol = write_policy(tmp_path / "p.toml", ["system.execute"])
     art = prepare_filter(SeccompPolicyRef(str(pol), ""), state_root, machine)
 
+    import firma
+
+    # Hide firma's install and the venv's base interpreter, as the bwrap backend does for root.
+    hidden = ["--tmpfs", "/root", "--tmpfs", str(Path(firma.__file__).resolve().parents[2])]
+
     def sh(script):
         fd = open_verified(art)
         try:
-            return subprocess.run([*sandbox_argv(), "--seccomp", str(fd), *art.command_prefix,
+            return subprocess.run([*sandbox_argv(), *hidden, "--seccomp", str(fd),
+                                   *art.command_prefix,
                                    "sh", "-c", script], pass_fds=(fd,), capture_output=True,
                                   text=True, timeout=60)
         finally:
