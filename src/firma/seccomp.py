@@ -127,7 +127,13 @@ def compile_bpf(policy: SeccompPolicy, machine: str) -> bytes:
                     args.append(pyseccomp.Arg(a.index, ops[a.op], a.mask, a.value))
                 else:
                     args.append(pyseccomp.Arg(a.index, ops[a.op], a.value))
-            filt.add_rule(pyseccomp.ERRNO(rule.errno), rule.syscall, *args)
+            try:
+                filt.add_rule(pyseccomp.ERRNO(rule.errno), rule.syscall, *args)
+            except OSError as exc:
+                raise SeccompError(
+                    f"seccomp: compiling policy {policy.policy_id}/{policy.policy_version} failed "
+                    f"at syscall '{rule.syscall}': {exc.strerror}"
+                ) from None
         with tempfile.TemporaryFile() as out:
             filt.export_bpf(out)
             out.seek(0)

@@ -164,3 +164,16 @@ def test_cross_arch_compiles(state_root):
     other = "aarch64" if os.uname().machine == "x86_64" else "x86_64"
     art = prepare_filter(None, state_root, other)
     assert art.arch == other and os.path.getsize(art.path) > 0
+
+
+def test_libseccomp_rejection_names_the_syscall():
+    from firma.core.seccomp_policy import Rule
+
+    class Broken:
+        policy_id, policy_version = "x", "1"
+
+        def rules(self):
+            return (Rule("ptrace"), Rule("no_such_syscall"))
+
+    with pytest.raises(SeccompError, match="failed at syscall 'no_such_syscall'"):
+        compile_bpf(Broken(), "x86_64")
