@@ -44,8 +44,19 @@ _GATE_PYTHONS = ("/usr/bin/python3", "/usr/local/bin/python3", "/bin/python3")
 # platform.machine() → libseccomp arch name (pyseccomp.Arch attribute).
 ARCHES = {
     "x86_64": "X86_64", "amd64": "X86_64", "aarch64": "AARCH64", "arm64": "AARCH64",
-    "riscv64": "RISCV64", "ppc64le": "PPC64LE",
-}  # not s390x: its clone() takes flags second, and the clone namespace rules read arg 0
+    "riscv64": "RISCV64",
+}  # asm-generic ioctl numbers, clone flags in arg 0, little-endian (the exec gate's BPF needs it)
+
+
+def _pyseccomp():
+    try:
+        import pyseccomp
+    except (ImportError, OSError) as exc:  # libseccomp.so missing or unloadable
+        raise SeccompError(
+            f"seccomp: libseccomp is not available ({exc}); install it with: apt-get install "
+            "libseccomp2"
+        ) from None
+    return pyseccomp
 
 
 @dataclass(frozen=True)
@@ -73,7 +84,7 @@ class SeccompArtifact:
 
 
 def _arch_token(machine: str) -> tuple[str, int]:
-    import pyseccomp
+    pyseccomp = _pyseccomp()
 
     name = ARCHES.get(machine.lower())
     if name is None:
@@ -86,7 +97,7 @@ def _arch_token(machine: str) -> tuple[str, int]:
 
 def _exec_gate_prefix(machine: str) -> tuple[str, ...]:
     """`python3 -I -S -c <gate source> ARCH NR_EXECVE NR_EXECVEAT --` (see seccomp_exec)."""
-    import pyseccomp
+    pyseccomp = _pyseccomp()
 
     _, arch = _arch_token(machine)
     python = next((p for p in _GATE_PYTHONS if os.access(p, os.X_OK)),
@@ -103,13 +114,7 @@ def _exec_gate_prefix(machine: str) -> tuple[str, ...]:
 
 def compile_bpf(policy: SeccompPolicy, machine: str) -> bytes:
     """The policy's BPF program (sock_fprog bytes, what `bwrap --seccomp` reads) for `machine`."""
-    try:
-        import pyseccomp
-    except OSError as exc:  # libseccomp.so missing
-        raise SeccompError(
-            f"seccomp: libseccomp is not available ({exc}); install it with: apt-get install "
-            "libseccomp2"
-        ) from None
+    pyseccomp = _pyseccomp()
     _, arch = _arch_token(machine)
     ops = {EQ: pyseccomp.EQ, MASKED_EQ: pyseccomp.MASKED_EQ}
     try:
