@@ -153,3 +153,22 @@ def test_sidecar_endpoint_reachability(tmp_path):
     proc = doctor(tmp_path, {"FIRMA_SIDECAR_ENDPOINT": f"tcp://127.0.0.1:{lst.port}"})
     _, checks = checks_of(proc)
     assert proc.returncode == 1 and checks["sidecar"]["status"] == "FAIL"
+
+
+def test_smoke_sandbox_failure_fails_even_when_preflight_passes(tmp_path):
+    """A bwrap that reports a version but cannot build a sandbox (what AppArmor or a container
+    profile does to a real one): the preflight passes, the launch would fail, doctor says FAIL."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    fake = bindir / "bwrap"
+    fake.write_text('#!/bin/sh\nif [ "$1" = --version ]; then echo "bubblewrap 0.8.0"; exit 0; fi\n'
+                    'echo "bwrap: setting up uid map: Permission denied" >&2\nexit 1\n')
+    fake.chmod(0o755)
+    path = f"{bindir}:/usr/bin:/bin"
+    bwrap_preflight(detect_host({"PATH": path}))  # run's preflight: passes
+    proc = doctor(tmp_path, path=path)
+    _, checks = checks_of(proc)
+    assert proc.returncode == 1
+    assert checks["bubblewrap"]["status"] == "OK"
+    assert checks["bwrap_backend"]["status"] == "FAIL"
+    assert "uid map: Permission denied" in checks["bwrap_backend"]["detail"]
