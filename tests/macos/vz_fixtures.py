@@ -100,3 +100,61 @@ def recording_runner(tmp: Path, exit_code: int = 0, extra: str = "") -> tuple[Pa
 
 def mode_of(path: str | Path) -> int:
     return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+def run_plan(tmp: Path, vz=None, profile: str = "generic"):
+    from firma.core.model import Identity, RunPlan, VzInputs
+
+    return RunPlan(
+        identity=Identity(sandbox_id=SBX, session_id="sess", profile=profile, agent_id=profile,
+                          user="u"),
+        backend="vz",
+        argv=("/bin/true",),
+        cwd=str(tmp),
+        home=str(tmp),
+        state_root=str(tmp / "state"),
+        vz=vz if vz is not None else VzInputs(),
+    )
+
+
+def mac_host(sandbox_exec: str | None = None, system: str = "darwin"):
+    from firma.host import Host
+
+    return Host(system=system, machine="arm64", sandbox_exec_path=sandbox_exec)
+
+
+def guest_files(tmp: Path, runner: Path | None = None) -> dict[str, str]:
+    """A valid set of guest inputs: an executable runner and three regular files."""
+    d = tmp / "guest"
+    d.mkdir(exist_ok=True)
+    out = {}
+    for name in ("kernel", "initrd", "rootfs"):
+        p = d / name
+        p.write_bytes(b"\0" * 16)
+        out[name] = str(p)
+    if runner is None:
+        runner = d / "runner"
+        runner.write_text("#!/bin/sh\nexit 0\n")
+        runner.chmod(0o755)
+    out["runner"] = str(runner)
+    return out
+
+
+def fake_sandbox_exec(tmp: Path) -> tuple[Path, Path]:
+    """A stand-in for /usr/bin/sandbox-exec on Linux: records `-p <profile>`, the command and its
+    environment, then execs the command (no confinement: the SBPL text is what is tested)."""
+    out = tmp / "sandbox-exec-evidence"
+    out.mkdir(exist_ok=True)
+    script = tmp / "sandbox-exec"
+    script.write_text(
+        "#!/bin/sh\n"
+        f'OUT="{out}"\n'
+        '[ "$1" = "-p" ] || { echo "fake sandbox-exec: expected -p" >&2; exit 97; }\n'
+        'printf "%s" "$2" > "$OUT/profile"\n'
+        "shift 2\n"
+        'for a in "$@"; do printf "%s\\n" "$a"; done > "$OUT/argv"\n'
+        'env > "$OUT/env"\n'
+        'exec "$@"\n'
+    )
+    script.chmod(0o755)
+    return script, out
