@@ -169,3 +169,24 @@ def test_contract_json_is_pretty_and_newline_terminated(tmp_path):
     text = contract_json(build_contract(envelope(tmp_path), "/r"))
     assert text.startswith('{\n  "version": 1,\n  "sandbox_id": ')
     assert text.endswith("}\n")
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_names = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E, blacklist_characters="="), min_size=1,
+                 max_size=24)
+_values = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+                  max_size=40)
+
+
+@settings(max_examples=150, deadline=None)
+@given(extra=st.dictionaries(_names | st.sampled_from(["FIRMA_CAPABILITY_TOKEN", "FIRMA_X_TOKEN",
+                                                         "firma_audit_key"]), _values, max_size=12))
+def test_any_environment_gives_a_valid_contract_without_secret_names(tmp_path_factory, extra):
+    tmp = tmp_path_factory.mktemp("h")
+    c = json.loads(contract_json(build_contract(envelope(tmp, env=extra), "/opt/runner")))
+    assert validate_contract(c) == []
+    assert not any(is_secret_env_name(k) for k in c["command"]["env"])
+    for k, v in extra.items():
+        if not is_secret_env_name(k):
+            assert c["command"]["env"][k] == v
