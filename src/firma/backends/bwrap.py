@@ -1,0 +1,383 @@
+"""bubblewrap backend (SPEC §5): structural network confinement on Linux.
+
+The sandbox gets its own user, network, PID, IPC and UTS namespaces; the only endpoints in its
+network namespace are the sockets planted by the launcher. `launch()` knows nothing about the
+sidecar: it spawns bwrap blocked, plants, awaits `hooks.serve_planted`, measures, releases, and
+verifies the agent's credentials from outside. The reference Linux runner reuses it as is."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import stat
+from dataclasses import dataclass, field
+
+from ..core import bwrap_plan
+from ..core.model import (
+    PLANTED_DNS_ADDR,
+    Check,
+    EnforcementProof,
+    ExecutionEnvelope,
+    NetworkConfinement,
+    RunPlan,
+)
+from ..errors import LaunchError, SeccompError
+from ..host import Host, detect_host
+from ..planting import netns_interfaces, plant
+from ..preflight import bwrap_preflight
+from .base import LaunchHooks, RoutingMode, RoutingPlan
+
+DETAIL = (
+    "network namespace isolation enabled with sandbox-local proxy bridge and DNS stub paths"
+)
+_INFO_TIMEOUT = 10.0
+_CRED_TIMEOUT = 5.0
+
+
+def measure_facts(envelope: ExecutionEnvelope, host: Host) -> bwrap_plan.BwrapFacts:
+    """lstat the candidate paths on the host (the plan itself stays pure)."""
+    xdg = host.environ.get("XDG_RUNTIME_DIR", "").strip() or None
+    if xdg and not xdg.startswith("/"):
+        xdg = None
+    state_root = os.path.dirname(os.path.dirname(envelope.runtime_dir.rstrip("/")))
+    kinds: dict[str, str] = {}
+    for p in bwrap_plan.candidate_paths(envelope, xdg) + (state_root,):
+        try:
+            st = os.lstat(p)
+        except OSError:
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            kinds[p] = bwrap_plan.SYMLINK
+        elif stat.S_ISDIR(st.st_mode):
+            kinds[p] = bwrap_plan.DIR
+        else:
+            kinds[p] = bwrap_plan.FILE
+    resolv_target = None
+    if kinds.get("/etc/resolv.conf") == bwrap_plan.SYMLINK:
+        resolv_target = os.path.realpath("/etc/resolv.conf")
+    return bwrap_plan.BwrapFacts(
+        caller_uid=host.uid,
+        caller_gid=host.gid,
+        kinds=kinds,
+        resolv_conf_target=resolv_target,
+        xdg_runtime_dir=xdg,
+        state_root=state_root,
+    )
+
+
+def open_seccomp(path: str | None, artifact=None) -> int | None:
+    """A read-only descriptor of the seccomp filter for `bwrap --seccomp FD` (SPEC §10).
+
+    With the artifact from `firma.seccomp.prepare_filter` (firma run), `open_verified` checks
+    sha256, owner, mode and symlinks through the descriptor it returns. A bare path (a runner
+    enforcing a contract) is opened without following links and must be a regular file owned by
+    us and not writable by others. Anything else refuses the launch: a filter is never dropped."""
+    if path is None:
+        return None
+    if artifact is not None and getattr(artifact, "path", None) == path:
+        from .. import seccomp  # noqa: PLC0415 - Linux only
+
+        return seccomp.open_verified(artifact)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SeccompError(f"seccomp filter {path} cannot be opened: {exc.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        os.close(fd)
+        raise SeccompError(
+            f"seccomp filter {path} must be a regular file owned by uid {os.getuid()} and not "
+            "writable by group or others"
+        )
+    return fd
+
+
+def _status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(
+            (k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in f) if k
+        )
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
+def _pidfd(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)
+    except OSError:
+        return None
+
+
+def _send(pidfd: int | None, sig: int) -> None:
+    if pidfd is None:
+        return
+    try:
+        signal.pidfd_send_signal(pidfd, sig)
+    except (ProcessLookupError, OSError):
+        pass
+
+
+@dataclass
+class BwrapChild:
+    """A running sandbox. Signals go through pidfds so a recycled pid is never hit."""
+
+    proc: asyncio.subprocess.Process
+    init_pid: int  # bwrap's PID-namespace init: SIGKILL to it ends every process inside
+    init_pidfd: int | None
+    agent_pid: int | None = None
+    agent_pgid: int | None = None
+    agent_pidfd: int | None = None
+    _closed: bool = field(default=False, repr=False)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    async def wait(self) -> int:
+        rc = await self.proc.wait()
+        return rc if rc >= 0 else 128 - rc
+
+    def forward_signal(self, signum: int) -> None:
+        # The agent runs in its own session (--new-session), so its process group (its pid)
+        # holds it and its background children; bwrap's init is not signalled.
+        if self.proc.returncode is not None or self.agent_pgid is None:
+            return
+        try:
+            os.killpg(self.agent_pgid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def kill_tree(self) -> None:
+        _send(self.init_pidfd, signal.SIGKILL)
+        if self.proc.returncode is None:
+            try:
+                self.proc.kill()
+            except ProcessLookupError:
+                pass
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for fd in (self.init_pidfd, self.agent_pidfd):
+            if fd is not None:
+                os.close(fd)
+
+
+async def _read_info(fd: int, timeout: float) -> dict:
+    loop = asyncio.get_running_loop()
+    buf = bytearray()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def on_readable() -> None:
+        try:
+            chunk = os.read(fd, 4096)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            if not done.done():
+                done.set_exception(exc)
+            return
+        if not chunk:
+            if not done.done():
+                done.set_result(None)
+            return
+        buf.extend(chunk)
+        if buf.rstrip().endswith(b"}") and not done.done():
+            done.set_result(None)
+
+    os.set_blocking(fd, False)
+    loop.add_reader(fd, on_readable)
+    try:
+        await asyncio.wait_for(done, timeout)
+    finally:
+        loop.remove_reader(fd)
+    try:
+        return json.loads(bytes(buf))
+    except ValueError:
+        raise LaunchError("bwrap failed before the sandbox started (see its message above)") from None
+
+
+class BwrapBackend:
+    name = "bwrap"
+
+    def __init__(self, host: Host | None = None) -> None:
+        self._host = host
+        self._seccomp_artifact = None
+
+    def use_seccomp_artifact(self, artifact) -> None:
+        """The verified-artifact handle for the envelope's seccomp_filter_path (firma run)."""
+        self._seccomp_artifact = artifact
+
+    def prepare(self, plan: RunPlan, host: Host) -> EnforcementProof:
+        bwrap_preflight(host)
+        self._host = host
+        return EnforcementProof(
+            backend="bwrap",
+            structural=True,
+            fail_closed=True,
+            network_confinement=NetworkConfinement.LINUX_NETWORK_NAMESPACE,
+            detail=DETAIL,
+        )
+
+    def routing(self) -> RoutingPlan:
+        return RoutingPlan(mode=RoutingMode.PLANTED, dns_stub=True)
+
+    def plan_for(
+        self, envelope: ExecutionEnvelope, **fds: int | None
+    ) -> bwrap_plan.BwrapPlan:
+        host = self._host or detect_host()
+        facts = measure_facts(envelope, host)
+        return bwrap_plan.build(envelope, facts, bwrap=host.bwrap_path or "bwrap", **fds)
+
+    async def launch(self, envelope: ExecutionEnvelope, hooks: LaunchHooks) -> BwrapChild:
+        if self._host is None:
+            self._host = detect_host()
+        bwrap_preflight(self._host)
+        seccomp_fd = open_seccomp(envelope.seccomp_filter_path, self._seccomp_artifact)
+        info_r, info_w = os.pipe2(os.O_CLOEXEC)
+        block_r, block_w = os.pipe2(os.O_CLOEXEC)
+        plan = self.plan_for(envelope, info_fd=info_w, block_fd=block_r, seccomp_fd=seccomp_fd)
+        if seccomp_fd is not None:
+            hooks.add_check(Check("seccomp_filter", True, f"bwrap --seccomp with {envelope.seccomp_filter_path}"))
+        for f in plan.files:
+            fd = os.open(f.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(f.content)
+        passed = [info_w, block_r] + ([seccomp_fd] if seccomp_fd is not None else [])
+        try:
+            # Own process group: a terminal's ^C reaches firma only, which forwards it.
+            proc = await asyncio.create_subprocess_exec(
+                *plan.argv, pass_fds=passed, start_new_session=True
+            )
+        except OSError as exc:
+            for fd in passed + [info_r, block_w]:
+                os.close(fd)
+            raise LaunchError(f"cannot start bwrap: {exc.strerror}") from None
+        for fd in passed:
+            os.close(fd)
+        child: BwrapChild | None = None
+        try:
+            try:
+                info = await _read_info(info_r, _INFO_TIMEOUT)
+            except asyncio.TimeoutError:
+                raise LaunchError("bwrap did not report its sandbox in time") from None
+            init_pid = int(info["child-pid"])
+            child = BwrapChild(proc=proc, init_pid=init_pid, init_pidfd=_pidfd(init_pid))
+            hooks.log(f"sandbox init pid {init_pid}")
+
+            ifaces = netns_interfaces(init_pid)
+            ok = ifaces == ["lo"]
+            hooks.add_check(Check("netns_only_loopback", ok, "interfaces: " + ",".join(ifaces)))
+            if not ok:
+                raise LaunchError(f"sandbox network namespace has unexpected interfaces: {ifaces}")
+
+            socks = plant(init_pid)
+            try:
+                await hooks.serve_planted(socks)
+            except BaseException:
+                socks.close()
+                raise
+            hooks.add_check(
+                Check(
+                    "planted_sockets",
+                    True,
+                    "proxy 127.0.0.1:18080/tcp, dns %s:%d/udp+tcp in the sandbox netns"
+                    % PLANTED_DNS_ADDR,
+                )
+            )
+            os.write(block_w, b"1")  # release: bwrap execs the agent
+            os.close(block_w)
+            block_w = -1
+            await self._verify_agent(child, plan, hooks)
+            return child
+        except BaseException:
+            if child is not None:
+                child.kill_tree()
+                child.close()
+            else:
+                proc.kill()
+            await proc.wait()
+            raise
+        finally:
+            os.close(info_r)
+            if block_w >= 0:
+                os.close(block_w)
+
+    async def _verify_agent(
+        self, child: BwrapChild, plan: bwrap_plan.BwrapPlan, hooks: LaunchHooks
+    ) -> None:
+        """Read the agent's credentials and resolv.conf from outside; refuse if not confined."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _CRED_TIMEOUT
+        subject = None
+        status: dict[str, str] | None = None
+        while loop.time() < deadline:
+            kids = _children(child.init_pid)
+            if kids:
+                pid = kids[0]
+                try:
+                    status = _status(pid)
+                    child.agent_pid = pid
+                    child.agent_pidfd = _pidfd(pid)
+                    child.agent_pgid = os.getpgid(pid)
+                    subject = "agent"
+                    break
+                except OSError:
+                    pass
+            if child.proc.returncode is not None or not os.path.exists(f"/proc/{child.init_pid}"):
+                break
+            await asyncio.sleep(0.001)
+        if status is None:
+            # The agent already finished: bwrap's init dropped privileges before forking it and
+            # NoNewPrivs is irreversible, so init's credentials bound the agent's.
+            try:
+                st = _status(child.init_pid)
+                if st.get("CapEff") == "0000000000000000":
+                    status, subject = st, "sandbox init (agent already exited)"
+            except OSError:
+                pass
+        if status is None:
+            hooks.add_check(Check("agent_no_capabilities", False, "agent exited before its credentials could be read"))
+            return
+        capeff = status.get("CapEff", "?")
+        nnp = status.get("NoNewPrivs", "?")
+        cap_ok = capeff == "0000000000000000"
+        nnp_ok = nnp == "1"
+        hooks.add_check(Check("agent_no_capabilities", cap_ok, f"{subject} CapEff={capeff}"))
+        hooks.add_check(Check("agent_no_new_privs", nnp_ok, f"{subject} NoNewPrivs={nnp}"))
+        hooks.add_check(
+            Check("agent_uid", True, f"inside uid {plan.inside_uid} gid {plan.inside_gid}")
+        )
+        if not (cap_ok and nnp_ok):
+            raise LaunchError(
+                f"sandboxed agent holds privileges (CapEff={capeff}, NoNewPrivs={nnp}); refusing to continue"
+            )
+        # resolv.conf as the sandbox sees it, read through the agent's (or init's) root.
+        for pid in (child.agent_pid, child.init_pid):
+            if pid is None:
+                continue
+            try:
+                with open(f"/proc/{pid}/root/etc/resolv.conf") as f:
+                    seen = f.read()
+            except OSError:
+                continue
+            ok = seen == bwrap_plan.RESOLV_CONF
+            hooks.add_check(
+                Check("resolv_conf_points_at_stub", ok, " ".join(seen.split())[:200])
+            )
+            if not ok:
+                raise LaunchError("sandbox /etc/resolv.conf does not point at the planted DNS stub")
+            break
+        else:
+            hooks.add_check(Check("resolv_conf_points_at_stub", False, "sandbox exited before it could be read"))
+        masked = ", ".join(plan.masked)
+        hooks.add_check(Check("masked_paths", True, masked))

@@ -1,0 +1,188 @@
+"""The bubblewrap argv as an immutable plan (SPEC §5). Pure: the caller measures the filesystem
+facts (which paths exist and what they are) and passes them in; tests inspect the plan as data.
+
+Mount order matters (a later mount hides an earlier one), so it is fixed here:
+  1. `/` read-only, fresh /proc and /dev;
+  2. fresh tmpfs over /tmp, /var/tmp, /run, /var/run, $XDG_RUNTIME_DIR and the state root
+     (no host unix socket and no firma state is reachable);
+  3. when the caller is root: /root, /etc/shadow, /etc/gshadow, /etc/sudoers* masked;
+  4. the workspace, profile mounts and writable home paths;
+  5. masked home paths (after 4, so a mount can never re-expose a secret);
+  6. generated /etc files (resolv.conf — also over its symlink target —, hosts, passwd, group)."""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from .model import ExecutionEnvelope, IdentityMode, frozen_map
+
+DIR = "dir"
+FILE = "file"
+SYMLINK = "symlink"
+
+SANDBOX_HOSTNAME = "firma-sandbox"
+ROOT_CALLER_INSIDE_ID = 1000  # the agent never runs as uid 0, even when firma does
+SYSTEM_TMPFS = ("/tmp", "/var/tmp", "/run", "/var/run")
+ROOT_SECRETS = ("/etc/shadow", "/etc/gshadow", "/etc/sudoers", "/etc/sudoers.d")
+
+RESOLV_CONF = "nameserver 127.0.0.1\noptions ndots:0 timeout:1 attempts:1\n"
+HOSTS = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+
+
+@dataclass(frozen=True)
+class BwrapFacts:
+    """Host facts the plan depends on, measured by the backend."""
+
+    caller_uid: int
+    caller_gid: int
+    # Kind (dir | file | symlink) of every candidate path that exists on the host (lstat).
+    kinds: Mapping[str, str] = field(default_factory=frozen_map)
+    resolv_conf_target: str | None = None  # realpath of /etc/resolv.conf when it is a symlink
+    xdg_runtime_dir: str | None = None
+    state_root: str | None = None
+
+    @property
+    def caller_is_root(self) -> bool:
+        return self.caller_uid == 0
+
+
+@dataclass(frozen=True)
+class GeneratedFile:
+    path: str  # on the host, in the run dir
+    target: str  # inside the sandbox
+    content: str
+
+
+@dataclass(frozen=True)
+class BwrapPlan:
+    argv: tuple[str, ...]
+    inside_uid: int
+    inside_gid: int
+    files: tuple[GeneratedFile, ...]
+    masked: tuple[str, ...]  # every path hidden from the agent (for the proof)
+    tmpfs: tuple[str, ...]
+
+
+def candidate_paths(envelope: ExecutionEnvelope, xdg_runtime_dir: str | None) -> tuple[str, ...]:
+    """Paths whose kind the backend must measure before building the plan."""
+    paths = list(SYSTEM_TMPFS) + list(ROOT_SECRETS) + ["/root", "/etc/resolv.conf"]
+    if xdg_runtime_dir:
+        paths.append(xdg_runtime_dir)
+    paths += [posixpath.join(envelope.home, p) for p in envelope.mask_home_paths]
+    return tuple(dict.fromkeys(paths))
+
+
+def passwd_text(uid: int, gid: int, home: str) -> str:
+    return (
+        "root:x:0:0:root:/root:/usr/sbin/nologin\n"
+        f"firma-user:x:{uid}:{gid}:firma sandbox user:{home}:/bin/sh\n"
+        "nobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+    )
+
+
+def group_text(gid: int) -> str:
+    return f"root:x:0:\nfirma-user:x:{gid}:\nnogroup:x:65534:\n"
+
+
+def _under(path: str, roots: tuple[str, ...]) -> bool:
+    return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
+
+
+def build(
+    envelope: ExecutionEnvelope,
+    facts: BwrapFacts,
+    *,
+    bwrap: str = "bwrap",
+    info_fd: int | None = None,
+    block_fd: int | None = None,
+    seccomp_fd: int | None = None,
+) -> BwrapPlan:
+    kinds = facts.kinds
+    rt = envelope.runtime_dir
+    if facts.caller_is_root:
+        uid = gid = ROOT_CALLER_INSIDE_ID
+    else:
+        uid, gid = facts.caller_uid, facts.caller_gid
+
+    a: list[str] = [bwrap]
+    a += ["--unshare-user", "--uid", str(uid), "--gid", str(gid), "--disable-userns"]
+    a += ["--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts"]
+    a += ["--hostname", SANDBOX_HOSTNAME, "--die-with-parent", "--new-session"]
+    a += ["--cap-drop", "ALL"]
+    a += ["--clearenv"]
+    for k, v in sorted(envelope.env.items()):
+        a += ["--setenv", k, v]
+
+    a += ["--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev"]
+
+    tmpfs: list[str] = []
+    for p in SYSTEM_TMPFS:
+        # /var/run is normally a symlink to /run, which is already covered.
+        if kinds.get(p) == DIR:
+            tmpfs.append(p)
+    for p in (facts.xdg_runtime_dir, facts.state_root):
+        if p and kinds.get(p, DIR) == DIR and not _under(p, tuple(tmpfs)):
+            tmpfs.append(p)
+    masked: list[str] = list(tmpfs)
+    for p in tmpfs:
+        a += ["--tmpfs", p]
+
+    if facts.caller_is_root:
+        # Files the agent opens are still checked against outside uid 0: hide root's secrets.
+        a += ["--tmpfs", "/root"]
+        masked.append("/root")
+        for p in ROOT_SECRETS:
+            kind = kinds.get(p)
+            if kind == DIR:
+                a += ["--tmpfs", p]
+                masked.append(p)
+            elif kind in (FILE, SYMLINK):
+                a += ["--ro-bind", "/dev/null", p]
+                masked.append(p)
+
+    a += ["--bind", envelope.cwd, envelope.cwd]
+    for m in envelope.mounts:
+        a += ["--ro-bind" if m.read_only else "--bind", m.source, m.target]
+
+    for rel in envelope.mask_home_paths:
+        p = posixpath.join(envelope.home, rel)
+        kind = kinds.get(p)
+        if kind == DIR:
+            a += ["--tmpfs", p]
+            masked.append(p)
+        elif kind in (FILE, SYMLINK):
+            a += ["--ro-bind", "/dev/null", p]
+            masked.append(p)
+
+    files = [
+        GeneratedFile(f"{rt}/resolv.conf", "/etc/resolv.conf", RESOLV_CONF),
+        GeneratedFile(f"{rt}/hosts", "/etc/hosts", HOSTS),
+    ]
+    if envelope.identity_mode is IdentityMode.SANDBOX_USER:
+        files += [
+            GeneratedFile(f"{rt}/passwd", "/etc/passwd", passwd_text(uid, gid, envelope.home)),
+            GeneratedFile(f"{rt}/group", "/etc/group", group_text(gid)),
+        ]
+    for f in files:
+        if f.target == "/etc/resolv.conf" and facts.resolv_conf_target:
+            # The symlink target may be a host resolver stub: cover it too (ATTACKS #28).
+            a += ["--ro-bind", f.path, facts.resolv_conf_target]
+        a += ["--ro-bind", f.path, f.target]
+
+    if seccomp_fd is not None:
+        a += ["--seccomp", str(seccomp_fd)]
+    if info_fd is not None:
+        a += ["--info-fd", str(info_fd)]
+    if block_fd is not None:
+        a += ["--block-fd", str(block_fd)]
+    a += ["--chdir", envelope.cwd, "--", envelope.executable, *envelope.args]
+    return BwrapPlan(
+        argv=tuple(a),
+        inside_uid=uid,
+        inside_gid=gid,
+        files=tuple(files),
+        masked=tuple(masked),
+        tmpfs=tuple(tmpfs),
+    )

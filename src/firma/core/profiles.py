@@ -1,0 +1,73 @@
+"""The three built-in profiles (SPEC §2): pure data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
+
+from ..errors import ConfigError
+
+COMMON_PASSTHROUGH = ("HOME", "PATH", "TERM", "LANG")
+COMMON_MASKED = (".ssh", ".aws", ".azure", ".kube", ".gnupg", ".config/gcloud", ".docker", ".netrc")
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    env_passthrough: tuple[str, ...] = COMMON_PASSTHROUGH
+    env_set: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    allow_hosts: tuple[str, ...] = ()
+    mask_home_paths: tuple[str, ...] = COMMON_MASKED
+    writable_home_paths: tuple[str, ...] = ()
+
+
+BUILTIN: Mapping[str, Profile] = MappingProxyType(
+    {
+        "generic": Profile("generic"),
+        "claude-code": Profile(
+            "claude-code",
+            env_passthrough=COMMON_PASSTHROUGH
+            + ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL"),
+            allow_hosts=("api.anthropic.com", "statsig.anthropic.com"),
+            writable_home_paths=(".claude", ".claude.json"),
+        ),
+        "codex": Profile(
+            "codex",
+            env_passthrough=COMMON_PASSTHROUGH + ("OPENAI_API_KEY", "CODEX_HOME"),
+            allow_hosts=("api.openai.com", "chatgpt.com"),
+            writable_home_paths=(".codex",),
+        ),
+    }
+)
+ALIASES: Mapping[str, str] = MappingProxyType({"claude": "claude-code"})
+
+
+def canonical_name(name: str) -> str | None:
+    """The profile a name or alias refers to, or None."""
+    name = name.strip()
+    if name in BUILTIN:
+        return name
+    return ALIASES.get(name)
+
+
+def resolve(name: str) -> Profile:
+    canon = canonical_name(name)
+    if canon is None:
+        raise ConfigError(
+            f"unknown profile '{name}'; supported profiles: generic, claude-code, codex"
+        )
+    return BUILTIN[canon]
+
+
+def choose_profile_name(cli: str | None, config: str | None, command: str | None) -> str:
+    """`--profile` → `[run].profile` → the command's basename if it names a profile → generic."""
+    for explicit in (cli, config):
+        if explicit is not None:
+            return resolve(explicit).name
+    if command:
+        base = command.rstrip("/").rsplit("/", 1)[-1]
+        canon = canonical_name(base)
+        if canon is not None:
+            return canon
+    return "generic"

@@ -1,0 +1,118 @@
+"""Plant listening sockets inside a sandbox's network namespace (ARCHITECTURE "The one idea").
+
+A forked, single-threaded helper joins the sandbox's user namespace (when it differs from ours:
+there it holds CAP_NET_BIND_SERVICE, so port 53 works unprivileged) and network namespace, binds
+the proxy and DNS sockets, hands the descriptors back over a socketpair (SCM_RIGHTS) and exits.
+The sockets stay in the sandbox's namespace; the launcher serves them from outside, so nothing of
+ours runs inside the sandbox.
+
+The child only makes syscalls (setns, socket, bind, listen, sendmsg, _exit), which is safe after
+fork even when the launcher has threads."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+from dataclasses import dataclass
+
+from .backends.base import PlantedSockets
+from .core.model import PLANTED_DNS_ADDR, PLANTED_PROXY_ADDR
+from .errors import LaunchError
+
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWNET = 0x40000000
+_HELPER_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class Addresses:
+    proxy: tuple[str, int] = PLANTED_PROXY_ADDR
+    dns: tuple[str, int] = PLANTED_DNS_ADDR
+
+
+def _libc_setns():
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = libc.setns
+    fn.argtypes = [ctypes.c_int, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _ns_ino(path: str) -> int:
+    return os.stat(path).st_ino
+
+
+def plant(pid: int, addrs: Addresses = Addresses()) -> PlantedSockets:
+    """Create the planted listeners in the network namespace of `pid` (blocking, a few ms)."""
+    setns = _libc_setns()  # resolve before fork
+    try:
+        user_fd = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+        net_fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise LaunchError(f"cannot open namespaces of sandbox pid {pid}: {exc.strerror}; the sandbox exited early") from None
+    try:
+        join_user = os.fstat(user_fd).st_ino != _ns_ino("/proc/self/ns/user")
+        if os.fstat(net_fd).st_ino == _ns_ino("/proc/self/ns/net"):
+            raise LaunchError("sandbox shares the launcher's network namespace; refusing to plant sockets")
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        helper = os.fork()
+        if helper == 0:  # pragma: no cover - runs in the forked helper
+            code = 1
+            try:
+                parent.close()
+                if join_user and setns(user_fd, CLONE_NEWUSER) != 0:
+                    child.send(b"ERR setns(user) errno %d" % ctypes.get_errno())
+                    os._exit(2)
+                if setns(net_fd, CLONE_NEWNET) != 0:
+                    child.send(b"ERR setns(net) errno %d" % ctypes.get_errno())
+                    os._exit(3)
+                proxy = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                proxy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                proxy.bind(addrs.proxy)
+                proxy.listen(128)
+                dns_udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                dns_udp.bind(addrs.dns)
+                dns_tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                dns_tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                dns_tcp.bind(addrs.dns)
+                dns_tcp.listen(64)
+                socket.send_fds(child, [b"OK"], [proxy.fileno(), dns_udp.fileno(), dns_tcp.fileno()])
+                code = 0
+            except BaseException as exc:  # noqa: BLE001 - report anything, then exit
+                try:
+                    child.send(b"ERR " + repr(exc).encode()[:512])
+                except BaseException:  # noqa: BLE001
+                    pass
+            finally:
+                os._exit(code)
+        child.close()
+        try:
+            parent.settimeout(_HELPER_TIMEOUT)
+            msg, fds, _flags, _addr = socket.recv_fds(parent, 1024, 3)
+        except (OSError, TimeoutError) as exc:
+            os.kill(helper, 9)
+            raise LaunchError(f"planting helper did not answer: {exc}") from None
+        finally:
+            parent.close()
+            os.waitpid(helper, 0)
+    finally:
+        os.close(user_fd)
+        os.close(net_fd)
+    if msg != b"OK" or len(fds) != 3:
+        for fd in fds:
+            os.close(fd)
+        raise LaunchError(
+            f"could not plant sockets in the sandbox network namespace: {msg.decode(errors='replace')}"
+        )
+    socks = [socket.socket(fileno=fd) for fd in fds]
+    for s in socks:
+        s.setblocking(False)
+    return PlantedSockets(proxy_tcp=socks[0], dns_udp=socks[1], dns_tcp=socks[2])
+
+
+def netns_interfaces(pid: int) -> list[str]:
+    """Interface names in the network namespace of `pid`, read from outside."""
+    with open(f"/proc/{pid}/net/dev") as f:
+        lines = f.read().splitlines()[2:]
+    return sorted(line.split(":", 1)[0].strip() for line in lines if ":" in line)

@@ -1,0 +1,96 @@
+"""The state root and per-run directories (SPEC §12): private (0700) and never inside a sandbox.
+
+`<root>/run/<sandbox_id>/` holds run.log, sidecar.log, contracts and generated /etc files and is
+removed at teardown; `<root>/proofs/`, `<root>/audit.jsonl` and `<root>/audit.key` are kept."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import tempfile
+from dataclasses import dataclass
+
+from .errors import PlanError
+
+
+@dataclass(frozen=True)
+class RunDirs:
+    root: str
+    run_dir: str
+    proofs_dir: str
+
+    @property
+    def audit_path(self) -> str:
+        return os.path.join(self.root, "audit.jsonl")
+
+    @property
+    def key_path(self) -> str:
+        return os.path.join(self.root, "audit.key")
+
+    @property
+    def run_log(self) -> str:
+        return os.path.join(self.run_dir, "run.log")
+
+    def proof_path(self, sandbox_id: str) -> str:
+        return os.path.join(self.proofs_dir, f"{sandbox_id}.json")
+
+
+def ensure_private_dir(path: str) -> None:
+    """Create `path` (and parents) 0700; refuse an existing one we do not own or others can use."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.lstat(path)
+    except OSError as exc:
+        raise PlanError(f"cannot create state directory {path}: {exc.strerror}; set FIRMA_STATE_DIR") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise PlanError(f"state directory {path} is not a directory; remove it or set FIRMA_STATE_DIR")
+    if st.st_uid != os.getuid():
+        raise PlanError(
+            f"state directory {path} is owned by uid {st.st_uid}, not you; remove it or set FIRMA_STATE_DIR"
+        )
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
+
+
+def create(root: str, sandbox_id: str) -> RunDirs:
+    ensure_private_dir(root)
+    ensure_private_dir(os.path.join(root, "run"))
+    proofs = os.path.join(root, "proofs")
+    ensure_private_dir(proofs)
+    run_dir = os.path.join(root, "run", sandbox_id)
+    try:
+        os.mkdir(run_dir, 0o700)
+    except FileExistsError:
+        raise PlanError(f"run directory {run_dir} already exists; sandbox ids must be unique") from None
+    return RunDirs(root=root, run_dir=run_dir, proofs_dir=proofs)
+
+
+def write_private(path: str, data: str) -> None:
+    """Atomic (temp + rename) write of a 0600 file."""
+    d = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".part")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def remove_run_dir(dirs: RunDirs, *, keep_log_as: str | None) -> None:
+    """Remove the per-run dir; first copy run.log next to the proof when the run failed."""
+    if keep_log_as and os.path.exists(dirs.run_log):
+        try:
+            shutil.copyfile(dirs.run_log, keep_log_as)
+            os.chmod(keep_log_as, 0o600)
+        except OSError:
+            pass
+    shutil.rmtree(dirs.run_dir, ignore_errors=True)
