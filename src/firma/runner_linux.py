@@ -19,7 +19,6 @@ import asyncio
 import ipaddress
 import os
 import shutil
-import signal
 import socket
 import struct
 import sys
@@ -293,56 +292,51 @@ def load_contract(path: str) -> dict[str, Any]:
 async def run_contract(contract: dict[str, Any], log) -> int:
     from .backends.base import LaunchHooks
     from .backends.bwrap import BwrapBackend
+    from .supervisor import Supervisor
 
     up = upstreams_from_contract(contract)
     startup_mode = next(i["mode"] for i in contract["invariants"] if i["name"] == "fail_closed_startup")
-    checks = check_upstreams(up)
+    checks = await asyncio.to_thread(check_upstreams, up)
     bad = [c for c in checks if not c.ok]
     if bad:
         if startup_mode == "required":
             raise LaunchError(
-                f"{bad[0].name.replace('_', ' ')} failed ({bad[0].detail}); refusing to start the "
-                "command (fail_closed_startup); start the host bridge and DNS stub first"
+                f"{bad[0].name.replace('_', ' ')} check failed ({bad[0].detail}); refusing to start "
+                "the command (fail_closed_startup); start the host bridge and DNS stub first"
             )
-        log(f"WARN fail_closed_startup disabled_by_policy: {bad[0].name} failed ({bad[0].detail})")
+        log(f"WARN fail_closed_startup is disabled_by_policy: {bad[0].name} failed ({bad[0].detail})")
 
+    # Generated files (resolv.conf, passwd, group) go to a private directory of this runner, not
+    # into firma's runtime_dir, which the contract only describes.
     work = tempfile.mkdtemp(prefix="firma-runner-")
     relays = Relays(up)
     child = None
+    main_task = asyncio.current_task()
+    sup = Supervisor(on_early_signal=lambda _sig: main_task.cancel())
+    sup.install()
     try:
-        envelope = envelope_from_contract(contract, work)
-        backend = BwrapBackend.for_envelope(envelope) if hasattr(BwrapBackend, "for_envelope") else BwrapBackend()
-        hooks = LaunchHooks(serve_planted=relays.serve, add_check=lambda c: None, log=log)
-        child = await backend.launch(envelope, hooks)
-        return await supervise(child)
+        # The bwrap backend treats <runtime_dir>/../.. as a state root and hides it: keep that
+        # shape so the runner's own directory is masked inside the sandbox too.
+        runtime_dir = os.path.join(work, "run", contract["sandbox_id"])
+        os.makedirs(runtime_dir, mode=0o700)
+        envelope = envelope_from_contract(contract, runtime_dir)
+        # The agent owns stdout/stderr: the backend's progress lines are not printed.
+        hooks = LaunchHooks(serve_planted=relays.serve, add_check=lambda c: None, log=lambda _m: None)
+        try:
+            child = await BwrapBackend().launch(envelope, hooks)
+        except asyncio.CancelledError:
+            if sup.early_signal is not None:
+                return 128 + sup.early_signal  # told to stop before the command started
+            raise
+        sup.attach(child)
+        return await sup.wait()
     finally:
+        sup.uninstall()
         if child is not None:
             child.kill_tree()
+            child.close()
         await relays.aclose()
         shutil.rmtree(work, ignore_errors=True)
-
-
-async def supervise(child) -> int:
-    """Forward termination signals once (a second one escalates to SIGKILL), keep the status."""
-    loop = asyncio.get_running_loop()
-    seen = {"n": 0}
-
-    def on_signal(signum: int) -> None:
-        if signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
-            seen["n"] += 1
-            if seen["n"] > 1:
-                child.kill_tree()
-                return
-        child.forward_signal(signum)
-
-    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGWINCH)
-    for s in sigs:
-        loop.add_signal_handler(s, on_signal, s)
-    try:
-        return await child.wait()
-    finally:
-        for s in sigs:
-            loop.remove_signal_handler(s)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -355,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         contract = load_contract(args.launch_contract)
-        return asyncio.run(run_contract(contract, lambda m: None))
+        return asyncio.run(run_contract(contract, log))
     except FirmaError as exc:
         print(f"[ERR]  {exc}", file=sys.stderr, flush=True)
         return 1
