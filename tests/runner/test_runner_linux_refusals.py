@@ -1,0 +1,168 @@
+"""The reference runner refuses before the command runs: an invalid or readable-by-others
+contract, or host paths that do not answer (fail_closed_startup). Each refusal has a positive
+control — the same contract, fixed, does run the command (its marker file appears)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from firma.core.contract import build_contract, contract_json
+from firma.core.model import ExecutionEnvelope, IdentityMode, Invariant, INVARIANT_NAMES, Mount, NetworkEndpoints, frozen_map
+
+pytestmark = pytest.mark.confinement
+
+RUNNER = str(Path(sys.executable).parent / "firma-runner-linux")
+
+
+class StandIns:
+    """Loopback stand-ins for the host bridge (answers HTTP 200) and DNS stub (REFUSED): the
+    reference runner only relays bytes to them, so these exercise the runner itself."""
+
+    def __init__(self) -> None:
+        self.tcp = socket.create_server(("127.0.0.1", 0))
+        self.udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.udp.bind(("127.0.0.1", 0))
+        self.requests: list[bytes] = []
+        threading.Thread(target=self._tcp, daemon=True).start()
+        threading.Thread(target=self._udp, daemon=True).start()
+
+    def _tcp(self):
+        while True:
+            try:
+                c, _ = self.tcp.accept()
+            except OSError:
+                return
+            with c:
+                c.settimeout(5)
+                try:
+                    data = c.recv(4096)
+                except OSError:
+                    data = b""
+                if data:
+                    self.requests.append(data)
+                    c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+
+    def _udp(self):
+        while True:
+            try:
+                d, a = self.udp.recvfrom(4096)
+            except OSError:
+                return
+            if len(d) >= 12:
+                self.udp.sendto(d[:2] + bytes([d[2] | 0x80, 0x05]) + struct.pack("!HHHH", 0, 0, 0, 0), a)
+
+    @property
+    def proxy_url(self):
+        return f"http://127.0.0.1:{self.tcp.getsockname()[1]}"
+
+    @property
+    def dns(self):
+        return f"127.0.0.1:{self.udp.getsockname()[1]}"
+
+    def close(self):
+        self.tcp.close()
+        self.udp.close()
+
+
+@pytest.fixture
+def standins():
+    s = StandIns()
+    yield s
+    s.close()
+
+
+def write_contract(tmp_path: Path, proxy_url: str, dns: str, script: str, *, mode=0o600, startup="required"):
+    work = tmp_path / "work"
+    work.mkdir(exist_ok=True)
+    sbx = "sbx_" + os.urandom(16).hex()
+    env = ExecutionEnvelope(
+        sandbox_id=sbx, runtime_dir=f"{tmp_path}/state/run/{sbx}", executable="/bin/sh", args=("-c", script),
+        cwd=str(work), env=frozen_map({"PATH": "/usr/bin:/bin", "HOME": str(work), "HTTP_PROXY": proxy_url}),
+        identity_mode=IdentityMode.SANDBOX_USER, home=str(work), seccomp_filter_path=None,
+        mounts=(Mount(str(work), str(work), False),), mask_home_paths=(),
+        network=NetworkEndpoints(proxy_url, dns, frozen_map({"x-firma-sandbox-id": sbx})),
+        invariants=tuple(Invariant(n, startup if n == "fail_closed_startup" else "required") for n in INVARIANT_NAMES),
+    )
+    path = tmp_path / f"{sbx}.json"
+    path.write_text(contract_json(build_contract(env, RUNNER)))
+    os.chmod(path, mode)
+    return path, work
+
+
+def run_runner(path, cwd):
+    return subprocess.run([RUNNER, "--launch-contract", str(path)], capture_output=True, text=True,
+                          timeout=120, cwd=cwd, env={"PATH": "/usr/bin:/bin"})
+
+
+def test_readable_by_others_contract_is_refused(tmp_path, standins):
+    path, work = write_contract(tmp_path, standins.proxy_url, standins.dns, "echo ran > marker", mode=0o644)
+    r = run_runner(path, work)
+    assert r.returncode == 1
+    assert r.stderr.startswith("[ERR]  launch contract") and "group/other bits" in r.stderr
+    assert not (work / "marker").exists()
+    # Positive control: the same contract at 0600 runs the command.
+    os.chmod(path, 0o600)
+    r = run_runner(path, work)
+    assert r.returncode == 0, r.stderr
+    assert (work / "marker").read_text() == "ran\n"
+
+
+def test_invalid_contract_is_refused(tmp_path, standins):
+    path, work = write_contract(tmp_path, standins.proxy_url, standins.dns, "echo ran > marker")
+    data = json.loads(path.read_text())
+    data["command"]["args"].append("")
+    data["surprise"] = True
+    path.write_text(json.dumps(data))
+    r = run_runner(path, work)
+    assert r.returncode == 1 and not (work / "marker").exists()
+    assert "/command/args/2: must not be empty" in r.stderr and "/surprise: unknown key" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_bridge_down_refuses_to_start(tmp_path, standins):
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))  # bound, never listening: connects are refused
+    port = dead.getsockname()[1]
+    path, work = write_contract(tmp_path, f"http://127.0.0.1:{port}", standins.dns, "echo ran > marker")
+    r = run_runner(path, work)
+    dead.close()
+    assert r.returncode == 1 and not (work / "marker").exists()
+    assert "refusing to start the command (fail_closed_startup)" in r.stderr
+
+
+def test_startup_check_can_be_disabled_by_policy(tmp_path, standins):
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    port = dead.getsockname()[1]
+    path, work = write_contract(tmp_path, f"http://127.0.0.1:{port}", standins.dns, "echo ran > marker",
+                                startup="disabled_by_policy")
+    r = run_runner(path, work)
+    dead.close()
+    assert r.returncode == 0, r.stderr
+    assert (work / "marker").exists() and "disabled_by_policy" in r.stderr
+
+
+def test_agent_reaches_the_bridge_only_through_the_planted_endpoint(tmp_path, standins):
+    # Inside: HTTP_PROXY names 127.0.0.1:18080 and a request through it reaches the bridge.
+    script = (
+        'echo "$HTTP_PROXY" > proxyvar; exec /usr/bin/python3 -c '
+        "\"import socket;s=socket.create_connection(('127.0.0.1',18080));"
+        "s.sendall(b'GET http://x/inside HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n');"
+        "open('reply','wb').write(s.recv(100))\""
+    )
+    path, work = write_contract(tmp_path, standins.proxy_url, standins.dns, script)
+    r = run_runner(path, work)
+    assert r.returncode == 0, r.stderr
+    assert (work / "proxyvar").read_text().strip() == "http://127.0.0.1:18080"
+    assert (work / "reply").read_bytes().startswith(b"HTTP/1.1 200")
+    assert any(b"/inside" in q for q in standins.requests)
