@@ -316,6 +316,10 @@ async def _execute(plan: RunPlan, host: Host, backend: Any, kit: ServiceKit | No
         run.add_check(Check("sidecar_reachable", True, f"external sidecar {plan.sidecar.endpoint} answered before launch"))
 
     loop = asyncio.get_running_loop()
+    # Errors inside services must not print on the agent's terminal: they go to run.log.
+    loop.set_exception_handler(
+        lambda _loop, ctx: log(f"service error: {ctx.get('message')}: {ctx.get('exception')!r}", "error")
+    )
     main_task = asyncio.current_task()
     sup = Supervisor(on_early_signal=lambda _s: main_task.cancel() if main_task else None)
     sup.install()

@@ -43,7 +43,11 @@ class FakeSidecar:
         return lambda name, qtype: None
 
     async def _handle(self, r, w):
-        head = await r.readuntil(b"\r\n\r\n")
+        try:
+            head = await r.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            w.close()
+            return
         line = head.split(b"\r\n", 1)[0].decode()
         self.requests.append(line)
         method, target, _ = line.split(" ", 2)

@@ -1,0 +1,228 @@
+"""Lifecycle and supervision of `firma run` (SPEC §4, §12), through the real CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import secrets
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import HERE, SYSTEM_PYTHON, Upstream, base_env, firma_cmd, require_tools, run_firma
+
+pytestmark = pytest.mark.confinement
+
+
+def wait_for(path: Path, proc: subprocess.Popen | None = None, limit: float = 60) -> None:
+    end = time.monotonic() + limit
+    while not path.exists():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"firma exited ({proc.returncode}) before {path.name} appeared: {proc.stderr.read() if proc.stderr else ''}")
+        if time.monotonic() > end:
+            raise AssertionError(f"{path} never appeared")
+        time.sleep(0.02)
+
+
+def processes_with(marker: str) -> list[int]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if marker in cmd and "pytest" not in cmd:
+            found.append(int(pid))
+    return found
+
+
+@pytest.fixture(autouse=True)
+def _tools():
+    require_tools()
+
+
+def test_exit_code_kept_and_stdout_stderr_separate(ws, tmp_path):
+    p = run_firma(["run", "--", "sh", "-c", "echo to-out; echo to-err >&2; exit 42"], cwd=ws, env=base_env(tmp_path))
+    assert p.returncode == 42
+    assert p.stdout == "to-out\n"
+    assert p.stderr == "to-err\n"  # and none of firma's own lines
+
+
+def test_death_by_signal_is_128_plus_n(ws, tmp_path):
+    p = run_firma(["run", "--", "sh", "-c", "kill -USR1 $$"], cwd=ws, env=base_env(tmp_path))
+    assert p.returncode == 128 + signal.SIGUSR1
+
+
+def test_reserved_sandbox_id_refuses_to_launch(ws, tmp_path):
+    env = base_env(tmp_path, FIRMA_RUN_SANDBOX_ID="sbx_inherited")
+    p = run_firma(["run", "--", "sh", "-c", f"touch {ws}/ran"], cwd=ws, env=env)
+    assert p.returncode == 1
+    assert p.stderr == "[ERR]  FIRMA_RUN_SANDBOX_ID is reserved for internal child propagation; unset it\n"
+    assert not (ws / "ran").exists()
+
+
+def test_nested_run_inside_a_sandbox_refuses(ws, tmp_path):
+    # the sandbox's own environment carries FIRMA_RUN_SANDBOX_ID: a nested run must refuse
+    p = run_firma(["run", "--", "sh", "-c", "echo $FIRMA_RUN_SANDBOX_ID"], cwd=ws, env=base_env(tmp_path))
+    assert re.fullmatch(r"sbx_[0-9a-f]{32}\n", p.stdout)
+
+
+def test_print_effective_config_does_not_launch(ws, tmp_path):
+    p = run_firma(["run", "--print-effective-config", "--allow-host", "example.com", "--",
+                   "sh", "-c", f"touch {ws}/ran"], cwd=ws, env=base_env(tmp_path))
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["backend"] == "bwrap" and doc["allow_hosts"] == ["example.com"]
+    assert not (ws / "ran").exists()
+    assert not (tmp_path / "state").exists()
+
+
+def test_unknown_profile_and_backend_errors(ws, tmp_path):
+    p = run_firma(["run", "--profile", "nope", "--", "true"], cwd=ws, env=base_env(tmp_path))
+    assert p.returncode == 1
+    assert p.stderr == "[ERR]  unknown profile 'nope'; supported profiles: generic, claude-code, codex\n"
+    p = run_firma(["run", "--backend", "lxc", "--", "true"], cwd=ws, env=base_env(tmp_path))
+    assert p.stderr == "[ERR]  unsupported backend 'lxc'; expected one of: bwrap, vz, runner\n"
+    p = run_firma(["run", "--backend", "vz", "--", "true"], cwd=ws, env=base_env(tmp_path))
+    assert p.stderr == "[ERR]  unsupported backend vz on this host: VZ backend is only available on macOS hosts\n"
+
+
+def test_tty_stays_a_tty(ws, tmp_path):
+    master, slave = pty.openpty()
+    p = subprocess.Popen(firma_cmd("run", "--", "sh", "-c", "test -t 0 && test -t 1 && test -t 2 && echo TTY-OK"),
+                         cwd=ws, env=base_env(tmp_path, TERM="xterm"), stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    out = b""
+    while True:
+        r, _, _ = select.select([master], [], [], 30)
+        if not r:
+            break
+        try:
+            chunk = os.read(master, 1024)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    assert p.wait(30) == 0
+    assert b"TTY-OK" in out, out
+
+
+def _start(ws, tmp_path, script, *extra):
+    return subprocess.Popen(firma_cmd("run", *extra, "--", "sh", "-c", script), cwd=ws,
+                            env=base_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigint_gives_130(ws, tmp_path):
+    p = _start(ws, tmp_path, f"touch {ws}/started; sleep 60")
+    wait_for(ws / "started", p)
+    p.send_signal(signal.SIGINT)
+    assert p.wait(30) == 130
+
+
+def test_sigterm_ends_agent_and_background_grandchildren(ws, tmp_path):
+    n = 5000 + secrets.randbelow(4000)
+    marker1, marker2 = f"sleep {n}.1", f"sleep {n}.2"
+    script = f"{marker1} & (setsid {marker2} &) ; touch {ws}/started; wait"
+    p = _start(ws, tmp_path, script)
+    wait_for(ws / "started", p)
+    time.sleep(0.2)
+    assert processes_with(marker1) and processes_with(marker2)  # positive control: they run
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(30) == 128 + signal.SIGTERM
+    assert processes_with(marker1) == [] and processes_with(marker2) == []
+
+
+def test_second_signal_escalates_to_kill(ws, tmp_path):
+    n = 5000 + secrets.randbelow(4000)
+    p = _start(ws, tmp_path, f"trap '' TERM INT; sleep {n}.3 & touch {ws}/started; while :; do wait; done")
+    wait_for(ws / "started", p)
+    p.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    assert p.poll() is None  # the agent ignores the first one
+    p.send_signal(signal.SIGTERM)
+    rc = p.wait(30)
+    assert rc == 128 + signal.SIGKILL
+    assert processes_with(f"sleep {n}.3") == []
+
+
+def test_firma_log_lines_stay_off_the_terminal_but_in_run_log(ws, tmp_path):
+    log = tmp_path / "firma.log"
+    p = run_firma(["--log-file", str(log), "run", "--", "true"], cwd=ws, env=base_env(tmp_path))
+    assert p.returncode == 0 and p.stderr == ""
+    text = log.read_text()
+    assert "backend network enforcement proof" in text and "enforced=true" in text
+
+
+def test_external_sidecar_unreachable_refuses(ws, tmp_path):
+    s = __import__("socket").socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    p = run_firma(["run", "--sidecar", f"tcp://127.0.0.1:{port}", "--sidecar-startup-timeout-secs", "2",
+                   "--", "sh", "-c", f"touch {ws}/ran"], cwd=ws, env=base_env(tmp_path))
+    assert p.returncode == 1
+    assert p.stderr.startswith("[ERR]  ") and p.stderr.count("\n") == 1
+    assert f"127.0.0.1:{port}" in p.stderr
+    assert not (ws / "ran").exists()
+
+
+def test_no_autostart_without_endpoint_refuses(ws, tmp_path):
+    p = run_firma(["run", "--no-autostart", "--", "sh", "-c", f"touch {ws}/ran"], cwd=ws, env=base_env(tmp_path))
+    assert p.returncode == 1 and "--no-autostart" in p.stderr
+    assert not (ws / "ran").exists()
+
+
+def _endpoint(out: Path, proc) -> str:
+    toml = Path(str(out) + ".toml")
+    end = time.monotonic() + 30
+    while time.monotonic() < end:
+        if out.exists():
+            return out.read_text().strip()
+        if toml.exists():
+            m = re.search(r'endpoint\s*=\s*"([^"]+)"', toml.read_text())
+            if m:
+                return m.group(1)
+        assert proc.poll() is None, "external sidecar died"
+        time.sleep(0.05)
+    raise AssertionError("external sidecar never reported its endpoint")
+
+
+def test_external_sidecar_killed_mid_run_stops_egress(ws, tmp_path):
+    up = Upstream()
+    allow = f"127.0.0.1:{up.port}"
+    out = tmp_path / "sidecar.endpoint"
+    env = base_env(tmp_path)
+    sc = subprocess.Popen([sys.executable, str(HERE / "linux_ext_sidecar.py"), str(out), allow], env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        endpoint = _endpoint(out, sc)
+        url = f"http://{allow}/"
+        script = (
+            f"curl -s -m 5 -o /dev/null -w '%{{http_code}}' {url}r1 > {ws}/r1.part; mv {ws}/r1.part {ws}/r1; "
+            f"while [ ! -e {ws}/go ]; do sleep 0.05; done; "
+            f"curl -s -m 5 -o /dev/null -w '%{{http_code}}' {url}r2 > {ws}/r2; exit 0"
+        )
+        p = _start(ws, tmp_path, script, "--sidecar", endpoint)
+        wait_for(ws / "r1", p)
+        assert (ws / "r1").read_text() == "200"
+        sc.kill()
+        sc.wait(10)
+        (ws / "go").touch()
+        assert p.wait(60) == 0, p.stderr.read()
+        assert (ws / "r2").read_text() != "200"
+        assert [h for h in up.hits if b"/r1" in h] and not [h for h in up.hits if b"/r2" in h]
+        doc = json.loads(next((tmp_path / "state" / "proofs").glob("sbx_*.json")).read_text())
+        assert doc["sidecar"] == {"endpoint": endpoint, "embedded": False}
+    finally:
+        sc.kill()
+        up.close()
