@@ -15,9 +15,7 @@ import shutil
 import socket
 import stat
 import subprocess
-import tomllib
-from dataclasses import asdict, dataclass, field
-from typing import Mapping
+from dataclasses import asdict, dataclass
 
 from .errors import FirmaError
 from .host import Host, is_truthy
@@ -25,8 +23,6 @@ from .preflight import bwrap_preflight
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 MIN_BWRAP = (0, 8, 0)  # --disable-userns first appeared in bubblewrap 0.8.0
-VZ_GUEST_VARS = ("FIRMA_RUN_VZ_GUEST_RUNNER", "FIRMA_RUN_VZ_GUEST_KERNEL",
-                 "FIRMA_RUN_VZ_GUEST_INITRD", "FIRMA_RUN_VZ_GUEST_ROOTFS")
 
 
 @dataclass(frozen=True)
@@ -51,9 +47,7 @@ class PathFacts:
 @dataclass(frozen=True)
 class Observations:
     config_path: str | None = None
-    config_source: str = "none"  # --config | FIRMA_CONFIG | discovered | none
     config_error: str | None = None
-    config: Mapping = field(default_factory=dict)
     state_root: str = ""
     state_root_facts: PathFacts = PathFacts(False)
     kernel_seccomp: bool = False  # "Seccomp:" present in /proc/self/status
@@ -198,7 +192,7 @@ def _config_check(obs: Observations) -> DoctorCheck:
                            f"fix {obs.config_path or 'the config file'} (see the detail)")
     if obs.config_path is None:
         return DoctorCheck("config", OK, "no firma.toml found; built-in defaults apply")
-    return DoctorCheck("config", OK, f"{obs.config_path} parsed ({obs.config_source})")
+    return DoctorCheck("config", OK, f"{obs.config_path} parsed")
 
 
 def _sidecar_check(obs: Observations) -> DoctorCheck:
@@ -244,53 +238,37 @@ def exit_code(checks: list[DoctorCheck]) -> int:
 # Gathering (read-only I/O)
 
 
-def state_root_for(host: Host) -> str:
-    """SPEC §12: $FIRMA_STATE_DIR → $XDG_RUNTIME_DIR/firma → /tmp/firma-$UID."""
-    env = host.environ
-    if env.get("FIRMA_STATE_DIR", "").strip():
-        return os.path.abspath(env["FIRMA_STATE_DIR"])
-    if env.get("XDG_RUNTIME_DIR", "").strip():
-        return os.path.join(env["XDG_RUNTIME_DIR"], "firma")
-    return f"/tmp/firma-{host.uid}"
+def _config(host: Host, cli_path: str | None, cwd: str):
+    """Find and parse firma.toml exactly as `firma run` does (core.config)."""
+    from .core import config as cfgmod
 
-
-def find_config(host: Host, cli_path: str | None, cwd: str) -> tuple[str | None, str]:
-    """SPEC §2: --config, then FIRMA_CONFIG, then the nearest .firma/firma.toml up from cwd."""
-    if cli_path:
-        return os.path.abspath(cli_path), "--config"
-    if host.environ.get("FIRMA_CONFIG", "").strip():
-        return os.path.abspath(host.environ["FIRMA_CONFIG"]), "FIRMA_CONFIG"
-    home = host.environ.get("HOME")
-    d = os.path.abspath(cwd)
-    while True:
-        cand = os.path.join(d, ".firma", "firma.toml")
-        if os.path.isfile(cand):
-            return cand, "discovered"
-        if d == "/" or (home and d == os.path.abspath(home)):
-            return None, "none"
-        d = os.path.dirname(d)
-
-
-def _load_config(path: str) -> tuple[Mapping, str | None]:
-    """Parse with the run's own loader when present (same verdict), else TOML syntax only."""
     try:
-        with open(path, "rb") as fh:
-            doc = tomllib.load(fh)
-    except OSError as exc:
-        return {}, f"{path} cannot be read: {exc.strerror}"
-    except tomllib.TOMLDecodeError as exc:
-        return {}, f"{path}: invalid TOML: {exc}"
+        path = cfgmod.discover(cli_path, host.environ.get("FIRMA_CONFIG"), cwd,
+                               host.environ.get("HOME"), os.path.isfile)
+    except FirmaError as exc:
+        return None, None, str(exc)
+    if path is None:
+        return None, None, None
     try:
-        from .core import config as run_config  # issue 3's loader
-    except ImportError:
-        return doc, None
-    loader = getattr(run_config, "load_config_file", None) or getattr(run_config, "load_file", None)
-    if loader is not None:
-        try:
-            loader(path)
-        except FirmaError as exc:
-            return doc, str(exc)
-    return doc, None
+        with open(path, encoding="utf-8") as fh:
+            text = fh.read()
+    except (OSError, UnicodeDecodeError) as exc:
+        return path, None, f"{path} cannot be read: {exc}"
+    try:
+        return path, cfgmod.parse(text, path), None
+    except FirmaError as exc:
+        return path, None, str(exc)
+
+
+def _seccomp_refs(cfg) -> list:
+    """Every seccomp policy the config can select (run, defaults, each profile); None = built-in."""
+    refs: list = []
+    if cfg is not None:
+        for layer in (cfg.run, cfg.defaults, *cfg.profiles.values()):
+            ref = layer.get("seccomp_policy")
+            if ref is not None and ref not in refs:
+                refs.append(ref)
+    return refs or [None]
 
 
 def _facts(path: str) -> PathFacts:
@@ -308,19 +286,6 @@ def _kernel_seccomp() -> bool:
             return any(line.startswith("Seccomp:") for line in fh)
     except OSError:
         return False
-
-
-def _seccomp_policy_ref(config: Mapping, config_path: str | None):
-    from .core.model import SeccompPolicyRef
-
-    sp = (config.get("run") or {}).get("seccomp_policy") if isinstance(config, Mapping) else None
-    if not isinstance(sp, Mapping) or not sp.get("source_policy_path"):
-        return None
-    base = os.path.dirname(config_path or ".")
-    src = os.path.join(base, str(sp["source_policy_path"]))
-    adir = str(sp.get("artifact_dir") or "")
-    return SeccompPolicyRef(os.path.normpath(src), os.path.normpath(os.path.join(base, adir))
-                            if adir else "")
 
 
 def _seccomp(host: Host, ref, state_root: str) -> tuple[str | None, str, bytes | None]:
@@ -386,21 +351,25 @@ def parse_endpoint(ep: str) -> tuple[str, object]:
 
 
 def probe_sidecar(ep: str, timeout: float = 3.0) -> str | None:
-    """None when the endpoint answers, else why not."""
+    """None when the endpoint answers, else why not. Uses the sidecar's own readiness probe
+    (what `firma run` waits on) when the services are installed, else a plain connect."""
+    from .core.planner import validate_endpoint
+
     try:
-        from .services.sidecar import probe_endpoint  # issue 2's readiness probe
+        validate_endpoint(ep)
+        kind, addr = parse_endpoint(ep)
+    except (FirmaError, ValueError) as exc:
+        return str(exc)
+    try:
+        from .services.sidecar import probe_endpoint
     except ImportError:
         probe_endpoint = None
     if probe_endpoint is not None:
         try:
             asyncio.run(probe_endpoint(ep, timeout))
-            return None
-        except FirmaError as exc:
-            return str(exc)
-    try:
-        kind, addr = parse_endpoint(ep)
-    except ValueError as exc:
-        return str(exc)
+        except Exception as exc:  # noqa: BLE001 - any failure to answer is the verdict
+            return str(exc) or type(exc).__name__
+        return None
     try:
         if kind == "unix":
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -416,41 +385,40 @@ def probe_sidecar(ep: str, timeout: float = 3.0) -> str | None:
 
 
 def _vz_error(host: Host) -> str | None:
+    """The guest-input verdict from the vz backend's own validator (same texts as firma run)."""
+    from .core.vzinputs import validate_guest_inputs
+
     try:
-        from .core import vzinputs  # issue 5's validator (same texts as firma run)
-    except ImportError:
-        vzinputs = None
-    check = getattr(vzinputs, "validate_guest_inputs", None) if vzinputs else None
-    if check is not None:
-        try:
-            check(host.environ)
-        except FirmaError as exc:
-            return str(exc)
-        except TypeError:
-            pass
-        else:
-            return None
-    for name in VZ_GUEST_VARS:  # minimal re-check when the validator is not available
-        value = host.environ.get(name)
-        if value is None:
-            return f"VZ guest mode requires {name}"
-        if not os.path.isabs(value):
-            return f"{name} must be an absolute path: {value}"
-        if not os.path.isfile(value):
-            return f"{name} does not exist: {value}"
+        validate_guest_inputs(host.environ)
+    except FirmaError as exc:
+        return str(exc)
     return None
 
 
 def gather(host: Host, *, config_path: str | None = None, cwd: str | None = None,
            smoke: bool = True) -> Observations:
+    from .core.planner import state_root as run_state_root
+
     cwd = cwd or os.getcwd()
-    path, source = find_config(host, config_path, cwd)
-    config, cerr = _load_config(path) if path else ({}, None)
-    state_root = state_root_for(host)
+    path, cfg, cerr = _config(host, config_path, cwd)
+    try:
+        state_root = run_state_root(host.environ, host.uid)
+        state_facts = _facts(state_root)
+    except FirmaError as exc:
+        state_root, state_facts = "", PathFacts(False)
+        cerr = cerr or str(exc)
     kernel_seccomp = _kernel_seccomp() if host.is_linux else False
-    serr, sdetail, bpf = (None, "", None)
+    serr, sdetail, bpf = None, "", None
     if host.is_linux:
-        serr, sdetail, bpf = _seccomp(host, _seccomp_policy_ref(config, path), state_root)
+        details = []
+        for ref in _seccomp_refs(cfg):
+            err, detail, prog = _seccomp(host, ref, state_root or "/nonexistent")
+            bpf = bpf if bpf is not None else prog
+            if err:
+                serr = serr or err
+            else:
+                details.append(detail)
+        sdetail = "; ".join(details)
     smoke_result = None
     if host.is_linux and smoke:
         try:
@@ -466,15 +434,13 @@ def gather(host: Host, *, config_path: str | None = None, cwd: str | None = None
     except OSError:
         pass
     endpoint = host.environ.get("FIRMA_SIDECAR_ENDPOINT", "").strip() or None
-    run_table = config.get("run") if isinstance(config, Mapping) else None
-    if endpoint is None and isinstance(run_table, Mapping):
-        endpoint = run_table.get("sidecar_endpoint") or None
-    serr_sidecar = probe_sidecar(endpoint) if endpoint and endpoint != "local" else None
+    if endpoint is None and cfg is not None:
+        endpoint = cfg.run.get("sidecar_endpoint") or cfg.defaults.get("sidecar_endpoint")
+    sidecar_error = probe_sidecar(endpoint) if endpoint and endpoint != "local" else None
     return Observations(
-        config_path=path, config_source=source, config_error=cerr, config=config,
-        state_root=state_root, state_root_facts=_facts(state_root),
+        config_path=path, config_error=cerr, state_root=state_root, state_root_facts=state_facts,
         kernel_seccomp=kernel_seccomp, seccomp_error=serr, seccomp_detail=sdetail,
         smoke=smoke_result, apparmor_restrict_userns=apparmor,
-        sidecar_endpoint=endpoint, sidecar_error=serr_sidecar,
+        sidecar_endpoint=endpoint, sidecar_error=sidecar_error,
         vz_error=_vz_error(host) if host.is_macos else None,
     )

@@ -103,6 +103,10 @@ def test_bad_config_and_bad_seccomp_policy(tmp_path):
     proc = doctor(tmp_path, {"FIRMA_CONFIG": str(cfg)})
     _, checks = checks_of(proc)
     assert proc.returncode == 1 and checks["config"]["status"] == "FAIL"
+    # Same loader as firma run: an unknown key is named.
+    cfg.write_text("[run]\nbogus_key = 1\n")
+    _, checks = checks_of(doctor(tmp_path, {"FIRMA_CONFIG": str(cfg)}))
+    assert checks["config"]["status"] == "FAIL" and "bogus_key" in checks["config"]["detail"]
 
     pol = tmp_path / "seccomp.toml"
     pol.write_text('policy_id = "p"\npolicy_version = "1"\ndefault_action = "allow"\n'
