@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 from .doctor import evaluate, exit_code, gather, report_json, report_text
 from .host import detect_host
 
@@ -15,5 +18,8 @@ def add_parser(sub):
 def run(args) -> int:
     host = detect_host()
     checks = evaluate(host, gather(host, config_path=getattr(args, "config", None)))
-    print(report_json(checks) if args.json else report_text(checks), flush=True)
+    try:
+        print(report_json(checks) if args.json else report_text(checks), flush=True)
+    except BrokenPipeError:  # `firma doctor | head`: the verdict is still the exit status
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return exit_code(checks)

@@ -122,8 +122,8 @@ def _linux_checks(host: Host, obs: Observations) -> list[DoctorCheck]:
                                _fix_from_message(str(exc))))
     else:
         if obs.smoke is None:
-            out.append(DoctorCheck("bwrap_backend", WARN, "preflight passed; sandbox smoke test "
-                                   "not run", "run firma doctor without --no-smoke"))
+            out.append(DoctorCheck("bwrap_backend", WARN, "preflight passed; the test sandbox "
+                                   "was skipped", "run firma doctor to start a test sandbox"))
         elif obs.smoke[0]:
             out.append(DoctorCheck("bwrap_backend", OK, f"preflight passed; {obs.smoke[1]}"))
         else:
