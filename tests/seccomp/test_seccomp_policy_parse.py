@@ -96,3 +96,37 @@ def test_hardening_covers_the_spec_list():
     # Only clone3 differs: ENOSYS so libc falls back to the inspectable clone().
     assert {r.errno for r in HARDENING if r.syscall != "clone3"} == {errno.EPERM}
     assert [r.errno for r in HARDENING if r.syscall == "clone3"] == [errno.ENOSYS]
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_values = st.one_of(st.text(max_size=12), st.integers(), st.booleans(),
+                    st.lists(st.sampled_from([*ACTIONS, "x.y", ""]), max_size=4))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from(["policy_id", "policy_version", "default_action",
+                                        "deny_actions", "extra"]), _values))
+def test_any_document_parses_or_is_refused_in_one_line(doc):
+    import tomllib
+
+    def toml_value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int):
+            return str(v)
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+
+    text = "".join(f"{k} = {toml_value(v)}\n" for k, v in doc.items())
+    try:
+        tomllib.loads(text)
+    except tomllib.TOMLDecodeError:
+        return  # control characters etc.: not a document this test is about
+    try:
+        pol = parse_policy(text.encode(), "/p.toml")
+    except SeccompError as exc:
+        assert "\n" not in str(exc) and "/p.toml" in str(exc)
+        return
+    assert set(pol.deny_actions) <= set(ACTIONS) and "extra" not in doc

@@ -6,6 +6,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -56,11 +57,16 @@ def test_run_blocks_every_hardening_entry_and_records_sha(ws, run_probe):
     outside = run_probe(HARDENING_TESTS, sandbox=False)
     assert outside.results == {t: "0" for t in HARDENING_TESTS}  # positive control
     proof = ws.parent / "proof.json"
-    out = firma_run(ws, ["./probe", str(ws / "ev"), *HARDENING_TESTS, "setuid"], proof=proof)
+    foreign = ["int80", "x32"] if os.uname().machine == "x86_64" else []
+    out = firma_run(ws, ["./probe", str(ws / "ev"), *HARDENING_TESTS, "unshare_cli", *foreign],
+                    proof=proof)
     assert out.returncode == 0, out.stderr
     results, started, done = read_evidence(ws / "ev")
     assert started and done
     assert {t: results[t] for t in HARDENING_TESTS} == {t: EPERM for t in HARDENING_TESTS}
+    assert results["unshare_cli"] not in ("0", "127")
+    for t in foreign:  # other ABIs: the process is killed, not answered
+        assert results[t] == f"signal:{int(signal.SIGSYS)}"
     sha = json.loads((artifact_dir(ws) / "policy.metadata.json").read_text())["bpf_sha256"]
     assert sha in proof.read_text()
 
