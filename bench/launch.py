@@ -1,0 +1,109 @@
+"""Launch benchmark: median wall time of `firma run -- true` next to a bare `bwrap … true` with the
+same namespaces and, when available, Anthropic's sandbox runtime `srt -c true`, in one run, with
+ratios; plus the launcher's peak RSS. Goal: firma ≤ 120 ms median and ≤ 0.25 × srt.
+
+srt is looked up on PATH, then in $FIRMA_BENCH_SRT_DIR (default /tmp/firma-bench-srt); with
+--install-srt it is installed there with `npm install @anthropic-ai/sandbox-runtime`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+GOAL_MS = 120.0
+GOAL_RATIO_SRT = 0.25
+
+
+def measure(argv: list[str], cwd: str, env: dict[str, str], n: int) -> tuple[list[float], int]:
+    """Wall times (ms) of n runs and the peak RSS (KiB) of the process tree seen by wait4."""
+    times, peak = [], 0
+    for _ in range(n):
+        t0 = time.perf_counter()
+        p = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        _, status, ru = os.wait4(p.pid, 0)
+        dt = (time.perf_counter() - t0) * 1000
+        p.returncode = os.waitstatus_to_exitcode(status)
+        if p.returncode != 0:
+            raise SystemExit(f"{argv[:3]}… failed with {p.returncode}: {p.stderr.read().decode()[-500:]}")
+        times.append(dt)
+        peak = max(peak, ru.ru_maxrss)
+    return times, peak
+
+
+def find_srt(install: bool) -> str | None:
+    found = shutil.which("srt")
+    if found:
+        return found
+    d = os.environ.get("FIRMA_BENCH_SRT_DIR", "/tmp/firma-bench-srt")
+    cand = os.path.join(d, "node_modules", ".bin", "srt")
+    if not os.path.exists(cand) and install and shutil.which("npm"):
+        os.makedirs(d, exist_ok=True)
+        subprocess.run(["npm", "install", "--silent", "--no-audit", "--no-fund", "@anthropic-ai/sandbox-runtime"],
+                       cwd=d, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return cand if os.path.exists(cand) else None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("-n", type=int, default=21)
+    ap.add_argument("--install-srt", action="store_true")
+    ap.add_argument("--firma", default=None, help="firma command (default: this python -m firma)")
+    args = ap.parse_args()
+
+    ws = tempfile.mkdtemp(prefix="firma-bench-ws-")
+    state = tempfile.mkdtemp(prefix="firma-bench-state-")
+    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": os.environ.get("HOME", "/root"),
+           "LANG": "C.UTF-8", "FIRMA_STATE_DIR": state}
+    firma = args.firma.split() if args.firma else [sys.executable, "-m", "firma"]
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        print("bwrap is not installed")
+        return 1
+    uid = ["--uid", "1000", "--gid", "1000"] if os.getuid() == 0 else []
+    bare = [bwrap, "--unshare-user", *uid, "--disable-userns", "--unshare-net", "--unshare-pid", "--unshare-ipc",
+            "--unshare-uts", "--die-with-parent", "--new-session", "--ro-bind", "/", "/", "--proc", "/proc",
+            "--dev", "/dev", "--tmpfs", "/tmp", "--", "true"]
+    rows = []
+    cases = [("bare bwrap … true (same namespaces)", bare), ("firma run -- true", firma + ["run", "--", "true"])]
+    srt = find_srt(args.install_srt)
+    if srt:
+        cases.append(("srt -c true (@anthropic-ai/sandbox-runtime)", [srt, "-c", "true"]))
+    # warm-up (page cache, seccomp artifact compiled once)
+    for _, argv in cases:
+        measure(argv, ws, env, 2)
+    results = {}
+    for name, argv in cases:
+        times, peak = measure(argv, ws, env, args.n)
+        results[name] = (statistics.median(times), min(times), max(times), peak)
+    base = results[cases[0][0]][0]
+    srt_med = results[cases[2][0]][0] if srt else None
+    print(f"launch benchmark: n={args.n} per row, uid={os.getuid()}, {os.cpu_count()} CPUs")
+    hdr = f"{'command':<48} {'median ms':>10} {'min':>7} {'max':>7} {'× bare':>7} {'× srt':>7} {'peak RSS MiB':>13}"
+    print(hdr)
+    print("-" * len(hdr))
+    for name, _ in cases:
+        med, lo, hi, peak = results[name]
+        r_srt = f"{med / srt_med:7.2f}" if srt_med else "    n/a"
+        print(f"{name:<48} {med:10.1f} {lo:7.1f} {hi:7.1f} {med / base:7.2f} {r_srt} {peak / 1024:13.1f}")
+    fmed = results["firma run -- true"][0]
+    print()
+    print(f"goal: firma median ≤ {GOAL_MS:.0f} ms: {'MET' if fmed <= GOAL_MS else 'NOT MET'} ({fmed:.1f} ms)")
+    if srt_med:
+        ratio = fmed / srt_med
+        print(f"goal: firma ≤ {GOAL_RATIO_SRT} × srt: {'MET' if ratio <= GOAL_RATIO_SRT else 'NOT MET'} ({ratio:.2f} ×)")
+    else:
+        print("srt not found (run with --install-srt to fetch it with npm); ratio vs srt not measured")
+    print("peak RSS is the launcher process tree as reported by wait4 (ru_maxrss)")
+    shutil.rmtree(ws, ignore_errors=True)
+    shutil.rmtree(state, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
