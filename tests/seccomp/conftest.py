@@ -16,7 +16,7 @@ PROBE_SRC = Path(__file__).with_name("probe.c")
 # Every hardening entry the probe exercises.
 HARDENING_TESTS = (
     "tiocsti", "tiocsti_hibits", "io_uring", "ptrace", "process_vm_writev", "unshare_net",
-    "clone_newnet", "setns", "mount", "af_packet", "af_packet_hibits",
+    "clone_newnet", "setns", "mount", "af_packet", "af_packet_hibits", "userfaultfd", "add_key",
 )
 
 

@@ -158,6 +158,16 @@ static int t_unshare_cli(void) {
     return WIFEXITED(st) ? WEXITSTATUS(st) : 255;
 }
 
+static int t_userfaultfd(void) {
+    long fd = syscall(SYS_userfaultfd, 1 /* UFFD_USER_MODE_ONLY: allowed unprivileged */);
+    return fd >= 0 ? 0 : fail();
+}
+
+static int t_add_key(void) {
+    long id = syscall(SYS_add_key, "user", "firma-probe", "x", 1, -2 /* process keyring */);
+    return id >= 0 ? 0 : fail();
+}
+
 static int run(const char *t) {
     if (!strcmp(t, "tiocsti")) return t_tiocsti(TIOCSTI);
     if (!strcmp(t, "tiocsti_hibits")) return t_tiocsti(TIOCSTI | (1UL << 32));
@@ -176,6 +186,8 @@ static int run(const char *t) {
     if (!strcmp(t, "unlink")) return t_unlink();
     if (!strcmp(t, "int80")) return t_int80();
     if (!strcmp(t, "x32")) return t_x32();
+    if (!strcmp(t, "userfaultfd")) return t_userfaultfd();
+    if (!strcmp(t, "add_key")) return t_add_key();
     if (!strcmp(t, "unshare_cli")) return t_unshare_cli();
     return 254;
 }

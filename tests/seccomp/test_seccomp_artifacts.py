@@ -13,12 +13,12 @@ from conftest import write_policy
 from firma.core.model import SeccompPolicyRef
 from firma.errors import SeccompError
 from firma.seccomp import compile_bpf, open_verified, prepare_filter
-from firma.core.seccomp_policy import default_policy
+from firma.core.seccomp_policy import DEFAULT_POLICY_VERSION, default_policy
 
 
 def test_layout_and_metadata(state_root, machine):
     art = prepare_filter(None, state_root, machine)
-    d = os.path.join(state_root, "seccomp-artifacts", "firma-default", "1", art.arch)
+    d = os.path.join(state_root, "seccomp-artifacts", "firma-default", DEFAULT_POLICY_VERSION, art.arch)
     assert art.path == os.path.join(d, "policy.bpf")
     assert art.metadata_path == os.path.join(d, "policy.metadata.json")
     data = open(art.path, "rb").read()

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import HARDENING_TESTS, read_evidence, write_policy
 
+from firma.core.seccomp_policy import DEFAULT_POLICY_VERSION
+
 pytestmark = pytest.mark.confinement
 EPERM = str(errno.EPERM)
 # The real CLI; it uses the Linux tests' minimal service stand-in until firma.services lands
@@ -48,7 +50,7 @@ def firma_run(ws: Path, cmd, config: Path | None = None, proof: Path | None = No
 
 
 def artifact_dir(ws: Path) -> Path:
-    base = ws.parent / "state" / "seccomp-artifacts" / "firma-default" / "1"
+    base = ws.parent / "state" / "seccomp-artifacts" / "firma-default" / DEFAULT_POLICY_VERSION
     (arch,) = os.listdir(base)
     return base / arch
 

@@ -19,7 +19,7 @@ from ..errors import SeccompError
 DEFAULT_POLICY_ID = "firma-default"
 # Bump whenever HARDENING (or how rules compile) changes: it names the artifact directory, so an
 # old artifact is never mistaken for the current one.
-DEFAULT_POLICY_VERSION = "1"
+DEFAULT_POLICY_VERSION = "2"
 
 ACTIONS: dict[str, tuple[str, ...]] = {
     "credential.write": (
@@ -106,6 +106,10 @@ HARDENING: tuple[Rule, ...] = (
     # clone3 passes its flags in memory, out of BPF's reach: ENOSYS makes libc fall back to clone.
     Rule("clone3", errno=errno.ENOSYS, why="clone3 flags cannot be inspected"),
     _u32_eq("socket", 0, AF_PACKET, "raw link-layer sockets"),
+    # Beyond the SPEC list, the usual container-runtime denials of unnamespaced kernel surfaces
+    # that exploits lean on and agents do not need.
+    *_eperm(("keyctl", "add_key", "request_key"), "kernel keyrings are not namespaced"),
+    *_eperm(("bpf", "perf_event_open", "userfaultfd"), "kernel attack surface"),
 )
 
 
