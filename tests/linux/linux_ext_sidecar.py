@@ -1,4 +1,4 @@
-"""An external sidecar for the tests: the real `firma sidecar` when firma.services exists,
+"""An external sidecar for the tests: the real firma.services.sidecar.Sidecar when it exists,
 else the minimal stand-in. Writes its endpoint to argv[1], then serves until killed."""
 
 import asyncio
@@ -19,6 +19,19 @@ async def fake(out: str, allow: list[str]) -> None:
     await asyncio.Event().wait()
 
 
+async def real(out: str, allow: list[str]) -> None:
+    from firma.services.sidecar import Sidecar, SidecarConfig
+
+    d = os.path.dirname(out)
+    sc = Sidecar(SidecarConfig(allow_hosts=tuple(allow), policy_path=None,
+                               audit_path=os.path.join(d, "ext-audit.jsonl"), key_path=os.path.join(d, "ext-audit.key")))
+    endpoint = await sc.start("tcp://127.0.0.1:0")
+    with open(out + ".tmp", "w") as f:
+        f.write(endpoint)
+    os.rename(out + ".tmp", out)
+    await asyncio.Event().wait()
+
+
 def main() -> None:
     out, allow = sys.argv[1], sys.argv[2:]
     try:
@@ -26,12 +39,7 @@ def main() -> None:
     except ImportError:
         asyncio.run(fake(out, allow))
         return
-    from firma.cli import main as firma_main
-
-    args = ["sidecar", "--listen", "tcp://127.0.0.1:0", "--startup-report", out + ".toml"]
-    for a in allow:
-        args += ["--allow-host", a]
-    sys.exit(firma_main(args))
+    asyncio.run(real(out, allow))
 
 
 if __name__ == "__main__":

@@ -72,6 +72,13 @@ def main():
         out["denied"] = sh(["curl", "-sS", "-m", "5", "-D", "-", cfg["denied_url"]])
         out["unset_proxy"] = sh(["env", "-u", "HTTP_PROXY", "-u", "http_proxy", "-u", "ALL_PROXY", "-u", "all_proxy",
                                  "curl", "-sS", "-m", "3", "-o", "/dev/null", "-w", "%{http_code}", cfg["allowed_url"]])
+    out["write_etc"] = attempt(lambda: open(cfg["etc_write"], "w").write("x"))
+    if out["inside"]:
+        out["write_resolv"] = attempt(lambda: open("/etc/resolv.conf", "a").write("nameserver 10.0.0.1\n"))
+    out["unshare_net"] = sh(["unshare", "-n", "true"])
+    out["unshare_user_net"] = sh(["unshare", "-Urn", "true"])
+    out["ping"] = sh(["ping", "-c", "1", "-W", "1", "127.0.0.1"])
+    out["state_dir_visible"] = os.path.exists(cfg["state_dir"]) and bool(os.listdir(cfg["state_dir"])) if cfg.get("state_dir") else None
     status = {}
     for line in open("/proc/self/status"):
         k, _, v = line.partition(":")

@@ -39,6 +39,8 @@ def world(tmp_path_factory):
     tag = secrets.token_hex(4)
     xdg = Path(f"/var/lib/firma-test-xdg-{tag}")
     xdg.mkdir(mode=0o700)
+    (xdg / "firma").mkdir(mode=0o700)
+    (xdg / "firma" / "marker").write_text("state root content\n")
     tcp = StreamRecorder(socket.AF_INET, ("127.0.0.1", 0))
     tcp6 = StreamRecorder(socket.AF_INET6, ("::1", 0))
     udp = UdpRecorder()
@@ -66,6 +68,8 @@ def world(tmp_path_factory):
         "leak_var": "FIRMA_TEST_HOST_SECRET",
         "results": str(ws / "outside.json"),
         "allowed_url": None,
+        "state_dir": str(xdg / "firma"),
+        "etc_write": f"/etc/firma-probe-{tag}",
     }
     recorders = {"tcp": tcp, "tcp6": tcp6, "udp": udp, "upstream": upstream, "abstract": abstract}
     recorders.update({p: r for p, r in zip(unix_paths, unix)})
@@ -77,6 +81,8 @@ def world(tmp_path_factory):
     subprocess.run([SYSTEM_PYTHON, str(PROBE), str(ws / "outside.cfg")], env=env, timeout=120, check=True, cwd=ws)
     outside = json.loads((ws / "outside.json").read_text())
     control_hits = {k: list(r.hits) for k, r in recorders.items()}
+    if os.path.exists(cfg["etc_write"]):
+        os.unlink(cfg["etc_write"])
     for r in recorders.values():
         r.reset()
 
@@ -125,6 +131,8 @@ def test_positive_controls_reached_every_listener(world):
     assert world["outside"]["host_pid_visible"] is True
     assert world["outside"]["secret_read"]["ok"]
     assert world["outside"]["leak_var"] == "leaked-value"
+    assert world["outside"]["unshare_net"]["rc"] == 0 and world["outside"]["ping"]["rc"] == 0
+    assert world["outside"]["state_dir_visible"] is True
 
 
 def test_raw_tcp_udp_bash_curl_envi_cannot_reach_host_loopback(world):
@@ -240,3 +248,18 @@ def test_proof_document_records_measured_checks(world):
     assert [i["name"] for i in doc["invariants"]][0] == "sidecar_only_egress"
     # the per-run directory is gone
     assert not (world["xdg"] / "firma" / "run" / doc["sandbox_id"]).exists()
+
+
+def test_no_writes_outside_the_workspace_and_resolv_conf_is_ours(world):
+    inside = world["inside"]
+    assert world["outside"]["write_etc"]["ok"]  # positive control (removed again by the fixture)
+    assert not inside["write_etc"]["ok"] and not os.path.exists(world["cfg"]["etc_write"])
+    assert not inside["write_resolv"]["ok"]
+
+
+def test_no_new_namespaces_no_ping_no_state_dir(world):
+    inside = world["inside"]
+    assert inside["unshare_net"]["rc"] != 0
+    assert inside["unshare_user_net"]["rc"] != 0
+    assert inside["ping"]["rc"] != 0
+    assert inside["state_dir_visible"] is False  # firma's state root (audit key, proofs) is masked

@@ -226,3 +226,52 @@ def test_external_sidecar_killed_mid_run_stops_egress(ws, tmp_path):
     finally:
         sc.kill()
         up.close()
+
+
+def test_killing_the_launcher_leaves_no_sandbox_process(ws, tmp_path):
+    n = 5000 + secrets.randbelow(4000)
+    p = _start(ws, tmp_path, f"sleep {n}.4 & touch {ws}/started; wait")
+    wait_for(ws / "started", p)
+    assert processes_with(f"sleep {n}.4")
+    p.kill()  # SIGKILL: no teardown code runs; --die-with-parent and the PID namespace must do it
+    p.wait(10)
+    end = time.monotonic() + 10
+    while processes_with(f"sleep {n}.4") and time.monotonic() < end:
+        time.sleep(0.05)
+    assert processes_with(f"sleep {n}.4") == []
+
+
+def test_agent_with_capabilities_is_refused_and_killed(ws, tmp_path, monkeypatch):
+    """If the outside read of /proc/<agent>/status shows a capability, the launch is refused and
+    the sandbox killed (the reading is faked to simulate a bwrap that failed to drop them)."""
+    import asyncio
+    import io
+
+    import firma.backends.bwrap as bw
+    from firma.core import config as cfgmod
+    from firma.core.planner import RunArgs, build_plan
+    from firma.errors import LaunchError
+    from firma.host import detect_host
+    from firma.lifecycle import execute
+    from linux_fakekit import fake_kit
+
+    real = bw._status
+
+    def with_caps(pid):
+        st = real(pid)
+        st["CapEff"] = "0000000000200000"
+        return st
+
+    monkeypatch.setattr(bw, "_status", with_caps)
+    n = 5000 + secrets.randbelow(4000)
+    host = detect_host(base_env(tmp_path))
+    plan = build_plan(RunArgs(command=("sh", "-c", f"sleep {n}.5")), cfgmod.EMPTY, host, cwd=str(ws),
+                      unix_ms=int(time.time() * 1000), rand=os.urandom(20))
+    with pytest.raises(LaunchError, match="holds privileges"):
+        asyncio.run(execute(plan, host, kit=fake_kit(), terminal=io.StringIO()))
+    assert processes_with(f"sleep {n}.5") == []
+    doc = json.loads((tmp_path / "state" / "proofs" / f"{plan.identity.sandbox_id}.json").read_text())
+    checks = {c["name"]: c for c in doc["checks"]}
+    assert checks["agent_no_capabilities"]["ok"] is False and doc["exit_status"] is None
+    # a failed run keeps its run.log next to the proof
+    assert (tmp_path / "state" / "proofs" / f"{plan.identity.sandbox_id}.run.log").exists()

@@ -101,7 +101,7 @@ def test_unprivileged_user_run(install):
             "tcp_port": tcp.addr[1], "udp_port": udp.port, "direct_url": f"http://127.0.0.1:{up.port}/direct",
             "unix_paths": [], "abstract_name": "firma-test-none", "dns_name": "localhost", "host_pid": os.getpid(),
             "secret_file": "/etc/shadow", "leak_var": "PYTHONPATH", "results": str(ws / "outside.json"),
-            "allowed_url": None,
+            "allowed_url": None, "etc_write": "/etc/firma-probe-unpriv",
         }
         (ws / "outside.cfg").write_text(json.dumps(cfg))
         # /tmp is a fresh tmpfs inside the sandbox: the probe must live in the workspace.
