@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import stat
+import subprocess
 from dataclasses import dataclass, field
 
 from ..core import bwrap_plan
@@ -129,7 +130,8 @@ def _send(pidfd: int | None, sig: int) -> None:
 class BwrapChild:
     """A running sandbox. Signals go through pidfds so a recycled pid is never hit."""
 
-    proc: asyncio.subprocess.Process
+    proc: subprocess.Popen
+    proc_pidfd: int  # bwrap itself: readable when it exits (no child-watcher thread needed)
     init_pid: int  # bwrap's PID-namespace init: SIGKILL to it ends every process inside
     init_pidfd: int | None
     agent_pid: int | None = None
@@ -142,13 +144,21 @@ class BwrapChild:
         return self.proc.pid
 
     async def wait(self) -> int:
-        rc = await self.proc.wait()
+        if self.proc.returncode is None:
+            loop = asyncio.get_running_loop()
+            done: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(self.proc_pidfd, lambda: done.done() or done.set_result(None))
+            try:
+                await done
+            finally:
+                loop.remove_reader(self.proc_pidfd)
+        rc = self.proc.wait()
         return rc if rc >= 0 else 128 - rc
 
     def forward_signal(self, signum: int) -> None:
         # The agent runs in its own session (--new-session), so its process group (its pid)
         # holds it and its background children; bwrap's init is not signalled.
-        if self.proc.returncode is not None or self.agent_pgid is None:
+        if self.proc.poll() is not None or self.agent_pgid is None:
             return
         try:
             os.killpg(self.agent_pgid, signum)
@@ -157,17 +167,14 @@ class BwrapChild:
 
     def kill_tree(self) -> None:
         _send(self.init_pidfd, signal.SIGKILL)
-        if self.proc.returncode is None:
-            try:
-                self.proc.kill()
-            except ProcessLookupError:
-                pass
+        if self.proc.poll() is None:
+            _send(self.proc_pidfd, signal.SIGKILL)
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        for fd in (self.init_pidfd, self.agent_pidfd):
+        for fd in (self.init_pidfd, self.agent_pidfd, self.proc_pidfd):
             if fd is not None:
                 os.close(fd)
 
@@ -254,10 +261,10 @@ class BwrapBackend:
                 fh.write(f.content)
         passed = [info_w, block_r] + ([seccomp_fd] if seccomp_fd is not None else [])
         try:
-            # Own process group: a terminal's ^C reaches firma only, which forwards it.
-            proc = await asyncio.create_subprocess_exec(
-                *plan.argv, pass_fds=passed, start_new_session=True
-            )
+            # Own process group: a terminal's ^C reaches firma only, which forwards it. Plain
+            # Popen + pidfd: asyncio's child watcher would start a thread before the planting fork.
+            proc = subprocess.Popen(plan.argv, pass_fds=passed, start_new_session=True)
+            proc_pidfd = os.pidfd_open(proc.pid)
         except OSError as exc:
             for fd in passed + [info_r, block_w]:
                 os.close(fd)
@@ -271,7 +278,7 @@ class BwrapBackend:
             except asyncio.TimeoutError:
                 raise LaunchError("bwrap did not report its sandbox in time") from None
             init_pid = int(info["child-pid"])
-            child = BwrapChild(proc=proc, init_pid=init_pid, init_pidfd=_pidfd(init_pid))
+            child = BwrapChild(proc=proc, proc_pidfd=proc_pidfd, init_pid=init_pid, init_pidfd=_pidfd(init_pid))
             hooks.log(f"sandbox init pid {init_pid}")
 
             ifaces = netns_interfaces(init_pid)
@@ -302,10 +309,13 @@ class BwrapBackend:
         except BaseException:
             if child is not None:
                 child.kill_tree()
+            else:
+                _send(proc_pidfd, signal.SIGKILL)
+            proc.wait()
+            if child is not None:
                 child.close()
             else:
-                proc.kill()
-            await proc.wait()
+                os.close(proc_pidfd)
             raise
         finally:
             os.close(info_r)
@@ -333,7 +343,7 @@ class BwrapBackend:
                     break
                 except OSError:
                     pass
-            if child.proc.returncode is not None or not os.path.exists(f"/proc/{child.init_pid}"):
+            if child.proc.poll() is not None or not os.path.exists(f"/proc/{child.init_pid}"):
                 break
             await asyncio.sleep(0.001)
         if status is None:
