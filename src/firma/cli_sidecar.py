@@ -1,13 +1,95 @@
-"""`firma sidecar` (placeholder until implemented)."""
+"""`firma sidecar`: the standalone policy sidecar. Prints its endpoint, writes the startup report
+only once policy, audit key and listener are all up, serves until SIGTERM/SIGINT, flushes audit."""
 
 from __future__ import annotations
 
-from .errors import FirmaError
+import asyncio
+import os
+import signal
+import sys
+import tempfile
+
+from .errors import FirmaError, SidecarError
 
 
 def add_parser(sub):
-    return sub.add_parser("sidecar", help="not implemented yet")
+    p = sub.add_parser("sidecar", help="run the standalone policy sidecar (serves until SIGTERM)")
+    p.add_argument("--listen", default="tcp://127.0.0.1:0", help="tcp://HOST:PORT or unix:///PATH (default tcp://127.0.0.1:0)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="PATTERN", help="allow HOST[:PORT] or *.DOMAIN (repeatable)")
+    p.add_argument("--policy", metavar="FILE", help="Cedar policy file")
+    p.add_argument("--audit", metavar="FILE", help="signed audit log (default <state root>/audit.jsonl)")
+    p.add_argument("--audit-key", metavar="FILE", help="signing key (default audit.key beside the audit log)")
+    p.add_argument("--startup-report", metavar="PATH", help="write a TOML readiness report here once ready")
+    p.add_argument("--monitor", action="store_true", help="observe only: denies pass through, logged as monitor_mode:")
+    return p
+
+
+def _default_state_root() -> str:
+    # Same order as SPEC §12 (FIRMA_STATE_DIR → $XDG_RUNTIME_DIR/firma → /tmp/firma-$UID).
+    env = os.environ.get("FIRMA_STATE_DIR")
+    if env:
+        return env
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return os.path.join(xdg, "firma")
+    return f"/tmp/firma-{os.getuid()}"
+
+
+def write_startup_report(path: str, endpoint: str) -> None:
+    """Atomic, written once: `protocol_version = 2`, `endpoint = "…"`."""
+    d = os.path.dirname(os.path.abspath(path))
+    text = f'protocol_version = 2\nendpoint = "{endpoint}"\n'
+    fd, tmp = tempfile.mkstemp(prefix=".startup-", dir=d)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise SidecarError(f"cannot write startup report {path}: {exc.strerror}") from None
+
+
+async def _serve(args) -> int:
+    from .services.sidecar import Sidecar, SidecarConfig
+
+    audit = args.audit
+    if not audit:
+        root = _default_state_root()
+        os.makedirs(root, mode=0o700, exist_ok=True)
+        audit = os.path.join(root, "audit.jsonl")
+    key = args.audit_key or os.path.join(os.path.dirname(os.path.abspath(audit)), "audit.key")
+    sidecar = Sidecar(
+        SidecarConfig(
+            allow_hosts=tuple(args.allow_host), policy_path=args.policy, audit_path=audit, key_path=key, monitor=args.monitor
+        )
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        endpoint = await sidecar.start(args.listen)
+        if args.startup_report:
+            write_startup_report(args.startup_report, endpoint)
+        print(endpoint, flush=True)
+        await stop.wait()
+    finally:
+        await sidecar.aclose()
+    return 0
 
 
 def run(args) -> int:
-    raise FirmaError("firma sidecar is not implemented yet")
+    try:
+        return asyncio.run(_serve(args))
+    except FirmaError:
+        raise
+    except OSError as exc:
+        raise SidecarError(f"sidecar failed: {exc}") from None
+    finally:
+        sys.stdout.flush()

@@ -1,0 +1,153 @@
+"""Audit events: field order, canonical signed bytes, signing and verification (SPEC §9).
+
+Signature (ref interop): the 19 values joined by "\\n" (integers in decimal, strings as is),
+SHA-256 of that text, and the 32-byte digest signed *as the message* with ECDSA P-256/SHA-256
+(so a verifier computing ecdsa_verify(sha256(digest)) agrees), DER, base64."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import secrets
+import time
+from typing import Any, Mapping
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+FIELDS = (
+    "event_id",
+    "session_id",
+    "token_id",
+    "agent_id",
+    "action",
+    "resource",
+    "decision",
+    "deny_reason",
+    "enforcement_latency_us",
+    "context_hash",
+    "bundle_version",
+    "timestamp",
+    "dispatch_status",
+    "dispatch_latency_us",
+    "response_size",
+    "sandbox_id",
+    "provenance",
+    "thread_id",
+    "parent_action_id",
+)
+INT_FIELDS = frozenset(
+    {"decision", "enforcement_latency_us", "timestamp", "dispatch_status", "dispatch_latency_us", "response_size"}
+)
+ALLOW, DENY, ABORT = 1, 2, 3
+PROVENANCE = "firma-sidecar"
+
+
+def uuid7(now_ns: int | None = None) -> str:
+    ms = (now_ns if now_ns is not None else time.time_ns()) // 1_000_000
+    rand = int.from_bytes(secrets.token_bytes(10), "big")
+    value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | ((rand >> 62) & 0xFFF) << 64 | 0b10 << 62 | (rand & ((1 << 62) - 1))
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def make_event(**values: Any) -> dict:
+    """An ordered, unsigned event: every field present, defaults "" / 0."""
+    out: dict = {}
+    for f in FIELDS:
+        v = values.get(f)
+        if f in INT_FIELDS:
+            out[f] = int(v or 0)
+        else:
+            out[f] = "" if v is None else str(v)
+    if not out["event_id"]:
+        out["event_id"] = uuid7()
+    if not out["timestamp"]:
+        out["timestamp"] = time.time_ns()
+    if not out["provenance"]:
+        out["provenance"] = PROVENANCE
+    return out
+
+
+def canonical_bytes(event: Mapping[str, Any]) -> bytes:
+    parts = []
+    for f in FIELDS:
+        v = event.get(f, "")
+        if f in INT_FIELDS:
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"audit field {f} must be an integer")
+            parts.append(str(v))
+        else:
+            if not isinstance(v, str):
+                raise ValueError(f"audit field {f} must be a string")
+            parts.append(v)
+    return "\n".join(parts).encode("utf-8")
+
+
+def digest(event: Mapping[str, Any]) -> bytes:
+    return hashlib.sha256(canonical_bytes(event)).digest()
+
+
+def sign(event: Mapping[str, Any], key: ec.EllipticCurvePrivateKey) -> str:
+    return base64.b64encode(key.sign(digest(event), ec.ECDSA(hashes.SHA256()))).decode("ascii")
+
+
+def signed_line(event: Mapping[str, Any], key: ec.EllipticCurvePrivateKey) -> str:
+    out = {f: event[f] for f in FIELDS}
+    out["signature"] = sign(out, key)
+    return json.dumps(out, ensure_ascii=False, separators=(",", ":"))
+
+
+def verify_line(line: str, public_key: ec.EllipticCurvePublicKey) -> tuple[bool, str]:
+    """(ok, why) for one JSON line; key order in the JSON does not matter."""
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return False, "not JSON"
+    if not isinstance(obj, dict):
+        return False, "not a JSON object"
+    missing = [f for f in FIELDS + ("signature",) if f not in obj]
+    if missing:
+        return False, "missing field " + missing[0]
+    extra = set(obj) - set(FIELDS) - {"signature"}
+    if extra:
+        return False, "unknown field " + sorted(extra)[0]
+    try:
+        sig = base64.b64decode(obj["signature"], validate=True)
+        public_key.verify(sig, digest(obj), ec.ECDSA(hashes.SHA256()))
+    except (InvalidSignature, ValueError, TypeError):
+        return False, "bad signature"
+    return True, ""
+
+
+def generate_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+def load_private_pem(data: bytes) -> ec.EllipticCurvePrivateKey:
+    key = serialization.load_pem_private_key(data, password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+        raise ValueError("audit key must be an ECDSA P-256 private key")
+    return key
+
+
+def load_public_pem(data: bytes) -> ec.EllipticCurvePublicKey:
+    """A public key PEM, or the private key PEM (its public half)."""
+    if b"PRIVATE KEY" in data:
+        return load_private_pem(data).public_key()
+    key = serialization.load_pem_public_key(data)
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise ValueError("audit public key must be ECDSA P-256")
+    return key
+
+
+def context_hash(*parts: str) -> str:
+    return hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()
+
+

@@ -1,0 +1,122 @@
+"""Signed audit log writer: requests hand events over without waiting; one thread signs and
+appends them (file 0600), `close()` flushes everything queued."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import stat
+import threading
+from typing import Any
+
+from ..core import auditfmt
+from ..errors import AuditError
+
+MAX_QUEUE = 100_000  # beyond this, events are counted as dropped rather than blocking a request
+
+
+def load_or_create_key(path: str):
+    """The signing key at path (PEM PKCS#8, P-256), created 0600 when absent."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        fd = None
+    except OSError as exc:
+        raise AuditError(f"cannot create audit key {path}: {exc.strerror}; fix the state directory permissions") from None
+    if fd is not None:
+        key = auditfmt.generate_key()
+        try:
+            os.write(fd, auditfmt.key_pem(key))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return key
+    try:
+        st = os.stat(path, follow_symlinks=False)
+        if not stat.S_ISREG(st.st_mode):
+            raise AuditError(f"audit key {path} is not a regular file; remove it")
+        if st.st_mode & 0o077:
+            raise AuditError(f"audit key {path} is readable by group/others (mode {st.st_mode & 0o777:o}); chmod 600 it")
+        with open(path, "rb") as f:
+            return auditfmt.load_private_pem(f.read())
+    except AuditError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise AuditError(f"cannot load audit key {path}: {exc}; remove it to generate a new one") from None
+
+
+class AuditWriter:
+    def __init__(self, path: str, key) -> None:
+        self.path = path
+        self._key = key
+        self.dropped = 0
+        self.written = 0
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+            st = os.fstat(fd)
+            if st.st_mode & 0o077:
+                os.fchmod(fd, 0o600)
+        except OSError as exc:
+            raise AuditError(f"cannot open audit log {path}: {exc.strerror}; fix --audit or its directory") from None
+        self._file = os.fdopen(fd, "a", encoding="utf-8")
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending = 0
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="firma-audit", daemon=True)
+        self._thread.start()
+
+    def submit(self, **values: Any) -> None:
+        """Queue one event (never blocks; counts a drop when the queue is full or closed)."""
+        with self._lock:
+            if self._closed or self._pending >= MAX_QUEUE:
+                self.dropped += 1
+                return
+            self._pending += 1
+        self._q.put(auditfmt.make_event(**values))
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            batch = [item]
+            try:
+                while len(batch) < 512:
+                    batch.append(self._q.get_nowait())
+            except queue.Empty:
+                pass
+            stop = False
+            lines = []
+            for ev in batch:
+                if ev is None:
+                    stop = True
+                    continue
+                lines.append(auditfmt.signed_line(ev, self._key) + "\n")
+            if lines:
+                try:
+                    self._file.write("".join(lines))
+                    self._file.flush()
+                    self.written += len(lines)
+                except OSError:
+                    self.dropped += len(lines)
+            with self._lock:
+                self._pending -= len(lines)
+            if stop:
+                break
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._q.put(None)
+        self._thread.join()
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError:
+            pass
+        self._file.close()
+
+    async def aclose(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.close)

@@ -1,0 +1,196 @@
+"""Bridge (SPEC §3, §9): the only endpoint the agent talks to.
+
+Per agent connection: read one request head at a time (≤128 KiB), refuse non-UTF-8/malformed
+heads (closed and audited), strip every x-firma-* attribution header the agent sent and append the
+trusted values, forward head and body (Content-Length or chunked, exactly) to the sidecar over one
+connection; after CONNECT, relay raw bytes both ways. Responses are relayed as the sidecar framed
+them; the sidecar decides each pipelined request in order."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any, Mapping
+
+from ..core import auditfmt, http1
+from ..core.http1 import HttpError
+from . import netio
+from .sidecar import REPORT_METHOD, REPORT_REASON, deny_response
+
+HEAD_TIMEOUT = 300.0  # between requests on a keep-alive connection
+
+
+class Bridge:
+    def __init__(self, *, sidecar_endpoint: str, attribution: Mapping[str, str], audit: Any = None, max_head: int = http1.MAX_HEAD) -> None:
+        netio.parse_endpoint(sidecar_endpoint)  # fail early on a bad endpoint
+        self.sidecar_endpoint = sidecar_endpoint
+        self.attribution = dict(attribution)
+        self.audit = audit  # optional AuditWriter-like (.submit(**fields)); else reported via the sidecar
+        self.max_head = max_head
+        self._servers: list[asyncio.base_events.Server] = []
+        self._tasks: set[asyncio.Task] = set()
+
+    async def serve_sockets(self, socks: list[socket.socket]) -> None:
+        for sock in socks:
+            sock.setblocking(False)
+            server = await asyncio.start_server(self._client, sock=sock, limit=netio.STREAM_LIMIT, backlog=1024)
+            self._servers.append(server)
+
+    async def serve_address(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        server = await asyncio.start_server(self._client, host, port, limit=netio.STREAM_LIMIT, backlog=1024)
+        self._servers.append(server)
+        return server.sockets[0].getsockname()[1]
+
+    async def aclose(self) -> None:
+        for s in self._servers:
+            s.close()
+        for t in list(self._tasks):
+            t.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5)
+        self._servers.clear()
+
+    # ------------------------------------------------------------------------------------------
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._tasks.add(task)
+        netio.nodelay(writer)
+        agent = netio.Stream(reader, writer)
+        up: netio.Stream | None = None
+        down: asyncio.Task | None = None
+
+        async def ensure_up() -> netio.Stream:
+            nonlocal up, down
+            if up is None:
+                r, w = await netio.open_endpoint(self.sidecar_endpoint, 10.0)
+                up = netio.Stream(r, w)
+                down = asyncio.ensure_future(self._downstream(up, agent))
+            return up
+
+        try:
+            while True:
+                if down is not None and down.done():
+                    break  # the sidecar ended the exchange (deny, close-delimited response)
+                try:
+                    raw = await asyncio.wait_for(agent.read_head(self.max_head), HEAD_TIMEOUT)
+                except HttpError as exc:
+                    await self._reject(agent, ensure_up, exc.reason, exc.detail, up, down)
+                    return
+                except asyncio.IncompleteReadError:
+                    await self._reject(agent, ensure_up, "malformed_request", "connection closed inside a request head", up, down)
+                    return
+                except asyncio.TimeoutError:
+                    break
+                if raw is None:
+                    break
+                try:
+                    head = http1.parse_request_head(raw)
+                    if head.method == REPORT_METHOD:
+                        raise HttpError("malformed_request", "reserved method")
+                    framing = http1.request_framing(head) if head.method != "CONNECT" else http1.Framing("none")
+                except HttpError as exc:
+                    await self._reject(agent, ensure_up, exc.reason, exc.detail, up, down)
+                    return
+                stamped = http1.stamp_attribution(head, self.attribution)
+                try:
+                    u = await ensure_up()
+                except (OSError, asyncio.TimeoutError) as exc:
+                    self._audit_local("sidecar_unreachable")
+                    writer.write(deny_response(502, "sidecar_unreachable", f"policy sidecar unreachable: {exc}"))
+                    return
+                u.w.write(stamped.to_bytes())
+                if head.method == "CONNECT":
+                    await netio.pump(agent, u.w, None, "up")  # raw from here on, both ways
+                    if down is not None:
+                        await down
+                    return
+                ok = await self._forward_body(agent, u, framing)
+                if not ok:
+                    break  # the sidecar saw the same bad bytes and answers/audits it
+        except (OSError, ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            if up is not None:
+                try:
+                    if up.w.can_write_eof() and not up.w.is_closing():
+                        up.w.write_eof()
+                except (OSError, RuntimeError):
+                    pass
+                if down is not None:
+                    try:
+                        await asyncio.wait_for(asyncio.shield(down), 30)
+                    except (asyncio.TimeoutError, asyncio.CancelledError, Exception):  # noqa: BLE001
+                        down.cancel()
+                up.close()
+            agent.close()
+            self._tasks.discard(task)
+
+    async def _downstream(self, up: netio.Stream, agent: netio.Stream) -> None:
+        """Sidecar → agent, raw; when the sidecar closes, the agent connection closes too."""
+        await netio.pump(up, agent.w, None, "down")
+        agent.close()
+
+    async def _forward_body(self, agent: netio.Stream, u: netio.Stream, framing: http1.Framing) -> bool:
+        if framing.kind == "length":
+            left = framing.length
+            while left:
+                data = await agent.read_some(min(left, netio.READ_CHUNK))
+                if not data:
+                    return False
+                left -= len(data)
+                u.w.write(data)
+                await u.w.drain()
+        elif framing.kind == "chunked":
+            scanner = http1.ChunkedScanner()
+            while not scanner.done:
+                data = await agent.read_some()
+                if not data:
+                    return False
+                try:
+                    n = scanner.feed(data)
+                except HttpError:
+                    u.w.write(data)  # the sidecar's identical scanner rejects and audits it
+                    await u.w.drain()
+                    return False
+                if n < len(data):
+                    agent.buf[:0] = data[n:]
+                u.w.write(data[:n])
+                await u.w.drain()
+        return True
+
+    def _audit_local(self, reason: str) -> None:
+        if self.audit is not None:
+            self.audit.submit(
+                session_id=self.attribution.get("x-firma-session-id", ""),
+                agent_id=self.attribution.get("x-firma-agent", ""),
+                sandbox_id=self.attribution.get("x-firma-sandbox-id", ""),
+                action="http.malformed",
+                decision=auditfmt.DENY,
+                deny_reason=reason,
+                provenance="firma-bridge",
+            )
+
+    async def _reject(self, agent: netio.Stream, ensure_up, reason: str, detail: str, up, down) -> None:
+        """A malformed head: nothing of it is forwarded; the decision is audited (through the
+        sidecar unless this bridge has its own audit writer) and the agent connection closes
+        after any response still in flight."""
+        if down is not None and down.done():
+            return  # the sidecar already closed this exchange; nothing more is forwarded
+        if self.audit is not None:
+            self._audit_local(reason)
+            if up is not None:
+                if up.w.can_write_eof():
+                    up.w.write_eof()
+                if down is not None:
+                    await down
+            agent.w.write(deny_response(400, reason, detail))
+            return
+        try:
+            u = await ensure_up()
+        except (OSError, asyncio.TimeoutError):
+            agent.w.write(deny_response(400, reason, detail))
+            return
+        report = http1.RequestHead(REPORT_METHOD, "/malformed", "HTTP/1.1", ((REPORT_REASON, reason),))
+        u.w.write(http1.stamp_attribution(report, self.attribution).to_bytes())
+        if u.w.can_write_eof():
+            u.w.write_eof()

@@ -1,0 +1,140 @@
+"""DNS refusal stub (SPEC §8): answers every query REFUSED over UDP and TCP, forwards nothing.
+
+Serves sockets it is handed (planted inside a sandbox) or binds one port on an address for both
+UDP and TCP. `on_query(qname, qtype)` is called for each parsed question; it must not block (the
+sidecar's reporter is rate-bounded and never blocks) and its failures never reach the client."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Callable
+
+from ..core import dnsmsg
+
+MAX_TCP_FRAME = 4096  # a real query is a few hundred bytes; anything larger closes the connection
+TCP_IDLE_SECS = 10.0
+MAX_TCP_CLIENTS = 256
+
+
+class _Udp(asyncio.DatagramProtocol):
+    def __init__(self, stub: "DnsStub") -> None:
+        self.stub = stub
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr) -> None:
+        reply = self.stub._answer(data)
+        if reply is not None and self.transport is not None:
+            try:
+                self.transport.sendto(reply, addr)
+            except OSError:
+                pass
+
+    def error_received(self, exc: Exception) -> None:  # ICMP errors on send: ignore
+        pass
+
+
+class DnsStub:
+    def __init__(self, *, on_query: Callable[[str, int], None] | None = None) -> None:
+        self._on_query = on_query
+        self._udp: list[asyncio.DatagramTransport] = []
+        self._servers: list[asyncio.base_events.Server] = []
+        self._conns: set[asyncio.Task] = set()
+        self._tcp_clients = 0
+
+    # -- core glue ------------------------------------------------------------------------
+    def _answer(self, msg: bytes) -> bytes | None:
+        reply = dnsmsg.refusal(msg)
+        if reply is not None and self._on_query is not None:
+            q = dnsmsg.parse_question(msg)
+            if q is not None:
+                try:
+                    self._on_query(q.qname, q.qtype)
+                except Exception:  # noqa: BLE001 - reporting must never break the stub
+                    pass
+        return reply
+
+    async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._conns.add(task)
+        self._tcp_clients += 1
+        try:
+            if self._tcp_clients > MAX_TCP_CLIENTS:
+                return
+            buf = bytearray()
+            while True:
+                chunk = await asyncio.wait_for(reader.read(65536), TCP_IDLE_SECS)
+                if not chunk:
+                    return
+                buf += chunk
+                msgs, oversize = dnsmsg.tcp_frames(buf, MAX_TCP_FRAME)
+                for m in msgs:
+                    reply = self._answer(m)
+                    if reply is not None:
+                        writer.write(dnsmsg.frame(reply))
+                if msgs:
+                    await writer.drain()
+                if oversize:
+                    return
+        except (asyncio.TimeoutError, OSError, asyncio.IncompleteReadError):
+            return
+        except asyncio.CancelledError:
+            return
+        finally:
+            self._tcp_clients -= 1
+            if task is not None:
+                self._conns.discard(task)
+            writer.close()
+
+    # -- public interface ---------------------------------------------------------------------
+    async def serve_sockets(self, udp: socket.socket, tcp: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        udp.setblocking(False)
+        tcp.setblocking(False)
+        transport, _ = await loop.create_datagram_endpoint(lambda: _Udp(self), sock=udp)
+        self._udp.append(transport)
+        server = await asyncio.start_server(self._tcp_client, sock=tcp, limit=MAX_TCP_FRAME * 2)
+        self._servers.append(server)
+
+    async def serve_address(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Bind UDP and TCP on the same port (retrying when an ephemeral UDP port's TCP twin is taken)."""
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        last: OSError | None = None
+        for _ in range(20):
+            udp = socket.socket(family, socket.SOCK_DGRAM)
+            tcp = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                udp.bind((host, port))
+                bound = udp.getsockname()[1]
+                tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                tcp.bind((host, bound))
+                tcp.listen(128)
+            except OSError as exc:
+                udp.close()
+                tcp.close()
+                last = exc
+                if port:
+                    raise
+                continue
+            await self.serve_sockets(udp, tcp)
+            return bound
+        raise OSError(f"could not bind a DNS stub UDP+TCP port pair on {host}: {last}")
+
+    async def aclose(self) -> None:
+        for t in self._udp:
+            t.close()
+        for s in self._servers:
+            s.close()
+        for task in list(self._conns):
+            task.cancel()
+        for s in self._servers:
+            try:
+                await asyncio.wait_for(s.wait_closed(), 2)
+            except (asyncio.TimeoutError, Exception):  # noqa: BLE001
+                pass
+        self._udp.clear()
+        self._servers.clear()

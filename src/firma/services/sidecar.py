@@ -1,0 +1,609 @@
+"""Policy sidecar (SPEC §9): HTTP/1.1 forward proxy for absolute-form requests and CONNECT.
+
+Order for every request: parse strictly → canonicalize the target → decide on the *name* →
+resolve → refuse non-public addresses unless host:port is allowed exactly → dial exactly a
+checked address. Attribution comes from the bridge's x-firma-* headers (the sidecar listens only
+where agents cannot reach) and is stripped before upstream. One signed audit line per decision."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Awaitable, Callable
+
+from ..core import addrclass, auditfmt, http1, tlshello
+from ..core.hostcanon import CanonHost, HostError, canon_host, split_authority
+from ..core.http1 import ATTRIBUTION_HEADERS, HOP_BY_HOP, HttpError
+from ..core.policy import HTTP_REQUEST, NETWORK_CONNECT, Policy, Request
+from ..errors import SidecarError
+from . import netio
+from .audit_writer import AuditWriter, load_or_create_key
+
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+REPORT_METHOD = "FIRMA-REPORT"  # bridge → sidecar: a malformed agent request to audit
+REPORT_REASON = "x-firma-report-reason"
+HEALTH_PATH = "/__firma/health"
+DNS_TYPES = {1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 15: "MX", 16: "TXT", 28: "AAAA", 33: "SRV", 64: "SVCB", 65: "HTTPS", 255: "ANY"}
+
+
+@dataclass(frozen=True)
+class SidecarLimits:
+    max_head_bytes: int = http1.MAX_HEAD
+    max_body_bytes: int = 1 << 30  # plain-HTTP request bodies; tunnels are bounded by time
+    max_connections: int = 2048
+    setup_timeout: float = 10.0  # first request head / TLS ClientHello
+    idle_timeout: float = 300.0
+    max_tunnel_secs: float = 24 * 3600.0
+    dns_events_per_sec: float = 50.0
+    dns_burst: int = 200
+
+
+@dataclass(frozen=True)
+class SidecarConfig:
+    allow_hosts: tuple[str, ...]
+    policy_path: str | None
+    audit_path: str
+    key_path: str
+    monitor: bool = False
+    limits: SidecarLimits = field(default_factory=SidecarLimits)
+    connect_timeout: float = 10.0
+    # Injectable name resolution (tests): (host, port) -> list of IP strings. Default: getaddrinfo.
+    resolver: Resolver | None = None
+
+
+async def system_resolver(host: str, port: int) -> list[str]:
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    out: list[str] = []
+    for _fam, _t, _p, _c, sa in infos:
+        if sa[0] not in out:
+            out.append(sa[0])
+    return out
+
+
+@dataclass
+class _Ctx:
+    sandbox_id: str = ""
+    session_id: str = ""
+    agent_id: str = ""
+    profile: str = ""
+
+
+@dataclass
+class _Verdict:
+    allowed: bool
+    reason: str = ""
+    detail: str = ""
+    status: int = 403
+    addrs: tuple[str, ...] = ()
+    host: CanonHost | None = None
+    port: int = 0
+    monitored: str = ""  # deny reason let through in monitor mode
+
+
+def _deny_body(reason: str, detail: str) -> bytes:
+    return json.dumps({"denied": True, "reason": reason, "detail": detail}).encode()
+
+
+def deny_response(status: int, reason: str, detail: str) -> bytes:
+    body = _deny_body(reason, detail)
+    text = {400: "Bad Request", 403: "Forbidden", 413: "Payload Too Large", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}.get(status, "Error")
+    head = (
+        f"HTTP/1.1 {status} {text}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+        f"x-firma-deny-reason: {reason}\r\nconnection: close\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+class _Bucket:
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens = float(burst)
+        self.t = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.t) * self.rate)
+        self.t = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+class Sidecar:
+    def __init__(self, config: SidecarConfig) -> None:
+        self.config = config
+        self.limits = config.limits
+        self.policy = Policy.load(config.allow_hosts, config.policy_path)  # PolicyError
+        key = load_or_create_key(config.key_path)  # AuditError
+        self.audit = AuditWriter(config.audit_path, key)  # AuditError
+        self._resolve = config.resolver or system_resolver
+        self._server: asyncio.base_events.Server | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._active = 0
+        self.endpoint: str | None = None
+        self.dns_dropped = 0
+        self._unix_path: str | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def start(self, listen: str = "tcp://127.0.0.1:0") -> str:
+        kind, addr = netio.parse_endpoint(listen)
+        if kind == "unix":
+            path = addr
+            if os.path.exists(path) or os.path.islink(path):
+                import stat as _st
+
+                if not _st.S_ISSOCK(os.lstat(path).st_mode):
+                    raise SidecarError(f"{path} exists and is not a socket; choose another --listen path")
+                os.unlink(path)  # a stale socket from a crashed run
+            old = os.umask(0o077)
+            try:
+                self._server = await asyncio.start_unix_server(self._client, path=path, limit=netio.STREAM_LIMIT, backlog=1024)
+            finally:
+                os.umask(old)
+            netio.chmod_socket(path)
+            self._unix_path = path
+            self.endpoint = f"unix://{path}"
+        else:
+            host, port = addr
+            try:
+                self._server = await asyncio.start_server(self._client, host, port, limit=netio.STREAM_LIMIT, backlog=1024)
+            except OSError as exc:
+                raise SidecarError(f"cannot listen on {listen}: {exc.strerror}; choose another --listen address") from None
+            sa = self._server.sockets[0].getsockname()
+            self.endpoint = f"tcp://[{sa[0]}]:{sa[1]}" if ":" in sa[0] else f"tcp://{sa[0]}:{sa[1]}"
+        return self.endpoint
+
+    async def aclose(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for t in list(self._tasks):
+            t.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5)
+        if self._unix_path:
+            try:
+                os.unlink(self._unix_path)
+            except OSError:
+                pass
+            self._unix_path = None
+        await self.audit.aclose()
+
+    def dns_reporter(self, sandbox_id: str, session_id: str) -> Callable[[str, int], None]:
+        bucket = _Bucket(self.limits.dns_events_per_sec, self.limits.dns_burst)
+
+        def report(qname: str, qtype: int) -> None:
+            if not bucket.take():
+                self.dns_dropped += 1
+                return
+            self.audit.submit(
+                session_id=session_id,
+                sandbox_id=sandbox_id,
+                action="dns.query",
+                resource=f"{qname[:255]} {DNS_TYPES.get(qtype, str(qtype))}",
+                decision=auditfmt.DENY,
+                deny_reason="dns_refused",
+                bundle_version=self.policy.version,
+            )
+
+        return report
+
+    # -- audit --------------------------------------------------------------------------------
+    def _audit(self, ctx: _Ctx, *, action: str, resource: str, decision: int, reason: str = "", t0: int = 0, **extra) -> None:
+        self.audit.submit(
+            session_id=ctx.session_id,
+            agent_id=ctx.agent_id,
+            sandbox_id=ctx.sandbox_id,
+            action=action,
+            resource=resource,
+            decision=decision,
+            deny_reason=reason,
+            enforcement_latency_us=(time.perf_counter_ns() - t0) // 1000 if t0 else 0,
+            bundle_version=self.policy.version,
+            **extra,
+        )
+
+    # -- decision -----------------------------------------------------------------------------
+    async def authorize(self, action: str, authority_host: CanonHost, port: int, method: str, path: str, agent_id: str) -> _Verdict:
+        """Name decision, then resolution and address checks. Never resolves a denied name."""
+        host = authority_host.host
+        d = self.policy.decide(Request(action, host, port, method, path, agent_id))
+        monitored = ""
+        if not d.allowed:
+            if not self.config.monitor:
+                return _Verdict(False, d.reason, d.detail, 403, host=authority_host, port=port)
+            monitored = d.reason
+        if authority_host.is_ip:
+            addrs = [host]
+        else:
+            try:
+                addrs = await asyncio.wait_for(self._resolve(host, port), self.config.connect_timeout)
+            except (OSError, asyncio.TimeoutError, socket.gaierror) as exc:
+                return _Verdict(False, "resolve_failed", f"cannot resolve {host}: {exc}", 502, host=authority_host, port=port, monitored=monitored)
+            if not addrs:
+                return _Verdict(False, "resolve_failed", f"no addresses for {host}", 502, host=authority_host, port=port, monitored=monitored)
+        checked: list[str] = []
+        exact = d.exact or self.policy.is_exact(host, port)
+        for a in addrs:
+            try:
+                ip = ipaddress.ip_address(a)
+            except ValueError:
+                return _Verdict(False, "resolve_failed", f"resolver returned a non-address {a!r}", 502, host=authority_host, port=port)
+            cls = addrclass.forbidden_class(ip)
+            if cls and not exact:
+                if not self.config.monitor:
+                    return _Verdict(False, "blocked_address", f"{host} resolves to {ip} ({cls})", 403, host=authority_host, port=port)
+                monitored = monitored or "blocked_address"
+            checked.append(str(ip))
+        return _Verdict(True, "", d.detail, 200, tuple(checked), authority_host, port, monitored)
+
+    async def _dial(self, v: _Verdict) -> netio.Stream:
+        last: Exception | None = None
+        for ip in v.addrs:  # exactly the addresses that were checked, in order
+            try:
+                r, w = await asyncio.wait_for(
+                    asyncio.open_connection(ip, v.port, limit=netio.STREAM_LIMIT), self.config.connect_timeout
+                )
+                netio.nodelay(w)
+                return netio.Stream(r, w)
+            except (OSError, asyncio.TimeoutError) as exc:
+                last = exc
+        raise OSError(f"cannot connect to {v.host.authority(v.port) if v.host else '?'}: {last or 'no address'}")
+
+    # -- connections --------------------------------------------------------------------------
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._tasks.add(task)
+        self._active += 1
+        s = netio.Stream(reader, writer)
+        ctx = _Ctx()
+        try:
+            if self._active > self.limits.max_connections:
+                writer.write(deny_response(503, "too_many_connections", "sidecar connection limit reached"))
+                self._audit(ctx, action=HTTP_REQUEST, resource="", decision=auditfmt.DENY, reason="too_many_connections")
+                await writer.drain()
+                return
+            first = True
+            while True:
+                try:
+                    raw = await asyncio.wait_for(
+                        s.read_head(self.limits.max_head_bytes),
+                        self.limits.setup_timeout if first else self.limits.idle_timeout,
+                    )
+                except HttpError as exc:
+                    self._malformed(ctx, s, exc.reason, exc.detail)
+                    return
+                except asyncio.TimeoutError:
+                    if s.buf:  # slowloris: a head that never completes
+                        self._malformed(ctx, s, "head_timeout", "request head not completed in time", status=408)
+                    return
+                except asyncio.IncompleteReadError:
+                    self._malformed(ctx, s, "malformed_request", "connection closed inside a request head")
+                    return
+                if raw is None:
+                    return
+                first = False
+                t0 = time.perf_counter_ns()
+                try:
+                    head = http1.parse_request_head(raw)
+                except HttpError as exc:
+                    self._malformed(ctx, s, exc.reason, exc.detail)
+                    return
+                ctx = self._context(head)
+                if head.method == REPORT_METHOD:
+                    reason = (head.get(REPORT_REASON) or "malformed_request")[:64]
+                    self._malformed(ctx, s, reason, "malformed request rejected by the bridge")
+                    return
+                if head.method == "GET" and head.target == HEALTH_PATH:
+                    body = b'{"ready":true}'
+                    writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+                    await writer.drain()
+                    continue
+                if head.method == "CONNECT":
+                    await self._connect(ctx, s, head, t0)
+                    return
+                if not await self._http(ctx, s, head, t0):
+                    return
+        except (OSError, asyncio.CancelledError, ConnectionError):
+            pass
+        finally:
+            self._active -= 1
+            self._tasks.discard(task)
+            s.close()
+
+    @staticmethod
+    def _context(head: http1.RequestHead) -> _Ctx:
+        def last(name: str) -> str:
+            v = head.get(name)
+            return v[:128] if v else ""
+
+        return _Ctx(last("x-firma-sandbox-id"), last("x-firma-session-id"), last("x-firma-agent"), last("x-firma-profile"))
+
+    def _malformed(self, ctx: _Ctx, s: netio.Stream, reason: str, detail: str, status: int = 400) -> None:
+        self._audit(ctx, action="http.malformed", resource="", decision=auditfmt.DENY, reason=reason)
+        try:
+            s.w.write(deny_response(status, reason, detail))
+        except (OSError, RuntimeError):
+            pass
+
+    def _deny(self, ctx: _Ctx, s: netio.Stream, action: str, resource: str, reason: str, detail: str, status: int, t0: int, decision: int = auditfmt.DENY) -> None:
+        self._audit(ctx, action=action, resource=resource, decision=decision, reason=reason, t0=t0)
+        try:
+            s.w.write(deny_response(status, reason, detail))
+        except (OSError, RuntimeError):
+            pass
+
+    # -- plain HTTP ---------------------------------------------------------------------------
+    async def _http(self, ctx: _Ctx, s: netio.Stream, head: http1.RequestHead, t0: int) -> bool:
+        """Serve one absolute-form request; True when the client connection may carry another."""
+        try:
+            target = http1.split_target(head)
+        except HttpError as exc:
+            self._deny(ctx, s, HTTP_REQUEST, "", exc.reason, exc.detail, 403 if exc.reason != "malformed_request" else 400, t0)
+            return False
+        path_noq = http1.strip_query(target.path)
+        try:
+            host, port = split_authority(target.authority, 80)
+        except HostError as exc:
+            self._deny(ctx, s, HTTP_REQUEST, "", "invalid_host", str(exc), 403, t0)
+            return False
+        shown = host.authority(port) if port != 80 else (f"[{host.host}]" if host.kind == "ipv6" else host.host)
+        resource = f"http://{shown}{path_noq}"
+        hosts = head.get_all("host")
+        if len(hosts) > 1:
+            self._deny(ctx, s, HTTP_REQUEST, resource, "duplicate_host", "more than one Host header", 403, t0)
+            return False
+        if hosts:
+            try:
+                hh, hp = split_authority(hosts[0], 80)
+            except HostError:
+                hh, hp = None, 0
+            if hh != host or hp != port:
+                self._deny(ctx, s, HTTP_REQUEST, resource, "host_mismatch", "Host header does not match the request target", 403, t0)
+                return False
+        try:
+            framing = http1.request_framing(head)
+        except HttpError as exc:
+            self._deny(ctx, s, "http.malformed", resource, exc.reason, exc.detail, 400, t0)
+            return False
+        if framing.kind == "length" and framing.length > self.limits.max_body_bytes:
+            self._deny(ctx, s, HTTP_REQUEST, resource, "body_too_large", f"body exceeds {self.limits.max_body_bytes} bytes", 413, t0)
+            return False
+        v = await self.authorize(HTTP_REQUEST, host, port, head.method, path_noq, ctx.agent_id)
+        if not v.allowed:
+            self._deny(ctx, s, HTTP_REQUEST, resource, v.reason, v.detail, v.status, t0, auditfmt.DENY if v.status == 403 else auditfmt.ABORT)
+            return False
+        deny_reason = f"monitor_mode:{v.monitored}" if v.monitored else ""
+        enforce_us = (time.perf_counter_ns() - t0) // 1000
+        t_dispatch = time.perf_counter_ns()
+        try:
+            up = await self._dial(v)
+        except OSError as exc:
+            self._audit(ctx, action=HTTP_REQUEST, resource=resource, decision=auditfmt.ABORT, reason="upstream_unreachable", t0=t0)
+            s.w.write(deny_response(502, "upstream_unreachable", str(exc)))
+            return False
+        status, size, keep, abort = 0, 0, False, ""
+        try:
+            status, size, keep, abort = await self._exchange(s, up, head, target.path, host, port, framing)
+        except (OSError, ConnectionError) as exc:
+            abort = abort or f"relay_failed: {exc}"[:120]
+        finally:
+            up.close()
+        self.audit.submit(
+            session_id=ctx.session_id, agent_id=ctx.agent_id, sandbox_id=ctx.sandbox_id, action=HTTP_REQUEST,
+            resource=resource, decision=auditfmt.ABORT if abort else auditfmt.ALLOW,
+            deny_reason=abort or deny_reason, enforcement_latency_us=enforce_us, bundle_version=self.policy.version,
+            context_hash=auditfmt.context_hash(head.method, resource), dispatch_status=status,
+            dispatch_latency_us=(time.perf_counter_ns() - t_dispatch) // 1000, response_size=size,
+        )
+        return keep and not abort
+
+    async def _exchange(self, s, up, head, path, host: CanonHost, port: int, framing) -> tuple[int, int, bool, str]:
+        connection_tokens = {t.strip().lower() for v in head.get_all("connection") for t in v.split(",")}
+        drop = set(ATTRIBUTION_HEADERS) | HOP_BY_HOP | connection_tokens | {"host"}
+        authority = host.authority(port) if port != 80 else (f"[{host.host}]" if host.kind == "ipv6" else host.host)
+        out = http1.RequestHead(head.method, path, "HTTP/1.1", head.headers).without(drop).with_added([("Host", authority), ("Connection", "close")])
+        # Host first, as clients send it.
+        out = http1.RequestHead(out.method, out.target, out.version, (out.headers[-2],) + out.headers[:-2] + (out.headers[-1],))
+        up.w.write(out.to_bytes())
+        body_task = asyncio.ensure_future(self._send_body(s, up, framing))
+        client_keep = head.version == "HTTP/1.1" and "close" not in connection_tokens
+        try:
+            status, size, resp_keep = await self._relay_response(s, up, head.method)
+        except BaseException:
+            body_task.cancel()
+            raise
+        body_err = ""
+        if body_task.done():
+            body_err = body_task.result()
+        else:
+            # The upstream answered before taking the whole body: the client stream is out of sync.
+            body_task.cancel()
+            client_keep = False
+        return status, size, client_keep and resp_keep and not body_err, body_err
+
+    async def _send_body(self, s: netio.Stream, up: netio.Stream, framing) -> str:
+        if framing.kind == "none":
+            return ""
+        if framing.kind == "length":
+            left = framing.length
+            while left:
+                data = await asyncio.wait_for(s.read_some(min(left, netio.READ_CHUNK)), self.limits.idle_timeout)
+                if not data:
+                    return "client_body_truncated"
+                left -= len(data)
+                up.w.write(data)
+                await up.w.drain()
+            return ""
+        scanner = http1.ChunkedScanner()
+        while not scanner.done:
+            data = await asyncio.wait_for(s.read_some(), self.limits.idle_timeout)
+            if not data:
+                return "client_body_truncated"
+            try:
+                n = scanner.feed(data)
+            except HttpError as exc:
+                # Never forward bytes that failed validation; the upstream sees a truncated body.
+                up.close()
+                return exc.reason
+            if scanner.body_bytes > self.limits.max_body_bytes:
+                up.close()
+                return "body_too_large"
+            if n < len(data):
+                s.buf[:0] = data[n:]  # the next pipelined request
+            up.w.write(data[:n])
+            await up.w.drain()
+        return ""
+
+    async def _relay_response(self, s: netio.Stream, up: netio.Stream, method: str) -> tuple[int, int, bool]:
+        while True:
+            raw = await asyncio.wait_for(up.read_head(self.limits.max_head_bytes), self.limits.idle_timeout)
+            if raw is None:
+                raise ConnectionError("upstream closed without a response")
+            resp = http1.parse_response_head(raw)
+            if 100 <= resp.status < 200:
+                if resp.status == 101:
+                    raise ConnectionError("upstream switched protocols unasked")
+                s.w.write(raw)  # 100 Continue and friends pass through
+                continue
+            break
+        framing = http1.response_framing(resp, method)
+        keep = framing.kind != "close"
+        out = resp.without({"connection", "keep-alive", "proxy-connection"})
+        out = http1.ResponseHead("HTTP/1.1", out.status, out.reason, out.headers)
+        if not keep:
+            out = out.with_added([("Connection", "close")])
+        s.w.write(out.to_bytes())
+        size = 0
+        if framing.kind == "length":
+            left = framing.length
+            while left:
+                data = await asyncio.wait_for(up.read_some(min(left, netio.READ_CHUNK)), self.limits.idle_timeout)
+                if not data:
+                    raise ConnectionError("upstream closed mid-body")
+                left -= len(data)
+                size += len(data)
+                s.w.write(data)
+                await s.w.drain()
+        elif framing.kind == "chunked":
+            scanner = http1.ChunkedScanner()
+            while not scanner.done:
+                data = await asyncio.wait_for(up.read_some(), self.limits.idle_timeout)
+                if not data:
+                    raise ConnectionError("upstream closed mid-body")
+                n = scanner.feed(data)
+                s.w.write(data[:n])
+                await s.w.drain()
+            size = scanner.body_bytes
+        elif framing.kind == "close":
+            while True:
+                data = await asyncio.wait_for(up.read_some(), self.limits.idle_timeout)
+                if not data:
+                    break
+                size += len(data)
+                s.w.write(data)
+                await s.w.drain()
+        await s.w.drain()
+        return resp.status, size, keep
+
+    # -- CONNECT ------------------------------------------------------------------------------
+    async def _connect(self, ctx: _Ctx, s: netio.Stream, head: http1.RequestHead, t0: int) -> None:
+        try:
+            host, port = split_authority(head.target, None)
+        except HostError as exc:
+            self._deny(ctx, s, NETWORK_CONNECT, "", "invalid_host", str(exc), 403, t0)
+            return
+        resource = host.authority(port)
+        v = await self.authorize(NETWORK_CONNECT, host, port, "CONNECT", "", ctx.agent_id)
+        if not v.allowed:
+            self._deny(ctx, s, NETWORK_CONNECT, resource, v.reason, v.detail, v.status, t0, auditfmt.DENY if v.status == 403 else auditfmt.ABORT)
+            return
+        deny_reason = f"monitor_mode:{v.monitored}" if v.monitored else ""
+        s.w.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+        await s.w.drain()
+        # Peek the client's first bytes before dialing: a denied SNI never reaches the upstream.
+        verdict = await self._check_hello(s, host, port)
+        if verdict:
+            if not self.config.monitor:
+                self._audit(ctx, action=NETWORK_CONNECT, resource=resource, decision=auditfmt.DENY, reason=verdict, t0=t0)
+                return
+            deny_reason = deny_reason or f"monitor_mode:{verdict}"
+        enforce_us = (time.perf_counter_ns() - t0) // 1000
+        t_dispatch = time.perf_counter_ns()
+        try:
+            up = await self._dial(v)
+        except OSError:
+            self._audit(ctx, action=NETWORK_CONNECT, resource=resource, decision=auditfmt.ABORT, reason="upstream_unreachable", t0=t0)
+            return
+        early = s.take_buffer()
+        if early:
+            up.w.write(early)
+        act = netio.Activity()
+        act.up = len(early)
+        why = await netio.relay(s, up, self.limits.idle_timeout, self.limits.max_tunnel_secs, act)
+        self.audit.submit(
+            session_id=ctx.session_id, agent_id=ctx.agent_id, sandbox_id=ctx.sandbox_id, action=NETWORK_CONNECT,
+            resource=resource, decision=auditfmt.ALLOW, deny_reason=deny_reason or ("" if why == "closed" else why),
+            enforcement_latency_us=enforce_us, bundle_version=self.policy.version,
+            context_hash=auditfmt.context_hash("CONNECT", resource), dispatch_status=200,
+            dispatch_latency_us=(time.perf_counter_ns() - t_dispatch) // 1000, response_size=act.down,
+        )
+
+    async def _check_hello(self, s: netio.Stream, host: CanonHost, port: int) -> str:
+        """'' when the tunnel may open, else the deny reason (SNI rules of SPEC §9)."""
+        must_tls = port == 443 and not host.is_ip
+        wait = self.limits.setup_timeout if port == 443 else 0.25  # server-speaks-first protocols
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                hello = tlshello.parse_client_hello(bytes(s.buf))
+                break
+            except tlshello.NeedMore:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return "tls_required" if must_tls else ("" if not s.buf else "tls_incomplete")
+                try:
+                    chunk = await asyncio.wait_for(s.r.read(65536), left)
+                except asyncio.TimeoutError:
+                    return "tls_required" if must_tls else ("" if not s.buf else "tls_incomplete")
+                if not chunk:
+                    return "client_closed"
+                s.buf += chunk
+                if len(s.buf) > tlshello.MAX_HELLO + 4096:
+                    return "bad_client_hello"
+            except tlshello.NotTls:
+                return "tls_required" if must_tls else ""
+            except tlshello.BadHello:
+                return "bad_client_hello"
+        if hello.ech:
+            return "ech_not_allowed"
+        if hello.sni is None:
+            return "" if host.is_ip else "sni_missing"
+        try:
+            sni = canon_host(hello.sni)
+        except HostError:
+            return "sni_mismatch"
+        return "" if sni.host == host.host else "sni_mismatch"
+
+
+async def probe_endpoint(endpoint: str, timeout: float) -> None:
+    """Raise SidecarError unless a sidecar answers its health request at endpoint in time."""
+    try:
+        r, w = await netio.open_endpoint(endpoint, timeout)
+    except (OSError, asyncio.TimeoutError) as exc:
+        raise SidecarError(f"sidecar {endpoint} is not reachable: {exc or 'timed out'}") from None
+    try:
+        w.write(f"GET {HEALTH_PATH} HTTP/1.1\r\nhost: firma\r\n\r\n".encode())
+        await w.drain()
+        line = await asyncio.wait_for(r.readline(), timeout)
+        if not line.startswith(b"HTTP/1.1 200"):
+            raise SidecarError(f"sidecar {endpoint} did not report ready (got {line[:40]!r})")
+    except (OSError, asyncio.TimeoutError) as exc:
+        raise SidecarError(f"sidecar {endpoint} did not answer: {exc or 'timed out'}") from None
+    finally:
+        w.close()
