@@ -9,6 +9,8 @@ visible inside the sandbox and imports nothing from the agent's environment or d
 2. loads a second filter: execve is EPERM unless (path, argv, envp) are *exactly* those three
    pointer values, execveat is always EPERM, any other architecture/ABI kills the process;
 3. calls execve with exactly those pointers. The new image replaces this address space.
+   A `#!/usr/bin/env NAME` script is started as NAME directly (what env would do), since env's
+   own execve would be the second one.
 
 Why this is sound: seccomp filters stack and cannot be removed; the three 64-bit values exist only
 in this (gone) address space and in the kernel's copy of the filter, which an unprivileged process
@@ -127,6 +129,28 @@ def _resolve(cmd: str, env: dict):
     return None
 
 
+def _through_env(path: str, cmd: list, env: dict):
+    """`#!/usr/bin/env NAME` scripts (most agent CLIs) would need a second execve from env(1);
+    do env's lookup here so the one permitted execve goes straight to NAME."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(256).split(b"\n", 1)[0]
+    except OSError:
+        return path, cmd
+    if not head.startswith(b"#!"):
+        return path, cmd
+    words = head[2:].split()
+    if len(words) != 2 or os.path.basename(words[0]) != b"env":
+        return path, cmd
+    name = os.fsdecode(words[1])
+    if name.startswith("-") or "=" in name:
+        return path, cmd
+    interp = _resolve(name, env)
+    if interp is None:
+        return path, cmd  # let the kernel report it
+    return interp, [name, path, *cmd[1:]]
+
+
 def main(argv: list) -> int:
     if len(argv) < 5 or argv[3] != "--":
         print("firma exec gate: usage: ARCH NR_EXECVE NR_EXECVEAT -- CMD [ARGS...]",
@@ -139,6 +163,7 @@ def main(argv: list) -> int:
     if path is None:
         print(f"firma exec gate: {cmd[0]}: command not found", file=sys.stderr)
         return 127
+    path, cmd = _through_env(path, cmd, env)
     libc = _libc()
     keep = [ctypes.create_string_buffer(os.fsencode(a)) for a in cmd]
     keep_env = [ctypes.create_string_buffer(os.fsencode(f"{k}={v}")) for k, v in env.items()]

@@ -151,3 +151,25 @@ def test_exec_gate_keeps_exit_status_and_stdio(state_root, machine, tmp_path):
     # The shell started, but a command it runs cannot be executed.
     out = sh("/bin/true; echo status=$?")
     assert "status=126" in out.stdout and "Operation not permitted" in out.stderr
+
+
+def test_exec_gate_starts_env_shebang_scripts(state_root, machine, tmp_path):
+    """Agent CLIs are usually `#!/usr/bin/env node` scripts: they must still start."""
+    import subprocess
+
+    pol = write_policy(tmp_path / "p.toml", ["system.execute"])
+    art = prepare_filter(SeccompPolicyRef(str(pol), ""), state_root, machine)
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    script = bindir / "agent"
+    script.write_text('#!/usr/bin/env sh\necho "ran $0 $1"\n/bin/true || echo exec-denied\n')
+    script.chmod(0o755)
+    fd = open_verified(art)
+    try:
+        out = subprocess.run([*sandbox_argv([(bindir, bindir, False)]), "--setenv", "PATH",
+                              f"{bindir}:/usr/bin:/bin", "--seccomp", str(fd),
+                              *art.command_prefix, "agent", "arg1"],
+                             pass_fds=(fd,), capture_output=True, text=True, timeout=60)
+    finally:
+        os.close(fd)
+    assert out.stdout.splitlines() == [f"ran {script} arg1", "exec-denied"], out.stderr
