@@ -144,19 +144,47 @@ class Listener:
 
 
 def test_sidecar_endpoint_reachability(tmp_path):
+    """A real `firma sidecar` answers; a port that accepts but is not a sidecar, and a closed
+    port, fail. The recording listener proves the probe reached the far side."""
+    import time
+
+    report = tmp_path / "ready.toml"
+    side = subprocess.Popen([sys.executable, "-m", "firma", "sidecar", "--listen",
+                             "tcp://127.0.0.1:0", "--audit", str(tmp_path / "audit.jsonl"),
+                             "--startup-report", str(report)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(300):  # the report is written atomically once the sidecar is ready
+            if report.exists() or side.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert report.exists(), side.stderr.read() if side.poll() is not None else "no report"
+        import tomllib
+
+        endpoint = tomllib.loads(report.read_text())["endpoint"]
+        proc = doctor(tmp_path, {"FIRMA_SIDECAR_ENDPOINT": endpoint})
+        _, checks = checks_of(proc)
+        assert checks["sidecar"]["status"] == "OK", checks["sidecar"]
+    finally:
+        side.terminate()
+        side.wait(10)
+
     lst = Listener()
     try:
         proc = doctor(tmp_path, {"FIRMA_SIDECAR_ENDPOINT": f"tcp://127.0.0.1:{lst.port}"})
         _, checks = checks_of(proc)
         lst.thread.join(10)
-        assert checks["sidecar"]["status"] == "OK", checks["sidecar"]
-        assert lst.accepted == 1  # the probe reached the far side
+        assert lst.accepted == 1  # the probe reached the far side …
+        assert checks["sidecar"]["status"] == "FAIL"  # … which is not a sidecar
     finally:
         lst.close()
-    # A port nobody listens on (the listener above is closed now).
     proc = doctor(tmp_path, {"FIRMA_SIDECAR_ENDPOINT": f"tcp://127.0.0.1:{lst.port}"})
     _, checks = checks_of(proc)
     assert proc.returncode == 1 and checks["sidecar"]["status"] == "FAIL"
+    proc = doctor(tmp_path, {"FIRMA_SIDECAR_ENDPOINT": "tcp://nowhere"})
+    _, checks = checks_of(proc)
+    assert checks["sidecar"]["status"] == "FAIL" and "invalid sidecar endpoint" in \
+        checks["sidecar"]["detail"]
 
 
 def test_smoke_sandbox_failure_fails_even_when_preflight_passes(tmp_path):
