@@ -66,7 +66,7 @@ def short(detail: str) -> str:
     if "Connection refused" in d or "Errno 111" in d:
         return "connection refused"
     if "name resolution" in d or "gaierror" in d:
-        return "no address (" + d.split(": ", 1)[-1][:30] + ")"
+        return "no address (name resolution failed)"
     return d
 
 

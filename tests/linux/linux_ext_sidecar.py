@@ -1,22 +1,10 @@
-"""An external sidecar for the tests: the real firma.services.sidecar.Sidecar when it exists,
-else the minimal stand-in. Writes its endpoint to argv[1], then serves until killed."""
+"""An external sidecar for the tests (the real firma.services.sidecar.Sidecar). Writes its
+endpoint to argv[1], then serves until killed."""
 
 import asyncio
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-
-async def fake(out: str, allow: list[str]) -> None:
-    from linux_fakekit import FakeSidecar
-
-    sc = FakeSidecar(allow)
-    endpoint = await sc.start()
-    with open(out + ".tmp", "w") as f:
-        f.write(endpoint)
-    os.rename(out + ".tmp", out)
-    await asyncio.Event().wait()
 
 
 async def real(out: str, allow: list[str]) -> None:
@@ -34,11 +22,6 @@ async def real(out: str, allow: list[str]) -> None:
 
 def main() -> None:
     out, allow = sys.argv[1], sys.argv[2:]
-    try:
-        import firma.services.sidecar  # noqa: F401
-    except ImportError:
-        asyncio.run(fake(out, allow))
-        return
     asyncio.run(real(out, allow))
 
 

@@ -263,3 +263,29 @@ def test_no_new_namespaces_no_ping_no_state_dir(world):
     assert inside["unshare_user_net"]["rc"] != 0
     assert inside["ping"]["rc"] != 0
     assert inside["state_dir_visible"] is False  # firma's state root (audit key, proofs) is masked
+
+
+def _audit(world):
+    doc = json.loads((world["ws"] / "proof.json").read_text())
+    path = world["xdg"] / "firma" / "audit.jsonl"
+    assert path.exists(), "the embedded sidecar wrote no audit log"
+    events = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return doc["sandbox_id"], events
+
+
+def test_stub_saw_the_dns_queries_and_forwarded_nothing(world):
+    sid, events = _audit(world)
+    name = world["cfg"]["dns_name"]
+    dns = [e for e in events if e["action"] == "dns.query" and e["resource"].startswith(name)]
+    assert dns, "the DNS stub reported no query for the probed name"
+    assert all(e["sandbox_id"] == sid and e["decision"] == 2 for e in dns)
+
+
+def test_decisions_are_attributed_to_this_sandbox(world):
+    sid, events = _audit(world)
+    port = world["upstream"].port
+    allowed = [e for e in events if e["action"] == "http.request" and f"127.0.0.1:{port}/allowed" in e["resource"]]
+    denied = [e for e in events if e["decision"] == 2 and f"denied-{world['tag']}.example.com" in e["resource"]]
+    assert len(allowed) == 1 and allowed[0]["decision"] == 1 and allowed[0]["sandbox_id"] == sid
+    assert len(denied) == 1 and denied[0]["sandbox_id"] == sid and denied[0]["deny_reason"]
+    assert "q=1" not in denied[0]["resource"]  # query strings never reach the log

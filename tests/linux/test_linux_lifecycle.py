@@ -252,8 +252,7 @@ def test_agent_with_capabilities_is_refused_and_killed(ws, tmp_path, monkeypatch
     from firma.core.planner import RunArgs, build_plan
     from firma.errors import LaunchError
     from firma.host import detect_host
-    from firma.lifecycle import execute
-    from linux_fakekit import fake_kit
+    from firma.lifecycle import default_kit, execute
 
     real = bw._status
 
@@ -268,7 +267,7 @@ def test_agent_with_capabilities_is_refused_and_killed(ws, tmp_path, monkeypatch
     plan = build_plan(RunArgs(command=("sh", "-c", f"sleep {n}.5")), cfgmod.EMPTY, host, cwd=str(ws),
                       unix_ms=int(time.time() * 1000), rand=os.urandom(20))
     with pytest.raises(LaunchError, match="holds privileges"):
-        asyncio.run(execute(plan, host, kit=fake_kit(), terminal=io.StringIO()))
+        asyncio.run(execute(plan, host, kit=default_kit(), terminal=io.StringIO()))
     assert processes_with(f"sleep {n}.5") == []
     doc = json.loads((tmp_path / "state" / "proofs" / f"{plan.identity.sandbox_id}.json").read_text())
     checks = {c["name"]: c for c in doc["checks"]}

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from conftest import Upstream
-from linux_fakekit import fake_kit
 
 from firma.backends.base import RoutingMode, RoutingPlan
 from firma.core import config as cfgmod
@@ -86,10 +85,7 @@ STRUCTURAL = EnforcementProof("runner", True, True, NetworkConfinement.EXTERNAL_
 
 
 def kit():
-    try:
-        return default_kit()
-    except Exception:  # noqa: BLE001 - services not landed yet: the stand-in
-        return fake_kit()
+    return default_kit()
 
 
 def make_plan(tmp_path, argv, **kw):
