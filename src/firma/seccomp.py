@@ -11,6 +11,7 @@ sha256), so nothing can be swapped between the check and the use."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -303,8 +304,16 @@ def _write_private(dir_fd: int, name: str, data: bytes) -> None:
         os.link(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except FileExistsError:
         pass
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        # No hard links on this filesystem: a rename can only race an identical writer.
+        if _lstat_at(dir_fd, name) is None:
+            os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            return
     finally:
-        os.unlink(tmp, dir_fd=dir_fd)
+        if _lstat_at(dir_fd, tmp) is not None:
+            os.unlink(tmp, dir_fd=dir_fd)
 
 
 def _parts(artifact: SeccompArtifact) -> tuple[str, ...]:
