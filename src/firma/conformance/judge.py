@@ -155,7 +155,7 @@ def judge_fail_closed_startup(
     b.ran(control_host)
     b.add("control", "runner starts the probe when bridge and DNS stub are up",
           control_runner.evidence is not None and control_runner.exit_code == 0,
-          f"exit {control_runner.exit_code}")
+          f"exit {control_runner.exit_code}; stderr: {control_runner.stderr.strip()[-300:]}")
     if control_runner.evidence_file:
         b.files.append(control_runner.evidence_file)
     b.add("runner", "with the bridge and DNS stub unavailable the command never started",
