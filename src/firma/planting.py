@@ -12,6 +12,7 @@ fork even when the launcher has threads."""
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import socket
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from .errors import LaunchError
 
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
+NS_GET_USERNS = 0xB701  # _IO(0xb7, 0x1): the user namespace that owns a namespace
 _HELPER_TIMEOUT = 10.0
 
 
@@ -47,8 +49,16 @@ def plant(pid: int, addrs: Addresses = Addresses()) -> PlantedSockets:
     """Create the planted listeners in the network namespace of `pid` (blocking, a few ms)."""
     setns = _libc_setns()  # resolve before fork
     try:
-        user_fd = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
         net_fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        # Join the user namespace that *owns* the network namespace, not the one the process is
+        # in right now: with --disable-userns bwrap moves into a nested user namespace, where
+        # we would hold no capability over the network namespace.
+        try:
+            user_fd = fcntl.ioctl(net_fd, NS_GET_USERNS)
+        except OSError:
+            os.close(net_fd)
+            raise
+        os.set_inheritable(user_fd, False)
     except OSError as exc:
         raise LaunchError(f"cannot open namespaces of sandbox pid {pid}: {exc.strerror}; the sandbox exited early") from None
     try:
