@@ -53,14 +53,17 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("-n", type=int, default=21)
     ap.add_argument("--install-srt", action="store_true")
-    ap.add_argument("--firma", default=None, help="firma command (default: this python -m firma)")
+    ap.add_argument("--firma", default=None, help="firma command (default: the firma script next to this python)")
     args = ap.parse_args()
 
     ws = tempfile.mkdtemp(prefix="firma-bench-ws-")
     state = tempfile.mkdtemp(prefix="firma-bench-state-")
     env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": os.environ.get("HOME", "/root"),
            "LANG": "C.UTF-8", "FIRMA_STATE_DIR": state}
-    firma = args.firma.split() if args.firma else [sys.executable, "-m", "firma"]
+    # The console script users run (next to this interpreter), else `python -m firma`.
+    script = os.path.join(os.path.dirname(sys.executable), "firma")
+    default = [script] if os.access(script, os.X_OK) else [sys.executable, "-m", "firma"]
+    firma = args.firma.split() if args.firma else default
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         print("bwrap is not installed")

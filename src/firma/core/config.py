@@ -8,7 +8,6 @@ lists: present replaces (empty clears); maps: merge key by key."""
 from __future__ import annotations
 
 import posixpath
-import tomllib
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
@@ -92,6 +91,8 @@ def discover(
 
 def parse(text: str, path: str) -> ConfigFile:
     """Parse and validate one firma.toml; unknown keys name the key and the file."""
+    import tomllib  # only when a config file exists (launch latency)
+
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
