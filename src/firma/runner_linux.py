@@ -28,6 +28,7 @@ from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 from .core.contract_validate import parse_contract, parse_host_port, validate_contract_bytes
+from .core.profiles import COMMON_MASKED
 from .core.model import (
     PLANTED_DNS_ADDR,
     PLANTED_PROXY_ADDR,
@@ -113,7 +114,9 @@ def envelope_from_contract(contract: Mapping[str, Any], runtime_dir: str) -> Exe
         home=env.get("HOME") or cmd["cwd"],
         seccomp_filter_path=cmd["seccomp_filter_path"],
         mounts=tuple(Mount(m["source"], m["target"], m["read_only"]) for m in contract["mounts"]),
-        mask_home_paths=(),
+        # The contract v1 carries no masked paths: hide at least the credentials every profile
+        # hides (SPEC §2) under the command's HOME.
+        mask_home_paths=COMMON_MASKED,
         network=NetworkEndpoints(
             proxy_url=planted_proxy_url(),
             dns_stub_addr=f"{PLANTED_DNS_ADDR[0]}:{PLANTED_DNS_ADDR[1]}",

@@ -45,6 +45,7 @@ def test_envelope_from_contract():
     assert env.network.attribution_headers["x-firma-sandbox-id"] == c["sandbox_id"]
     assert env.mounts[0].source == "/home/dev/project" and env.runtime_dir == "/tmp/rt"
     assert [i.name for i in env.invariants][0] == "sidecar_only_egress"
+    assert env.home == "/home/dev" and ".ssh" in env.mask_home_paths and ".aws" in env.mask_home_paths
     assert upstreams_from_contract(c) == Upstreams(("127.0.0.1", 40001), ("127.0.0.1", 40002))
 
 

@@ -81,15 +81,17 @@ def standins():
     s.close()
 
 
-def write_contract(tmp_path: Path, proxy_url: str, dns: str, script: str, *, mode=0o600, startup="required"):
+def write_contract(tmp_path: Path, proxy_url: str, dns: str, script: str, *, mode=0o600, startup="required",
+                   home: str | None = None, extra_mounts: tuple = ()):
     work = tmp_path / "work"
     work.mkdir(exist_ok=True)
+    home = home or str(work)
     sbx = "sbx_" + os.urandom(16).hex()
     env = ExecutionEnvelope(
         sandbox_id=sbx, runtime_dir=f"{tmp_path}/state/run/{sbx}", executable="/bin/sh", args=("-c", script),
-        cwd=str(work), env=frozen_map({"PATH": "/usr/bin:/bin", "HOME": str(work), "HTTP_PROXY": proxy_url}),
-        identity_mode=IdentityMode.SANDBOX_USER, home=str(work), seccomp_filter_path=None,
-        mounts=(Mount(str(work), str(work), False),), mask_home_paths=(),
+        cwd=str(work), env=frozen_map({"PATH": "/usr/bin:/bin", "HOME": home, "HTTP_PROXY": proxy_url}),
+        identity_mode=IdentityMode.SANDBOX_USER, home=home, seccomp_filter_path=None,
+        mounts=(Mount(str(work), str(work), False), *extra_mounts), mask_home_paths=(),
         network=NetworkEndpoints(proxy_url, dns, frozen_map({"x-firma-sandbox-id": sbx})),
         invariants=tuple(Invariant(n, startup if n == "fail_closed_startup" else "required") for n in INVARIANT_NAMES),
     )
@@ -166,3 +168,27 @@ def test_agent_reaches_the_bridge_only_through_the_planted_endpoint(tmp_path, st
     assert (work / "proxyvar").read_text().strip() == "http://127.0.0.1:18080"
     assert (work / "reply").read_bytes().startswith(b"HTTP/1.1 200")
     assert any(b"/inside" in q for q in standins.requests)
+
+
+def test_home_credentials_are_masked(tmp_path, standins):
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "id_ed25519").write_text("SECRET-KEY\n")
+    (home / ".netrc").write_text("machine x password SECRET\n")
+    (home / "notes.txt").write_text("visible\n")
+    home.chmod(0o755)
+    script = ('cat "$HOME/notes.txt" > notes; cat "$HOME/.ssh/id_ed25519" "$HOME/.netrc" > seen 2>/dev/null; '
+              'ls -a "$HOME/.ssh" > listing 2>/dev/null; true')
+    # Positive control: outside any runner the same command reads both.
+    ctl = tmp_path / "control"
+    ctl.mkdir()
+    subprocess.run(["/bin/sh", "-c", script], cwd=ctl, env={"HOME": str(home), "PATH": "/usr/bin:/bin"}, check=True)
+    assert "SECRET-KEY" in (ctl / "seen").read_text() and "id_ed25519" in (ctl / "listing").read_text()
+    # The home is visible inside (a read-only mount, as a real home is under `/`), its secrets not.
+    path, work = write_contract(tmp_path, standins.proxy_url, standins.dns, script, home=str(home),
+                                extra_mounts=(Mount(str(home), str(home), True),))
+    r = run_runner(path, work)
+    assert r.returncode == 0, r.stderr
+    assert (work / "notes").read_text() == "visible\n"
+    assert "SECRET" not in (work / "seen").read_text()
+    assert "id_ed25519" not in (work / "listing").read_text()
