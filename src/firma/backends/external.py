@@ -164,8 +164,8 @@ class GroupChild:
     def forward_signal(self, signum: int) -> None:
         try:
             os.killpg(self.pgid, signum)
-        except ProcessLookupError:
-            pass  # the group is already gone
+        except (ProcessLookupError, PermissionError):
+            pass  # the group is already gone (its number may even belong to someone else now)
 
     def kill_tree(self) -> None:
         try:
