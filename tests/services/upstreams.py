@@ -192,3 +192,67 @@ def split_responses(data: bytes) -> list[tuple[http1.ResponseHead, bytes]]:
         out.append((head, buf[end : end + n]))
         buf = buf[end + n :]
     return out
+
+
+ATTR = {
+    "x-firma-sandbox-id": "sbx_0190aaaabbbbccccddddeeeeffff0000",
+    "x-firma-session-id": "sess-real",
+    "x-firma-profile": "generic",
+    "x-firma-agent": "generic",
+    "x-firma-user": "tester",
+}
+
+
+def audit_events(path) -> list[dict]:
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class Stack:
+    """Sidecar (+ bridge) on loopback with audit files under tmp; use `async with`."""
+
+    def __init__(self, tmp, *, allow=(), policy_text=None, monitor=False, resolver=None, limits=None, attribution=None, bridge=True):
+        from firma.services.sidecar import SidecarConfig, SidecarLimits
+
+        self.tmp = tmp
+        self.audit_path = str(tmp / "audit.jsonl")
+        self.key_path = str(tmp / "audit.key")
+        policy_path = None
+        if policy_text is not None:
+            policy_path = str(tmp / "policy.cedar")
+            (tmp / "policy.cedar").write_text(policy_text)
+        self.config = SidecarConfig(
+            allow_hosts=tuple(allow), policy_path=policy_path, audit_path=self.audit_path, key_path=self.key_path,
+            monitor=monitor, limits=limits or SidecarLimits(), connect_timeout=5.0, resolver=resolver,
+        )
+        self.attribution = dict(ATTR if attribution is None else attribution)
+        self.with_bridge = bridge
+        self.sidecar = self.bridge = None
+        self.endpoint = ""
+        self.sidecar_port = self.bridge_port = 0
+
+    async def __aenter__(self) -> "Stack":
+        from firma.services.bridge import Bridge
+        from firma.services.sidecar import Sidecar
+
+        self.sidecar = Sidecar(self.config)
+        self.endpoint = await self.sidecar.start("tcp://127.0.0.1:0")
+        self.sidecar_port = int(self.endpoint.rsplit(":", 1)[1])
+        if self.with_bridge:
+            self.bridge = Bridge(sidecar_endpoint=self.endpoint, attribution=self.attribution)
+            self.bridge_port = await self.bridge.serve_address("127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        if self.bridge is not None:
+            await self.bridge.aclose()
+        await self.sidecar.aclose()
+
+    def events(self) -> list[dict]:
+        return audit_events(self.audit_path)
+
+
+def run(coro):
+    return asyncio.run(coro)

@@ -98,6 +98,30 @@ class Stream:
         except Exception:  # noqa: BLE001
             pass
 
+    async def linger_close(self, secs: float = 1.0, max_bytes: int = 1 << 20) -> None:
+        """Half-close, then discard what the peer still sends for a moment before closing, so an
+        error response is not destroyed by a TCP reset over unread request bytes."""
+        if self.w.is_closing():
+            return
+        try:
+            await self.w.drain()
+            if self.w.can_write_eof():
+                self.w.write_eof()
+            left = max_bytes
+            deadline = time.monotonic() + secs
+            while left > 0:
+                rest = deadline - time.monotonic()
+                if rest <= 0:
+                    break
+                data = await asyncio.wait_for(self.r.read(65536), rest)
+                if not data:
+                    break
+                left -= len(data)
+        except (OSError, RuntimeError, asyncio.TimeoutError, ConnectionError):
+            pass
+        finally:
+            self.close()
+
 
 class Activity:
     def __init__(self) -> None:

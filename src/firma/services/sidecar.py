@@ -314,7 +314,10 @@ class Sidecar:
         finally:
             self._active -= 1
             self._tasks.discard(task)
-            s.close()
+            try:
+                await s.linger_close()
+            except asyncio.CancelledError:
+                s.close()
 
     @staticmethod
     def _context(head: http1.RequestHead) -> _Ctx:
@@ -415,6 +418,14 @@ class Sidecar:
         client_keep = head.version == "HTTP/1.1" and "close" not in connection_tokens
         try:
             status, size, resp_keep = await self._relay_response(s, up, head.method)
+        except (OSError, ConnectionError, HttpError, asyncio.TimeoutError) as exc:
+            # A body we refused to forward explains why the upstream went away: report that.
+            if body_task.done() and not body_task.cancelled() and body_task.exception() is None and body_task.result():
+                return 0, 0, False, body_task.result()
+            body_task.cancel()
+            if isinstance(exc, HttpError):
+                return 0, 0, False, exc.reason
+            raise
         except BaseException:
             body_task.cancel()
             raise

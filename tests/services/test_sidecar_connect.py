@@ -1,0 +1,148 @@
+"""CONNECT: SNI must match the CONNECT host (trustme TLS server on loopback), large transfers
+intact, many concurrent connections (SPEC §9; ATTACKS C.2 17, 22-23)."""
+
+import asyncio
+import hashlib
+import os
+import ssl
+
+import pytest
+import trustme
+
+from upstreams import ATTR, HttpUpstream, RawUpstream, Stack, fake_resolver, run, split_responses
+
+
+@pytest.fixture(scope="module")
+def ca():
+    return trustme.CA()
+
+
+def tls_server_ctx(ca, *names):
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(*names).configure_cert(ctx)
+    return ctx
+
+
+async def open_tunnel(port: int, target: str, extra: str = ""):
+    r, w = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
+    w.write(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{extra}\r\n".encode())
+    await w.drain()
+    line = await r.readuntil(b"\r\n\r\n")
+    return r, w, line
+
+
+async def tls_over(r, w, ca, server_hostname):
+    """Start TLS on an open tunnel (asyncio start_tls on the client stream)."""
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    loop = asyncio.get_running_loop()
+    transport = w.transport
+    protocol = transport.get_protocol()
+    new = await asyncio.wait_for(loop.start_tls(transport, protocol, ctx, server_hostname=server_hostname), 5)
+    w._transport = new  # StreamWriter follows the upgraded transport
+    return r, w
+
+
+def test_sni_matching_host_passes_and_mismatch_never_reaches_upstream(tmp_path, ca):
+    async def main():
+        srv = await RawUpstream(ssl_ctx=tls_server_ctx(ca, "allowed.test", "evil.test"), echo=True).start()
+        res = fake_resolver({"allowed.test": ["127.0.0.1"]})
+        async with Stack(tmp_path, allow=[f"allowed.test:{srv.port}", f"allowed.test:443"], resolver=res) as s:
+            # matching SNI: the handshake completes end to end and data echoes back
+            r, w, line = await open_tunnel(s.bridge_port, f"allowed.test:{srv.port}")
+            assert line.startswith(b"HTTP/1.1 200")
+            r, w = await tls_over(r, w, ca, "allowed.test")
+            w.write(b"ping")
+            await w.drain()
+            assert await asyncio.wait_for(r.readexactly(4), 5) == b"ping"
+            w.close()
+            await asyncio.sleep(0.1)
+            before = srv.connections
+            # domain fronting: CONNECT allowed.test, ClientHello SNI evil.test → closed, no dial
+            r, w, line = await open_tunnel(s.bridge_port, f"allowed.test:{srv.port}")
+            with pytest.raises((ssl.SSLError, ConnectionError, asyncio.IncompleteReadError, OSError)):
+                await tls_over(r, w, ca, "evil.test")
+            w.close()
+            # plain HTTP inside a hostname CONNECT to 443 is refused too (tls_required)
+            r, w, line = await open_tunnel(s.bridge_port, "allowed.test:443")
+            w.write(b"GET / HTTP/1.1\r\nHost: allowed.test\r\n\r\n")
+            await w.drain()
+            assert await asyncio.wait_for(r.read(), 5) == b""
+            w.close()
+            await asyncio.sleep(0.2)
+            after = srv.connections
+        await srv.aclose()
+        return before, after, s
+
+    before, after, s = run(main())
+    assert before == 1 and after == 1  # the mismatch and the non-TLS attempts dialed nothing
+    evs = s.events()
+    reasons = [e["deny_reason"] for e in evs if e["decision"] == 2]
+    assert sorted(reasons) == ["sni_mismatch", "tls_required"]
+    assert {e["sandbox_id"] for e in evs} == {ATTR["x-firma-sandbox-id"]}
+
+
+def test_tunnel_64mib_upload_byte_identical(tmp_path):
+    payload = os.urandom(64 * 1024 * 1024)
+    want = hashlib.sha256(payload).hexdigest().encode()
+
+    async def main():
+        srv = await RawUpstream().start()  # replies with sha256 of all it received after EOF
+        async with Stack(tmp_path, allow=[f"127.0.0.1:{srv.port}"]) as s:
+            r, w, line = await open_tunnel(s.bridge_port, f"127.0.0.1:{srv.port}")
+            assert line.startswith(b"HTTP/1.1 200")
+            mv = memoryview(payload)
+            for i in range(0, len(mv), 1 << 20):
+                w.write(mv[i : i + (1 << 20)])
+                await w.drain()
+            w.write_eof()
+            got = await asyncio.wait_for(r.read(), 60)
+            w.close()
+        await srv.aclose()
+        return got, srv, s
+
+    got, srv, s = run(main())
+    assert got == want and len(srv.received) == len(payload)
+    assert hashlib.sha256(srv.received).hexdigest().encode() == want
+    (ev,) = s.events()
+    assert ev["action"] == "network.connect" and ev["decision"] == 1 and ev["response_size"] == 64
+
+
+def test_500_concurrent_connections_none_lost(tmp_path):
+    async def main():
+        up = await HttpUpstream(body=b"y" * 1000).start()
+        async with Stack(tmp_path, allow=[f"127.0.0.1:{up.port}"]) as s:
+
+            async def one(i):
+                r, w = await asyncio.open_connection("127.0.0.1", s.bridge_port)
+                w.write(f"GET http://127.0.0.1:{up.port}/{i} HTTP/1.1\r\nConnection: close\r\n\r\n".encode())
+                await w.drain()
+                data = await asyncio.wait_for(r.read(), 60)
+                w.close()
+                return data
+
+            outs = await asyncio.gather(*(one(i) for i in range(500)))
+        await up.aclose()
+        return outs, up, s
+
+    outs, up, s = run(main())
+    assert all(o.startswith(b"HTTP/1.1 200") and o.endswith(b"y" * 1000) for o in outs)
+    assert sorted(h.target for h, _ in up.rec.requests) == sorted(f"/{i}" for i in range(500))
+    evs = s.events()
+    assert len(evs) == 500 and {e["decision"] for e in evs} == {1}
+
+
+def test_connect_denials(tmp_path):
+    async def main():
+        async with Stack(tmp_path, allow=["allowed.test"], resolver=fake_resolver({"allowed.test": ["93.184.216.34"]})) as s:
+            out = []
+            for target in ("evil.test:443", "allowed.test:22", "allowed.test", "127.0.0.1:22", "[::1]:443", "allowed.test@evil.test:443"):
+                r, w, line = await open_tunnel(s.bridge_port, target)
+                out.append(line)
+                w.close()
+            return out, s
+
+    out, s = run(main())
+    for line in out:
+        assert line.startswith(b"HTTP/1.1 4"), line
+    assert [e["decision"] for e in s.events()] == [2] * 6
