@@ -107,3 +107,53 @@ def test_vz_guest_contract_validates_and_matches_schema(tmp_path):
     os.unlink(guest["rootfs"])
     assert validate_contract(contract, file_exists=os.path.isfile)
 
+
+
+def test_vz_backend_guest_launch_contract_validates_and_matches_schema(tmp_path):
+    """The real VZ guest path (VzBackend.prepare + launch on a described macOS host) with a runner
+    that captures the contract it is handed."""
+    import asyncio
+
+    from firma.backends.base import LaunchHooks
+    from firma.backends.vz import VzBackend
+    from firma.core.model import (
+        ExecutionEnvelope, Identity, IdentityMode, NetworkEndpoints, RunPlan, VzInputs, frozen_map,
+    )
+    from firma.host import Host
+
+    runner, out = capture_runner(tmp_path, exit_code=0)
+    files = {}
+    for name in ("kernel", "initrd", "rootfs"):
+        p = tmp_path / name
+        p.write_bytes(b"x")
+        files[name] = str(p)
+    sbx = "sbx_0192f0c8a1b27c3d9e4f5a6b7c8d9e0f"
+    runtime = tmp_path / "state" / "run" / sbx
+    runtime.mkdir(parents=True, mode=0o700)
+    plan = RunPlan(
+        identity=Identity(sbx, "s", "generic", "generic", "u"), backend="vz", argv=("/usr/bin/true",),
+        cwd=str(tmp_path), home=str(tmp_path), state_root=str(tmp_path / "state"),
+        vz=VzInputs(guest=True, runner=str(runner), **files),
+    )
+    backend = VzBackend()
+    backend.prepare(plan, Host(system="darwin"))
+    env = ExecutionEnvelope(
+        sandbox_id=sbx, runtime_dir=str(runtime), executable="/usr/bin/true", args=(), cwd=str(tmp_path),
+        env=frozen_map({"PATH": "/usr/bin:/bin", "HTTP_PROXY": "http://127.0.0.1:41000"}),
+        identity_mode=IdentityMode.SANDBOX_USER, home=str(tmp_path), seccomp_filter_path=None,
+        mounts=(), mask_home_paths=(),
+        network=NetworkEndpoints("http://127.0.0.1:41000", "127.0.0.1:41001", frozen_map({"x-firma-sandbox-id": sbx})),
+    )
+
+    async def go():
+        child = await backend.launch(env, LaunchHooks(serve_planted=None, add_check=lambda c: None))
+        return await child.wait()
+
+    assert asyncio.run(go()) == 0
+    argv = (out / "argv").read_text().splitlines()
+    assert argv == ["--launch-contract", f"{runtime}/vz-guest/vz-guest-launch.json"]
+    assert (out / "mode").read_text().strip() == "600"
+    contract = json.loads((out / "contract.json").read_text())
+    assert contract["guest"] == files
+    assert validate_contract(contract, file_exists=os.path.isfile) == []
+    SCHEMA.validate(contract)

@@ -8,13 +8,12 @@ an operator checks that it does."""
 
 from __future__ import annotations
 
-import errno
 import os
-import stat
 
 from ..core.contract import build_contract
 from ..core.contract_validate import validate_contract
 from ..core.model import EnforcementProof, ExecutionEnvelope, NetworkConfinement, RunPlan
+from ..core.vzinputs import Inspect, inspect_path
 from ..errors import BackendError, ContractError
 from ..host import Host
 from . import external
@@ -26,23 +25,21 @@ CONTRACT_SUBDIR = "runner"
 CONTRACT_NAME = "launch.json"
 
 
-def check_runner_path(value: str | None, name: str = RUNNER_ENV) -> str:
-    """SPEC §6 checks for a runner executable; returns the path or raises the reason text."""
+def check_runner_path(value: str | None, name: str = RUNNER_ENV, inspect: Inspect = inspect_path) -> str:
+    """SPEC §6 checks and texts for a runner executable (the vz guest rules, with this variable's
+    name); returns the path or raises `backend error (runner): <reason>`."""
     if value is None:
         raise _err(f"runner backend requires {name}")
-    if not value.startswith("/"):
+    if not value.startswith("/"):  # the empty string included
         raise _err(f"{name} must be an absolute path: {value}")
-    try:
-        st = os.stat(value)  # follows links: a dangling link does not exist
-    except (FileNotFoundError, NotADirectoryError):
-        raise _err(f"{name} does not exist: {value}") from None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise _err(f"{name} does not exist: {value}") from None
-        raise _err(f"failed to inspect {name} {value}: {exc.strerror or exc}") from None
-    if not stat.S_ISREG(st.st_mode):
+    facts = inspect(value)  # one stat, following links: a dangling link is missing
+    if facts.kind == "missing":
+        raise _err(f"{name} does not exist: {value}")
+    if facts.kind == "error":
+        raise _err(f"failed to inspect {name} {value}: {facts.error}")
+    if facts.kind != "file":
         raise _err(f"{name} must point to a file: {value}")
-    if not st.st_mode & 0o111:
+    if not facts.executable:
         raise _err(f"{name} must be executable: {value}")
     return value
 
