@@ -190,3 +190,13 @@ def test_any_environment_gives_a_valid_contract_without_secret_names(tmp_path_fa
     for k, v in extra.items():
         if not is_secret_env_name(k):
             assert c["command"]["env"][k] == v
+
+
+def test_workspace_is_always_a_read_write_mount(tmp_path):
+    ws = tmp_path / "ws"
+    c = build_contract(envelope(tmp_path, cwd=str(ws)), "/r")
+    assert c["mounts"][0] == {"source": str(ws), "target": str(ws), "read_only": False}
+    assert len(c["mounts"]) == 3
+    # Already listed (here read-write at the same target): not duplicated.
+    c = build_contract(envelope(tmp_path), "/r")
+    assert [m["target"] for m in c["mounts"]].count(str(tmp_path)) == 1

@@ -16,7 +16,7 @@ import json
 from typing import Any, Mapping
 
 from ..errors import ContractError
-from .model import INVARIANT_NAMES, ExecutionEnvelope
+from .model import INVARIANT_NAMES, ExecutionEnvelope, Mount
 
 CONTRACT_VERSION = 1
 CAPABILITY_TOKEN_ENV = "FIRMA_CAPABILITY_TOKEN"
@@ -125,13 +125,18 @@ def build_contract(
         "identity_mode": envelope.identity_mode.contract_name,
         "seccomp_filter_path": envelope.seccomp_filter_path,
     }
+    mounts = list(envelope.mounts)
+    # The working directory is always mounted read-write (SPEC §2); bwrap binds it implicitly, but
+    # a runner only knows what the contract says, so it is listed first unless already there.
+    if not any(m.target == envelope.cwd for m in mounts):
+        mounts.insert(0, Mount(envelope.cwd, envelope.cwd, False))
     contract["mounts"] = [
         {
             "source": _text(m.source, "mount source"),
             "target": _text(m.target, "mount target"),
             "read_only": bool(m.read_only),
         }
-        for m in envelope.mounts
+        for m in mounts
     ]
     contract["network"] = {
         "proxy_url": proxy_url,
