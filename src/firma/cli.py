@@ -22,7 +22,26 @@ COMMANDS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+_GLOBAL_WITH_VALUE = ("--config", "--log-file", "--log-filter")
+
+
+def command_in(argv: list[str]) -> str | None:
+    """The command name in argv (skipping global options), or None."""
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a in _GLOBAL_WITH_VALUE:
+            i += 2
+        elif a.startswith("-"):
+            i += 1
+        else:
+            return a
+    return None
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """`only`: import just that command's module (launch latency: `firma run` should not pay
+    for every other command's imports). Unknown or None imports them all (help, errors)."""
     parser = argparse.ArgumentParser(
         prog="firma", description="Run AI agents confined behind a policy sidecar."
     )
@@ -30,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-file", help="write firma's own log lines to this file")
     parser.add_argument("--log-filter", help="log level directive, e.g. info or debug")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
-    for name, modname in COMMANDS.items():
+    selected = {only: COMMANDS[only]} if only in COMMANDS else COMMANDS
+    for name, modname in selected.items():
         mod = importlib.import_module(modname)
         p = mod.add_parser(sub)
         p.set_defaults(_module=mod)
@@ -40,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(command_in(argv)).parse_args(argv)
         return int(args._module.run(args))
     except FirmaError as exc:
         print(f"[ERR]  {exc}", file=sys.stderr, flush=True)

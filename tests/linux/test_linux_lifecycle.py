@@ -274,3 +274,35 @@ def test_agent_with_capabilities_is_refused_and_killed(ws, tmp_path, monkeypatch
     assert checks["agent_no_capabilities"]["ok"] is False and doc["exit_status"] is None
     # a failed run keeps its run.log next to the proof
     assert (tmp_path / "state" / "proofs" / f"{plan.identity.sandbox_id}.run.log").exists()
+
+
+def test_two_concurrent_sandboxes_are_attributed_apart(tmp_path):
+    """ATTACKS #60: two runs at once, one state root: every decision carries the right sandbox."""
+    up = Upstream()
+    try:
+        env = base_env(tmp_path)
+        procs = []
+        for name in ("a", "b"):
+            w = tmp_path / f"ws-{name}"
+            w.mkdir()
+            script = (f"for i in 1 2 3; do curl -s -m 5 -o /dev/null http://127.0.0.1:{up.port}/{name}$i; done; "
+                      f"echo $FIRMA_RUN_SANDBOX_ID > {w}/sid")
+            procs.append((name, w, subprocess.Popen(firma_cmd("run", "--allow-host", f"127.0.0.1:{up.port}", "--", "sh", "-c", script),
+                                                    cwd=w, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
+        sids = {}
+        for name, w, p in procs:
+            assert p.wait(60) == 0, p.stderr.read()
+            sids[name] = (w / "sid").read_text().strip()
+        assert sids["a"] != sids["b"]
+        events = [json.loads(l) for l in (tmp_path / "state" / "audit.jsonl").read_text().splitlines()]
+        seen = {"a": 0, "b": 0}
+        for e in events:
+            if e["action"] != "http.request":
+                continue
+            name = e["resource"].rsplit("/", 1)[1][0]
+            assert e["sandbox_id"] == sids[name], e
+            seen[name] += 1
+        assert seen == {"a": 3, "b": 3}
+        assert len([h for h in up.hits if h.startswith(b"GET /")]) == 6
+    finally:
+        up.close()
