@@ -20,6 +20,7 @@ import ipaddress
 import os
 import shutil
 import socket
+import stat
 import struct
 import sys
 import tempfile
@@ -273,6 +274,63 @@ class _DnsUdp(asyncio.DatagramProtocol):
                 transport.close()
 
 
+# --- where the bwrap backend's generated files go -------------------------------------------
+
+
+@dataclass(frozen=True)
+class RuntimeDir:
+    path: str
+    temp_root: str | None  # a private temp tree we made (removed whole)
+    preexisting: frozenset[str] = frozenset()  # names already in firma's runtime_dir
+
+    def cleanup(self) -> None:
+        if self.temp_root is not None:
+            shutil.rmtree(self.temp_root, ignore_errors=True)
+            return
+        # Remove only what this run added (resolv.conf, hosts, passwd, group), never firma's files.
+        try:
+            names = os.listdir(self.path)
+        except OSError:
+            return
+        for name in names:
+            if name in self.preexisting:
+                continue
+            p = os.path.join(self.path, name)
+            try:
+                if stat.S_ISREG(os.lstat(p).st_mode):
+                    os.unlink(p)
+            except OSError:
+                pass
+
+
+def choose_runtime_dir(contract: Mapping[str, Any]) -> RuntimeDir:
+    """firma's per-run directory when it is a private directory of ours, else a private temp tree.
+
+    The bwrap backend hides `<runtime_dir>/../..` (the state root) from the agent. With firma's own
+    runtime_dir that is firma's state root — the audit signing key, the proofs and this contract —
+    which must stay out of the agent's reach wherever FIRMA_STATE_DIR points."""
+    path = contract["runtime_dir"]
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        tmp = tempfile.mkdtemp(prefix="firma-runner-")
+        inner = os.path.join(tmp, "run", contract["sandbox_id"])
+        os.makedirs(inner, mode=0o700)
+        return RuntimeDir(inner, tmp)
+    except OSError as exc:
+        raise LaunchError(f"cannot inspect runtime_dir {path}: {exc.strerror}") from None
+    if (
+        not stat.S_ISDIR(st.st_mode)
+        or st.st_uid != os.geteuid()
+        or stat.S_IMODE(st.st_mode) & 0o077
+    ):
+        raise LaunchError(
+            f"runtime_dir {path} must be a directory owned by uid {os.geteuid()} with mode 0700 "
+            "(not a link); refusing to write the sandbox's generated files there"
+        )
+    return RuntimeDir(path, None, frozenset(os.listdir(path)))
+
+
 # --- main ------------------------------------------------------------------------------------
 
 
@@ -309,19 +367,14 @@ async def run_contract(contract: dict[str, Any], log) -> int:
             )
         log(f"WARN fail_closed_startup is disabled_by_policy: {bad[0].name} failed ({bad[0].detail})")
 
-    # Generated files (resolv.conf, passwd, group) go to a private directory of this runner, not
-    # into firma's runtime_dir, which the contract only describes.
-    work = tempfile.mkdtemp(prefix="firma-runner-")
+    rt = choose_runtime_dir(contract)
     relays = Relays(up)
     child = None
     main_task = asyncio.current_task()
     sup = Supervisor(on_early_signal=lambda _sig: main_task.cancel())
     sup.install()
     try:
-        # The bwrap backend treats <runtime_dir>/../.. as a state root and hides it: keep that
-        # shape so the runner's own directory is masked inside the sandbox too.
-        runtime_dir = os.path.join(work, "run", contract["sandbox_id"])
-        os.makedirs(runtime_dir, mode=0o700)
+        runtime_dir = rt.path
         envelope = envelope_from_contract(contract, runtime_dir)
         # The agent owns stdout/stderr: the backend's progress lines are not printed.
         hooks = LaunchHooks(serve_planted=relays.serve, add_check=lambda c: None, log=lambda _m: None)
@@ -339,7 +392,7 @@ async def run_contract(contract: dict[str, Any], log) -> int:
             child.kill_tree()
             child.close()
         await relays.aclose()
-        shutil.rmtree(work, ignore_errors=True)
+        rt.cleanup()
 
 
 def main(argv: list[str] | None = None) -> int:

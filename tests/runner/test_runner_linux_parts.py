@@ -5,7 +5,9 @@ standing in for planted ones; the real planted path is exercised by the conforma
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import stat
 import struct
 
 import pytest
@@ -169,3 +171,58 @@ def test_relays_forward_bytes_and_close_when_the_bridge_is_gone():
         stub_t.close()
 
     asyncio.run(main())
+
+
+def test_runtime_dir_is_firmas_so_its_state_root_is_hidden(tmp_path):
+    """With firma's own runtime_dir the bwrap plan masks <runtime_dir>/../.. — firma's state root
+    with the audit key, proofs and the contract itself — wherever FIRMA_STATE_DIR points."""
+    from firma.backends.bwrap import BwrapBackend, measure_facts
+    from firma.host import detect_host
+    from firma.runner_linux import choose_runtime_dir
+
+    state = tmp_path / "state"
+    c = good_contract()
+    rt_path = state / "run" / c["sandbox_id"]
+    rt_path.mkdir(parents=True, mode=0o700)
+    (rt_path / "run.log").write_text("firma's\n")
+    (state / "audit.key").write_text("KEY")
+    c["runtime_dir"] = str(rt_path)
+    c["command"]["cwd"] = str(tmp_path)
+    c["mounts"] = []
+    rt = choose_runtime_dir(c)
+    assert rt.path == str(rt_path) and rt.temp_root is None
+    env = envelope_from_contract(c, rt.path)
+    host = detect_host()
+    assert measure_facts(env, host).state_root == str(state)
+    plan = BwrapBackend(host).plan_for(env)
+    # Masked itself, or under a masked path (here /tmp, already a fresh tmpfs).
+    assert any(str(state) == m or str(state).startswith(m.rstrip("/") + "/") for m in plan.masked), plan.masked
+    # Cleanup removes what the run added, never firma's files.
+    (rt_path / "resolv.conf").write_text("nameserver 127.0.0.1\n")
+    rt.cleanup()
+    assert sorted(os.listdir(rt_path)) == ["run.log"]
+
+
+def test_runtime_dir_not_private_is_refused(tmp_path):
+    from firma.errors import LaunchError
+    from firma.runner_linux import choose_runtime_dir
+
+    c = good_contract()
+    d = tmp_path / "rt"
+    d.mkdir(mode=0o755)
+    d.chmod(0o755)
+    c["runtime_dir"] = str(d)
+    with pytest.raises(LaunchError, match="mode 0700"):
+        choose_runtime_dir(c)
+
+
+def test_missing_runtime_dir_gets_a_private_temp_tree(tmp_path):
+    from firma.runner_linux import choose_runtime_dir
+
+    c = good_contract()
+    c["runtime_dir"] = str(tmp_path / "absent")
+    rt = choose_runtime_dir(c)
+    assert rt.temp_root and rt.path == os.path.join(rt.temp_root, "run", c["sandbox_id"])
+    assert stat.S_IMODE(os.stat(rt.path).st_mode) == 0o700
+    rt.cleanup()
+    assert not os.path.exists(rt.temp_root)
