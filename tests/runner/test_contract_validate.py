@@ -104,6 +104,11 @@ TABLE = [
         mutated((("command", "env", "FIRMA_CAPABILITY_TOKEN"), "tok")),
         ("/command/env/FIRMA_CAPABILITY_TOKEN", "capability token"),
     ),
+    (
+        "firma credential variable in env",
+        mutated((("command", "env", "FIRMA_AUDIT_KEY"), "k")),
+        ("/command/env/FIRMA_AUDIT_KEY", "credential variable"),
+    ),
     ("257 env entries", mutated((("command", "env"), {f"V{i}": "x" for i in range(257)})), ("/command/env", "257 entries")),
     ("bad identity mode", mutated((("command", "identity_mode"), "root")), ("/command/identity_mode", "must be one of")),
     ("relative seccomp path", mutated((("command", "seccomp_filter_path"), "f.bpf")), ("/command/seccomp_filter_path", "absolute")),
@@ -183,7 +188,7 @@ def test_rule(name, contract, expected):
     ), lines
     # The schema agrees wherever JSON Schema can express the rule.
     if name not in {"arg over 4096 bytes", "guest missing file", "sandbox-id header mismatch",
-                    "sandbox-id header twice (case)"}:
+                    "sandbox-id header twice (case)", "firma credential variable in env"}:
         assert not jsonschema.Draft202012Validator(contract_schema()).is_valid(contract), name
 
 

@@ -15,6 +15,7 @@ import stat as stat_mod
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+from .contract import is_secret_env_name
 from .model import INVARIANT_NAMES
 
 CONTRACT_VERSION = 1
@@ -261,6 +262,9 @@ def _check_command(c: _Checker, cmd: Any) -> None:
                 w = f"/command/env/{_esc(k)}"
                 if k in FORBIDDEN_ENV:
                     c.bad(w, "a capability token must never be written into a contract")
+                elif isinstance(k, str) and is_secret_env_name(k):
+                    # The builder drops these (core/contract.py); another writer must not add them.
+                    c.bad(w, "a firma credential variable must never be written into a contract")
                 elif not k or "=" in k or "\x00" in k:
                     c.bad(w, "invalid environment variable name")
                 if not isinstance(val, str):
@@ -394,7 +398,8 @@ def contract_schema() -> dict[str, Any]:
         "description": (
             "The execution envelope a runner must enforce, plus six invariants (SPEC §7). "
             "Rules JSON Schema cannot express are checked by `firma contract validate`: file mode "
-            "0600, argument length in bytes, guest files existing."
+            "0600, argument length in bytes, guest files existing, firma credential variable names "
+            "(FIRMA_*_KEY, _TOKEN, _SECRET, …), the sandbox-id header equal to sandbox_id."
         ),
         **_object(
             {
