@@ -133,11 +133,17 @@ def test_stub_serves_udp_and_tcp_on_one_port_and_reports_queries():
 
 def test_stub_serves_handed_sockets_and_failing_reporter_is_harmless():
     async def main():
-        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        udp.bind(("127.0.0.1", 0))
-        port = udp.getsockname()[1]
-        tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        tcp.bind(("127.0.0.1", port))
+        for _ in range(50):  # an ephemeral UDP port whose TCP twin is free (as the planter does)
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            udp.bind(("127.0.0.1", 0))
+            port = udp.getsockname()[1]
+            tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                tcp.bind(("127.0.0.1", port))
+                break
+            except OSError:
+                udp.close()
+                tcp.close()
         tcp.listen(8)
 
         def boom(n, t):

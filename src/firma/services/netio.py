@@ -10,8 +10,8 @@ import time
 from ..core.http1 import head_end
 from ..errors import SidecarError
 
-READ_CHUNK = 256 * 1024
-STREAM_LIMIT = 1024 * 1024
+READ_CHUNK = 1024 * 1024
+STREAM_LIMIT = 4 * 1024 * 1024
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, str | tuple[str, int]]:
@@ -45,6 +45,11 @@ async def open_endpoint(endpoint: str, timeout: float = 10.0):
 
 
 def nodelay(writer: asyncio.StreamWriter) -> None:
+    """TCP_NODELAY (small requests must not wait for Nagle) and a larger write buffer (bulk relays)."""
+    try:
+        writer.transport.set_write_buffer_limits(high=STREAM_LIMIT)
+    except (AttributeError, RuntimeError):
+        pass
     sock = writer.get_extra_info("socket")
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         try:

@@ -260,6 +260,7 @@ class Sidecar:
         task = asyncio.current_task()
         self._tasks.add(task)
         self._active += 1
+        netio.nodelay(writer)
         s = netio.Stream(reader, writer)
         ctx = _Ctx()
         try:
