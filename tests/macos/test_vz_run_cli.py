@@ -253,3 +253,29 @@ def test_sigterm_to_firma_reaches_the_runner_and_its_status_comes_back(tmp_path)
     assert (out / "got").read_text().strip() == "TERM"
     sbx = json.loads((out / "contract.json").read_text())["sandbox_id"]
     assert not (tmp_path / "state" / "run" / sbx).exists()
+
+
+def test_runner_inherits_no_descriptor_beyond_stdio(tmp_path):
+    # The launcher holds the sidecar, bridge and stub sockets, the audit file and run.log open
+    # while the runner starts; none of them may reach it (ATTACKS C.4 #33).
+    out = tmp_path / "fds.json"
+    runner = tmp_path / "fd-runner"
+    runner.write_text(
+        f"#!{sys.executable} -I\n"
+        "import json, os\n"
+        "fds = {}\n"
+        "for fd in os.listdir('/proc/self/fd'):\n"
+        "    try:\n"
+        "        fds[fd] = os.readlink(f'/proc/self/fd/{fd}')\n"
+        "    except OSError:\n"
+        "        pass\n"
+        f"open({str(out)!r}, 'w').write(json.dumps(fds))\n"
+    )
+    runner.chmod(0o755)
+    r = firma(tmp_path, ["run", "--backend", "vz", "--", "/bin/true"], _guest_env(tmp_path, runner))
+    assert r.returncode == 0, r.stderr
+    fds = json.loads(out.read_text())
+    extra = {fd: target for fd, target in fds.items()
+             if fd not in ("0", "1", "2") and not target.startswith("/proc/")}
+    assert extra == {}, f"descriptors leaked into the runner: {extra}"
+    assert {"0", "1", "2"} <= set(fds)
