@@ -157,3 +157,79 @@ def test_vz_backend_guest_launch_contract_validates_and_matches_schema(tmp_path)
     assert contract["guest"] == files
     assert validate_contract(contract, file_exists=os.path.isfile) == []
     SCHEMA.validate(contract)
+
+
+def test_firma_run_with_the_reference_runner_end_to_end(tmp_path):
+    """firma run --backend runner with FIRMA_RUN_RUNNER=firma-runner-linux: the whole chain (real
+    sidecar, bridge and DNS stub on host loopback, the contract, bubblewrap). The agent reaches an
+    allowed loopback upstream only through the proxy; a direct connection to a listener on host
+    loopback does not arrive (positive control: the same connection from the host does)."""
+    import shutil
+    import socket
+    import threading
+
+    if shutil.which("bwrap") is None:
+        raise AssertionError("bwrap is required; run scripts/install-system-deps.sh")
+    runner = str(Path(sys.executable).parent / "firma-runner-linux")
+
+    upstream = socket.create_server(("127.0.0.1", 0))
+    trap = socket.create_server(("127.0.0.1", 0))
+    seen = {"upstream": [], "trap": []}
+
+    def serve(sock, key, reply):
+        while True:
+            try:
+                c, _ = sock.accept()
+            except OSError:
+                return
+            with c:
+                c.settimeout(5)
+                try:
+                    data = c.recv(4096)
+                except OSError:
+                    data = b""
+                seen[key].append(data)
+                if reply:
+                    c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nConnection: close\r\n\r\nupstream")
+
+    for sock, key, reply in ((upstream, "upstream", True), (trap, "trap", False)):
+        threading.Thread(target=serve, args=(sock, key, reply), daemon=True).start()
+    up_port, trap_port = upstream.getsockname()[1], trap.getsockname()[1]
+
+    # Positive control from the host: the trap listener records a connection.
+    with socket.create_connection(("127.0.0.1", trap_port), timeout=5) as s:
+        s.sendall(b"control")
+    agent = (
+        "import os, socket, urllib.request\n"
+        f"print(urllib.request.urlopen('http://127.0.0.1:{up_port}/via-proxy', timeout=10).read().decode())\n"
+        "try:\n"
+        f"    socket.create_connection(('127.0.0.1', {trap_port}), timeout=3).sendall(b'direct')\n"
+        "    print('direct: connected')\n"
+        "except OSError as e:\n"
+        "    print('direct: blocked', type(e).__name__)\n"
+        "print('proxy', os.environ['HTTP_PROXY'])\n"
+    )
+    work = tmp_path / "workspace"
+    work.mkdir()
+    state = tmp_path / "state"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FIRMA_")}
+    env.update({"FIRMA_STATE_DIR": str(state), "FIRMA_RUN_RUNNER": runner, "PATH": "/usr/bin:/bin"})
+    proof_file = tmp_path / "proof.json"
+    r = subprocess.run(
+        [sys.executable, "-m", "firma", "run", "--backend", "runner", "--allow-host", f"127.0.0.1:{up_port}",
+         "--proof-file", str(proof_file), "--", "/usr/bin/python3", "-c", agent],
+        cwd=work, env=env, capture_output=True, text=True, timeout=120,
+    )
+    upstream.close()
+    trap.close()
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "upstream"
+    assert lines[1].startswith("direct: blocked")
+    assert lines[2] == "proxy http://127.0.0.1:18080"
+    assert any(b"/via-proxy" in d for d in seen["upstream"])
+    assert seen["trap"] == [b"control"]
+    proof = json.loads(proof_file.read_text())
+    assert proof["backend"] == "runner" and proof["network_confinement"] == "external_runner"
+    assert proof["detail"] == "external runner enforces the launch contract invariants"
+    assert proof["structural"] is True and proof["exit_status"] == 0
