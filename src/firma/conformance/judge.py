@@ -223,6 +223,7 @@ def judge_direct_bypass_resistant(control: RunObservation, inside: RunObservatio
 def judge_preserve_stdio_signals_exit(
     control_stdio: RunObservation, inside_stdio: RunObservation,
     control_signal: RunObservation, inside_signal: RunObservation,
+    control_death: RunObservation | None = None, inside_death: RunObservation | None = None,
 ) -> InvariantResult:
     b = _Builder("preserve_stdio_signals_exit")
     for obs in (control_stdio, inside_stdio):
@@ -238,6 +239,12 @@ def judge_preserve_stdio_signals_exit(
         b.add(obs.side, "SIGTERM sent to the runner reached the command",
               _get(obs.evidence, "signal") == "SIGTERM", f"probe saw {_get(obs.evidence, 'signal')}")
         b.add(obs.side, "exit status 7 from the signal handler kept", obs.exit_code == 7, f"exit {obs.exit_code}")
+    for obs in (control_death, inside_death):
+        if obs is None:
+            continue
+        b.add(obs.side, "uncaught SIGTERM: probe reached the signal point", bool(obs.ready_seen))
+        b.ran(obs)
+        b.add(obs.side, "death by SIGTERM reported as 143 (128+15)", obs.exit_code == 143, f"exit {obs.exit_code}")
     return b.result()
 
 

@@ -479,6 +479,8 @@ class Kit:
             stdio("control"), stdio("runner"),
             self.run_probe("signal", "control", on_ready=term),
             self.run_probe("signal", "runner", on_ready=term),
+            self.run_probe("signal-default", "control", on_ready=term),
+            self.run_probe("signal-default", "runner", on_ready=term),
         )
 
 

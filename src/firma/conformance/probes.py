@@ -271,6 +271,18 @@ def probe_signal(p: dict) -> dict:
     return {"signal": got, "exit_code": 7 if got else 3}
 
 
+def probe_signal_default(p: dict) -> dict:
+    """Leaves SIGTERM at its default: the command dies of it, and the exit status must say so
+    (128+15). Evidence is written first, since nothing runs after the signal."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    write_evidence(p["evidence"], {"probe": "signal-default", "nonce": p["nonce"], "phase": p["phase"],
+                                   "result": {"waiting": True}, "uid": os.getuid(), "pid": os.getpid()})
+    print(f"READY {p['nonce']}", flush=True)
+    signal.alarm(60)  # bound the wait; SIGALRM's default also terminates (with a different code)
+    while True:
+        signal.pause()
+
+
 PROBES = {
     "egress": probe_egress,
     "dns": probe_dns,
@@ -280,6 +292,7 @@ PROBES = {
     "startup": probe_startup,
     "stdio": probe_stdio,
     "signal": probe_signal,
+    "signal-default": probe_signal_default,
 }
 
 
