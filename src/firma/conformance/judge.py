@@ -200,6 +200,8 @@ def judge_direct_bypass_resistant(control: RunObservation, inside: RunObservatio
         raw_live = _any_tag(c.trap_udp, f"bypass-{c.nonce}-raw")
         if c.trap_tcp6 is not None:
             b.add("control", "IPv6 loopback connect reached the trap listener", _any_tag(c.trap_tcp6, f"bypass-{c.nonce}-v6"))
+        if _get(c.evidence, "sidecar_direct") is not None:
+            b.add("control", "direct connect to the sidecar's port succeeded", _get(c.evidence, "sidecar_direct", "connected"))
     if b.ran(i):
         b.add("runner", "env -i child had an empty environment", _get(i.evidence, "env_i_child", "env_empty"),
               str(_get(i.evidence, "env_i_child", "error")))
@@ -217,6 +219,11 @@ def judge_direct_bypass_resistant(control: RunObservation, inside: RunObservatio
               "(needs CAP_NET_RAW)", True)
     if i.trap_tcp6 is not None:
         b.add("runner", "nothing reached the IPv6 trap listener", not i.trap_tcp6)
+    if _get(c.evidence, "sidecar_direct") is not None:
+        # Client-side observation (the real sidecar is not instrumented), backed by the control.
+        b.add("runner", "direct connect to the sidecar's port failed",
+              i.evidence is not None and not _get(i.evidence, "sidecar_direct", "connected"),
+              str(_get(i.evidence, "sidecar_direct", "error")))
     return b.result()
 
 

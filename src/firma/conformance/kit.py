@@ -219,6 +219,7 @@ class Kit:
             "trap_tcp": self.trap.addr,
             "trap_tcp6": self.trap6.addr if self.trap6 else None,
             "trap_udp": self.trap_udp.addr,
+            "sidecar": self.sidecar_endpoint.split("://", 1)[1] if self.sidecar_endpoint.startswith("tcp://") else None,
             "dns_name": f"probe-{nonce}.conformance.invalid",
         }
 

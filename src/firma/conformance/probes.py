@@ -220,6 +220,10 @@ def probe_bypass(p: dict) -> dict:
     out["raw_socket"] = raw_udp(p["trap_udp"], f"bypass-{n}-raw".encode())
     if p.get("trap_tcp6"):
         out["ipv6_tcp"] = tcp_touch(p["trap_tcp6"], f"bypass-{n}-v6".encode())
+    if p.get("sidecar"):
+        # The policy sidecar's own port on host loopback: reaching it skips the bridge's
+        # attribution. Connect only (no bytes), so the sidecar is not fed junk.
+        out["sidecar_direct"] = tcp_touch(p["sidecar"], b"")
     return out
 
 
