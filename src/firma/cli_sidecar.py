@@ -25,14 +25,10 @@ def add_parser(sub):
 
 
 def _default_state_root() -> str:
-    # Same order as SPEC §12 (FIRMA_STATE_DIR → $XDG_RUNTIME_DIR/firma → /tmp/firma-$UID).
-    env = os.environ.get("FIRMA_STATE_DIR")
-    if env:
-        return env
-    xdg = os.environ.get("XDG_RUNTIME_DIR")
-    if xdg:
-        return os.path.join(xdg, "firma")
-    return f"/tmp/firma-{os.getuid()}"
+    # SPEC §12 order, shared with `firma run` (FIRMA_STATE_DIR → $XDG_RUNTIME_DIR/firma → /tmp/firma-$UID).
+    from .core.planner import state_root
+
+    return state_root(os.environ, os.getuid())
 
 
 def write_startup_report(path: str, endpoint: str) -> None:
@@ -60,8 +56,10 @@ async def _serve(args) -> int:
 
     audit = args.audit
     if not audit:
+        from .statedir import ensure_private_dir
+
         root = _default_state_root()
-        os.makedirs(root, mode=0o700, exist_ok=True)
+        ensure_private_dir(root)
         audit = os.path.join(root, "audit.jsonl")
     key = args.audit_key or os.path.join(os.path.dirname(os.path.abspath(audit)), "audit.key")
     sidecar = Sidecar(

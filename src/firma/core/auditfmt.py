@@ -53,6 +53,14 @@ def uuid7(now_ns: int | None = None) -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
+def _clean(text: str) -> str:
+    """Escape control characters: a newline inside a value would make the "\\n"-joined
+    canonical text ambiguous (one signature covering two different field splits)."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}" for c in text)
+
+
 def make_event(**values: Any) -> dict:
     """An ordered, unsigned event: every field present, defaults "" / 0."""
     out: dict = {}
@@ -61,7 +69,7 @@ def make_event(**values: Any) -> dict:
         if f in INT_FIELDS:
             out[f] = int(v or 0)
         else:
-            out[f] = "" if v is None else str(v)
+            out[f] = "" if v is None else _clean(str(v))
     if not out["event_id"]:
         out["event_id"] = uuid7()
     if not out["timestamp"]:
@@ -114,6 +122,9 @@ def verify_line(line: str, public_key: ec.EllipticCurvePublicKey) -> tuple[bool,
     extra = set(obj) - set(FIELDS) - {"signature"}
     if extra:
         return False, "unknown field " + sorted(extra)[0]
+    for f in FIELDS:
+        if isinstance(obj[f], str) and "\n" in obj[f]:
+            return False, f"newline in field {f}"
     try:
         sig = base64.b64decode(obj["signature"], validate=True)
         public_key.verify(sig, digest(obj), ec.ECDSA(hashes.SHA256()))

@@ -21,12 +21,21 @@ HEAD_TIMEOUT = 300.0  # between requests on a keep-alive connection
 
 
 class Bridge:
-    def __init__(self, *, sidecar_endpoint: str, attribution: Mapping[str, str], audit: Any = None, max_head: int = http1.MAX_HEAD) -> None:
+    def __init__(
+        self,
+        *,
+        sidecar_endpoint: str,
+        attribution: Mapping[str, str],
+        audit: Any = None,
+        max_head: int = http1.MAX_HEAD,
+        max_connections: int = 1024,
+    ) -> None:
         netio.parse_endpoint(sidecar_endpoint)  # fail early on a bad endpoint
         self.sidecar_endpoint = sidecar_endpoint
         self.attribution = dict(attribution)
         self.audit = audit  # optional AuditWriter-like (.submit(**fields)); else reported via the sidecar
         self.max_head = max_head
+        self.max_connections = max_connections
         self._servers: list[asyncio.base_events.Server] = []
         self._tasks: set[asyncio.Task] = set()
 
@@ -53,6 +62,11 @@ class Bridge:
     # ------------------------------------------------------------------------------------------
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
+        if len(self._tasks) >= self.max_connections:
+            # Bounded: an agent cannot exhaust the launcher's descriptors through the bridge.
+            writer.write(deny_response(503, "too_many_connections", "bridge connection limit reached"))
+            writer.close()
+            return
         self._tasks.add(task)
         netio.nodelay(writer)
         agent = netio.Stream(reader, writer)
@@ -126,9 +140,11 @@ class Bridge:
             self._tasks.discard(task)
 
     async def _downstream(self, up: netio.Stream, agent: netio.Stream) -> None:
-        """Sidecar → agent, raw; when the sidecar closes, the agent connection closes too."""
+        """Sidecar → agent, raw. When the sidecar closes, the agent's side is half-closed (pump
+        writes EOF) and fully closed a moment later, so unread pipelined bytes cannot reset the
+        connection before the agent has read the last response."""
         await netio.pump(up, agent.w, None, "down")
-        agent.close()
+        asyncio.get_running_loop().call_later(1.0, agent.close)
 
     async def _forward_body(self, agent: netio.Stream, u: netio.Stream, framing: http1.Framing) -> bool:
         if framing.kind == "length":

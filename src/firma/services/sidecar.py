@@ -391,21 +391,26 @@ class Sidecar:
             self._audit(ctx, action=HTTP_REQUEST, resource=resource, decision=auditfmt.ABORT, reason="upstream_unreachable", t0=t0)
             s.w.write(deny_response(502, "upstream_unreachable", str(exc)))
             return False
-        status, size, keep, abort = 0, 0, False, ""
+        status, size, keep, abort = 0, 0, False, "shutdown"
         try:
             status, size, keep, abort = await self._exchange(s, up, head, target.path, host, port, framing)
         except (OSError, ConnectionError) as exc:
-            abort = abort or f"relay_failed: {exc}"[:120]
+            abort = f"relay_failed: {type(exc).__name__}"
+        except HttpError as exc:
+            abort = exc.reason
         finally:
             up.close()
+            self._exchange_event(ctx, resource, head.method, abort, deny_reason, enforce_us, t_dispatch, status, size)
+        return keep and not abort
+
+    def _exchange_event(self, ctx, resource, method, abort, deny_reason, enforce_us, t_dispatch, status, size) -> None:
         self.audit.submit(
             session_id=ctx.session_id, agent_id=ctx.agent_id, sandbox_id=ctx.sandbox_id, action=HTTP_REQUEST,
             resource=resource, decision=auditfmt.ABORT if abort else auditfmt.ALLOW,
             deny_reason=abort or deny_reason, enforcement_latency_us=enforce_us, bundle_version=self.policy.version,
-            context_hash=auditfmt.context_hash(head.method, resource), dispatch_status=status,
+            context_hash=auditfmt.context_hash(method, resource), dispatch_status=status,
             dispatch_latency_us=(time.perf_counter_ns() - t_dispatch) // 1000, response_size=size,
         )
-        return keep and not abort
 
     async def _exchange(self, s, up, head, path, host: CanonHost, port: int, framing) -> tuple[int, int, bool, str]:
         connection_tokens = {t.strip().lower() for v in head.get_all("connection") for t in v.split(",")}
@@ -418,7 +423,7 @@ class Sidecar:
         body_task = asyncio.ensure_future(self._send_body(s, up, framing))
         client_keep = head.version == "HTTP/1.1" and "close" not in connection_tokens
         try:
-            status, size, resp_keep = await self._relay_response(s, up, head.method)
+            status, size, resp_keep = await self._relay_response(s, up, head.method, client_keep)
         except (OSError, ConnectionError, HttpError, asyncio.TimeoutError) as exc:
             # A body we refused to forward explains why the upstream went away: report that.
             if body_task.done() and not body_task.cancelled() and body_task.exception() is None and body_task.result():
@@ -472,7 +477,7 @@ class Sidecar:
             await up.w.drain()
         return ""
 
-    async def _relay_response(self, s: netio.Stream, up: netio.Stream, method: str) -> tuple[int, int, bool]:
+    async def _relay_response(self, s: netio.Stream, up: netio.Stream, method: str, client_keep: bool) -> tuple[int, int, bool]:
         while True:
             raw = await asyncio.wait_for(up.read_head(self.limits.max_head_bytes), self.limits.idle_timeout)
             if raw is None:
@@ -486,9 +491,12 @@ class Sidecar:
             break
         framing = http1.response_framing(resp, method)
         keep = framing.kind != "close"
-        out = resp.without({"connection", "keep-alive", "proxy-connection"})
+        drop = {"connection", "keep-alive", "proxy-connection"}
+        if resp.get_all("transfer-encoding"):
+            drop.add("content-length")  # never hand the client two framings to choose from
+        out = resp.without(drop)
         out = http1.ResponseHead("HTTP/1.1", out.status, out.reason, out.headers)
-        if not keep:
+        if not keep or not client_keep:
             out = out.with_added([("Connection", "close")])
         s.w.write(out.to_bytes())
         size = 0
@@ -557,7 +565,13 @@ class Sidecar:
             up.w.write(early)
         act = netio.Activity()
         act.up = len(early)
-        why = await netio.relay(s, up, self.limits.idle_timeout, self.limits.max_tunnel_secs, act)
+        why = "shutdown"
+        try:
+            why = await netio.relay(s, up, self.limits.idle_timeout, self.limits.max_tunnel_secs, act)
+        finally:
+            self._tunnel_event(ctx, resource, deny_reason, why, enforce_us, t_dispatch, act)
+
+    def _tunnel_event(self, ctx, resource, deny_reason, why, enforce_us, t_dispatch, act) -> None:
         self.audit.submit(
             session_id=ctx.session_id, agent_id=ctx.agent_id, sandbox_id=ctx.sandbox_id, action=NETWORK_CONNECT,
             resource=resource, decision=auditfmt.ALLOW, deny_reason=deny_reason or ("" if why == "closed" else why),
