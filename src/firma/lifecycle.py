@@ -11,6 +11,7 @@ import asyncio
 import datetime as _dt
 import os
 import sys
+import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Awaitable, Callable, TextIO
 
@@ -300,16 +301,21 @@ async def _execute(plan: RunPlan, host: Host, backend: Any, kit: ServiceKit | No
     dirs = statedir.create(plan.state_root, plan.identity.sandbox_id)
     run = _Run(plan=plan, proof=proof, dirs=dirs, log=log)
     log.add_file(dirs.run_log)
+    for stale in statedir.sweep_stale(plan.state_root, time.time()):
+        log(f"removed stale run directory of a launcher that died: {stale}", "info")
     if artifact is not None:
         run.add_check(Check("seccomp_artifact_sha256", True, artifact.proof_detail()))
     if plan.sidecar.embedded:
-        sidecar = kit.make_sidecar(
-            allow_hosts=plan.allow_hosts,
-            policy_path=plan.policy_path,
-            audit_path=dirs.audit_path,
-            key_path=dirs.key_path,
-            monitor=plan.monitor,
-        )
+        # Concurrent runs share the state root: the first one creates the audit key, and the
+        # others must not read it half-written.
+        with statedir.locked(plan.state_root):
+            sidecar = kit.make_sidecar(
+                allow_hosts=plan.allow_hosts,
+                policy_path=plan.policy_path,
+                audit_path=dirs.audit_path,
+                key_path=dirs.key_path,
+                monitor=plan.monitor,
+            )
         run.sidecar = sidecar
     else:
         run.sidecar_endpoint = plan.sidecar.endpoint

@@ -5,6 +5,8 @@ removed at teardown; `<root>/proofs/`, `<root>/audit.jsonl` and `<root>/audit.ke
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import stat
@@ -53,6 +55,71 @@ def ensure_private_dir(path: str) -> None:
         os.chmod(path, 0o700)
 
 
+OWNER = "owner"  # "<launcher pid> <its start time in clock ticks>"
+_UNOWNED_GRACE_SECS = 600.0
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # the command name may contain spaces/parens: fields after the last ')'
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def owner_record(pid: int) -> str:
+    return f"{pid} {_start_time(pid) or '?'}\n"
+
+
+def _owner_alive(text: str) -> bool:
+    try:
+        pid_s, start = text.split()
+        pid = int(pid_s)
+    except ValueError:
+        return False
+    return _start_time(pid) == start
+
+
+def sweep_stale(root: str, now: float) -> list[str]:
+    """Remove run dirs left by launchers that died without teardown (ATTACKS #54): never reused,
+    never left to pile up. A dir without an owner file is only removed after a grace period
+    (a concurrent launch may be between mkdir and writing it)."""
+    removed = []
+    base = os.path.join(root, "run")
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return removed
+    for name in names:
+        d = os.path.join(base, name)
+        try:
+            with open(os.path.join(d, OWNER)) as f:
+                stale = not _owner_alive(f.read())
+        except FileNotFoundError:
+            try:
+                stale = now - os.lstat(d).st_mtime > _UNOWNED_GRACE_SECS
+            except OSError:
+                continue
+        except OSError:
+            continue
+        if stale:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(name)
+    return removed
+
+
+@contextlib.contextmanager
+def locked(root: str):
+    """An exclusive lock on the state root (<root>/.lock) for short critical sections."""
+    fd = os.open(os.path.join(root, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def create(root: str, sandbox_id: str) -> RunDirs:
     ensure_private_dir(root)
     ensure_private_dir(os.path.join(root, "run"))
@@ -63,6 +130,7 @@ def create(root: str, sandbox_id: str) -> RunDirs:
         os.mkdir(run_dir, 0o700)
     except FileExistsError:
         raise PlanError(f"run directory {run_dir} already exists; sandbox ids must be unique") from None
+    write_private(os.path.join(run_dir, OWNER), owner_record(os.getpid()))
     return RunDirs(root=root, run_dir=run_dir, proofs_dir=proofs)
 
 

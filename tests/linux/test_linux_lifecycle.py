@@ -239,6 +239,14 @@ def test_killing_the_launcher_leaves_no_sandbox_process(ws, tmp_path):
     while processes_with(f"sleep {n}.4") and time.monotonic() < end:
         time.sleep(0.05)
     assert processes_with(f"sleep {n}.4") == []
+    # its run dir is stale (owner dead): the next run removes it, nothing is reused
+    run_root = tmp_path / "state" / "run"
+    stale = [d.name for d in run_root.iterdir()]
+    assert len(stale) == 1 and (run_root / stale[0] / "owner").exists()
+    q = run_firma(["--log-file", str(tmp_path / "l.log"), "run", "--", "true"], cwd=ws, env=base_env(tmp_path))
+    assert q.returncode == 0
+    assert list(run_root.iterdir()) == []
+    assert f"removed stale run directory of a launcher that died: {stale[0]}" in (tmp_path / "l.log").read_text()
 
 
 def test_agent_with_capabilities_is_refused_and_killed(ws, tmp_path, monkeypatch):
