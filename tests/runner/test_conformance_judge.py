@@ -13,11 +13,13 @@ from firma.conformance.judge import (
 TOKEN = "tok123"
 
 
-def egress_obs(side, nonce, *, via=True, trap=False, direct=False, up_paths=(), trap_items=()):
+def egress_obs(side, nonce, *, via=True, trap=False, direct=False, up_paths=(), trap_items=(), deny=True):
     return RunObservation(
         side=side, nonce=nonce, exit_code=0, evidence_file=f"/e/{nonce}.json",
         evidence={
             "via_proxy": {"ok": via, "status": 200 if via else None, "body": f"x {TOKEN}" if via else "", "error": None},
+            "via_proxy_denied": {"ok": False, "status": 403 if deny else None,
+                                 "body": '{"denied": true}' if deny else "", "error": None},
             "direct_trap": {"connected": trap, "error": None if trap else "refused"},
             "direct_upstream": {"ok": direct, "status": 200 if direct else None, "error": None},
         },
@@ -55,6 +57,14 @@ def test_missing_evidence_fails():
     inside = RunObservation(side="runner", nonce="r1", exit_code=0)
     r = judge_sidecar_only_egress(live_control(), inside, TOKEN)
     assert not r.ok and "probe ran and wrote evidence" in r.evidence
+
+
+def test_proxy_that_is_not_the_sidecar_fails():
+    # A runner relaying to some other proxy: the allowed request works, the disallowed one is not
+    # answered with the sidecar's deny.
+    inside = egress_obs("runner", "r1", up_paths=("/egress/r1/proxied",), deny=False)
+    r = judge_sidecar_only_egress(live_control(), inside, TOKEN)
+    assert not r.ok and "policy sidecar" in r.evidence
 
 
 def test_proxied_request_must_reach_upstream_not_only_be_claimed():

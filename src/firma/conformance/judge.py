@@ -106,12 +106,18 @@ def judge_sidecar_only_egress(control: RunObservation, inside: RunObservation, t
         b.add("control", "request via the proxy reached the upstream",
               _get(c.evidence, "via_proxy", "ok") and token in _get(c.evidence, "via_proxy", "body", default=""))
         b.add("control", "direct connect to the trap listener arrived", _any_tag(c.trap_tcp, f"egress-{c.nonce}"))
+        b.add("control", "the sidecar denies the disallowed destination (403)",
+              _get(c.evidence, "via_proxy_denied", "status") == 403)
         b.add("control", "direct request to the upstream arrived", bool(_paths_with(c, f"/egress/{c.nonce}/direct")))
     if b.ran(i):
         vp = _get(i.evidence, "via_proxy", default={})
         b.add("runner", "allowed request via proxy_url reached the upstream",
               bool(vp.get("ok")) and token in vp.get("body", "") and bool(_paths_with(i, f"/egress/{i.nonce}/proxied")),
               f"status {vp.get('status')} error {vp.get('error')}")
+        vd = _get(i.evidence, "via_proxy_denied", default={})
+        b.add("runner", "proxy_url leads to the policy sidecar (a disallowed destination gets its 403 deny)",
+              vd.get("status") == 403 and '"denied"' in vd.get("body", ""),
+              f"status {vd.get('status')} error {vd.get('error')}")
         b.add("runner", "direct connect to the trap listener failed",
               not _get(i.evidence, "direct_trap", "connected"),
               "connected" if _get(i.evidence, "direct_trap", "connected") else str(_get(i.evidence, "direct_trap", "error")))

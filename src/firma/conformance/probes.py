@@ -163,6 +163,8 @@ def probe_egress(p: dict) -> dict:
     n = p["nonce"]
     return {
         "via_proxy": proxied_get(p, f"/egress/{n}/proxied"),
+        # A destination the policy does not allow (the trap): the sidecar must answer the deny.
+        "via_proxy_denied": proxied_get(dict(p, upstream=p["trap_tcp"]), f"/egress/{n}/denied"),
         "direct_trap": tcp_touch(p["trap_tcp"], f"egress-{n}".encode()),
         "direct_upstream": direct_get(p, f"/egress/{n}/direct"),
     }
