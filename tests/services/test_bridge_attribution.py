@@ -171,3 +171,18 @@ def test_curl_through_the_bridge(tmp_path):
     assert out == b"curl-ok", err
     assert out2 == b"403"
     assert [e["sandbox_id"] for e in s.events()] == [ATTR["x-firma-sandbox-id"]] * 2
+
+
+@pytest.mark.parametrize("greeting", [b"\x05\x01\x00", b"\x04\x01\x00\x50\x7f\x00\x00\x01\x00", b"\x16\x03\x01\x00\x10"])
+def test_socks_or_tls_to_the_proxy_port_refused_at_once(tmp_path, greeting):
+    """ATTACKS C.2 21: SOCKS (no auth) and raw TLS are refused promptly and audited."""
+
+    async def main():
+        async with Stack(tmp_path) as s:
+            r = await send_raw(s.bridge_port, greeting, timeout=5)
+        return r, s
+
+    r, s = run(main())
+    assert r.startswith(b"HTTP/1.1 400") and b"malformed_request" in r
+    (ev,) = s.events()
+    assert ev["deny_reason"] == "malformed_request" and ev["sandbox_id"] == ATTR["x-firma-sandbox-id"]

@@ -129,3 +129,11 @@ def test_split_target_rules():
         assert e.value.reason == reason
     assert http1.split_target(head("GET http://allowed.com@evil.com/ HTTP/1.1\n\n")).authority == "allowed.com@evil.com"
     assert http1.split_target(head("GET http://a.com?x HTTP/1.1\n\n")).path == "/?x"
+
+
+def test_plausible_request_start():
+    assert http1.plausible_request_start(b"GE")
+    assert http1.plausible_request_start(b"\r\nGET / HTTP/1.1")
+    assert http1.plausible_request_start(b"CONNECT a:443 HTTP/1.1\r\n")
+    for bad in (b"\x05\x01\x00", b"\x16\x03\x01\x02\x00", b" GET", b"G\x00", b"A" * 40, b"\x04\x01\x00\x50"):
+        assert not http1.plausible_request_start(bad)

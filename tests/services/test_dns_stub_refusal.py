@@ -189,3 +189,49 @@ def test_stub_forwards_nothing_to_a_recording_resolver():
         return received
 
     assert run(main()) == []
+
+
+def test_property_served_stub_answers_every_datagram_refused():
+    """Hypothesis through the real UDP socket: any datagram ≥12 bytes gets exactly the refusal,
+    shorter ones get nothing, and the stub keeps serving."""
+    import threading
+
+    from hypothesis import HealthCheck
+
+    loop = asyncio.new_event_loop()
+    stub = DnsStub()
+    port = loop.run_until_complete(stub.serve_address("127.0.0.1", 0))
+    t = threading.Thread(target=loop.run_forever, daemon=True)
+    t.start()
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.settimeout(2)
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.one_of(st.binary(max_size=700), st.builds(lambda n, t, i: query(n, t, ident=i),
+                                                          st.from_regex(r"[a-z0-9]{1,10}(\.[a-z0-9]{1,10}){0,3}", fullmatch=True),
+                                                          st.integers(0, 65535), st.integers(0, 65535))))
+    def check(data):
+        client.sendto(data, ("127.0.0.1", port))
+        if len(data) < 12:
+            client.settimeout(0.05)
+            try:
+                client.recv(4096)
+                raise AssertionError("reply to a short message")
+            except socket.timeout:
+                pass
+            finally:
+                client.settimeout(2)
+            return
+        r = client.recv(4096)
+        assert r == dnsmsg.refusal(data)
+        ident, flags, qd, an, ns, ar, rest = parse_reply(r)
+        assert ident == struct.unpack_from("!H", data)[0] and flags & 0xF == 5 and (an, ns, ar) == (0, 0, 0)
+
+    try:
+        check()
+    finally:
+        client.close()
+        asyncio.run_coroutine_threadsafe(stub.aclose(), loop).result(5)
+        loop.call_soon_threadsafe(loop.stop)
+        t.join(5)
+        loop.close()

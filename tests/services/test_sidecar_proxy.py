@@ -263,3 +263,22 @@ def test_dns_reporter_is_rate_bounded_and_audited(tmp_path):
     assert len(evs) == 5 and dropped == 45
     assert evs[0]["action"] == "dns.query" and evs[0]["resource"] == "q0.leak.test TXT" and evs[0]["sandbox_id"] == "sbx_dns"
     assert evs[0]["decision"] == 2
+
+
+def test_dns_over_tls_https_and_explicit_resolvers_denied_without_resolution(tmp_path):
+    """ATTACKS C.3 25 at the decision layer: DoH/DoT/explicit resolvers are denied by name or
+    address before any resolution or dial (the fake resolver records every lookup)."""
+    calls = []
+
+    async def main():
+        async with Stack(tmp_path, allow=["allowed.test"], resolver=fake_resolver({}, calls), bridge=False) as s:
+            out = []
+            for target in ("cloudflare-dns.com:443", "dns.google:443", "1.1.1.1:853", "8.8.8.8:53", "127.0.0.1:53", "[2606:4700:4700::1111]:443"):
+                out.append(await send_raw(s.sidecar_port, f"CONNECT {target} HTTP/1.1\r\n\r\n".encode()))
+            out.append(await send_raw(s.sidecar_port, get("http://dns.google/resolve?name=secret.test", "dns.google")))
+            return out, s
+
+    out, s = run(main())
+    assert all(o.startswith(b"HTTP/1.1 403") for o in out)
+    assert calls == []
+    assert [e["decision"] for e in s.events()] == [2] * 7

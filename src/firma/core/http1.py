@@ -107,6 +107,23 @@ def head_end(buf: bytes | bytearray, max_head: int = MAX_HEAD) -> int | None:
     return None
 
 
+_TOKEN_BYTES = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+
+
+def plausible_request_start(buf: bytes | bytearray) -> bool:
+    """False as soon as the first bytes cannot begin `METHOD SP` (a SOCKS greeting, a TLS
+    ClientHello sent to the plain proxy port): such a peer is refused at once, not after a timeout."""
+    start = 0
+    while buf[start : start + 2] == b"\r\n":
+        start += 2
+    for i, b in enumerate(buf[start : start + 33]):
+        if b == 0x20:
+            return i > 0
+        if b not in _TOKEN_BYTES:
+            return False
+    return len(buf) - start < 33
+
+
 def _parse_fields(lines: list[str]) -> Headers:
     if len(lines) > MAX_HEADERS:
         raise HttpError("malformed_request", f"more than {MAX_HEADERS} header fields")

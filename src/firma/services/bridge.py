@@ -86,7 +86,7 @@ class Bridge:
                 if down is not None and down.done():
                     break  # the sidecar ended the exchange (deny, close-delimited response)
                 try:
-                    raw = await asyncio.wait_for(agent.read_head(self.max_head), HEAD_TIMEOUT)
+                    raw = await asyncio.wait_for(agent.read_head(self.max_head, request=True), HEAD_TIMEOUT)
                 except HttpError as exc:
                     await self._reject(agent, ensure_up, exc.reason, exc.detail, up, down)
                     return

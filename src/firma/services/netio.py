@@ -7,7 +7,7 @@ import os
 import socket
 import time
 
-from ..core.http1 import head_end
+from ..core.http1 import HttpError, head_end, plausible_request_start
 from ..errors import SidecarError
 
 READ_CHUNK = 1024 * 1024
@@ -67,11 +67,14 @@ class Stream:
         self.buf = bytearray()
         self.got_any = False
 
-    async def read_head(self, max_head: int) -> bytes | None:
-        """One head (through the blank line), None on EOF before any byte; HttpError when too large.
+    async def read_head(self, max_head: int, *, request: bool = False) -> bytes | None:
+        """One head (through the blank line), None on EOF before any byte; HttpError when too large
+        (or, with request=True, as soon as the bytes cannot start an HTTP request).
 
         Raises asyncio.IncompleteReadError on EOF in the middle of a head."""
         while True:
+            if request and self.buf and not plausible_request_start(self.buf):
+                raise HttpError("malformed_request", "not an HTTP/1.x request")
             end = head_end(self.buf, max_head)
             if end is not None:
                 raw = bytes(self.buf[:end])

@@ -273,7 +273,7 @@ class Sidecar:
             while True:
                 try:
                     raw = await asyncio.wait_for(
-                        s.read_head(self.limits.max_head_bytes),
+                        s.read_head(self.limits.max_head_bytes, request=True),
                         self.limits.setup_timeout if first else self.limits.idle_timeout,
                     )
                 except HttpError as exc:
@@ -415,6 +415,7 @@ class Sidecar:
     async def _exchange(self, s, up, head, path, host: CanonHost, port: int, framing) -> tuple[int, int, bool, str]:
         connection_tokens = {t.strip().lower() for v in head.get_all("connection") for t in v.split(",")}
         drop = set(ATTRIBUTION_HEADERS) | HOP_BY_HOP | connection_tokens | {"host"}
+        drop |= {k.lower() for k, _ in head.headers if k.lower().startswith("x-firma-")}  # none of ours goes upstream
         authority = host.authority(port) if port != 80 else (f"[{host.host}]" if host.kind == "ipv6" else host.host)
         out = http1.RequestHead(head.method, path, "HTTP/1.1", head.headers).without(drop).with_added([("Host", authority), ("Connection", "close")])
         # Host first, as clients send it.
