@@ -135,7 +135,9 @@ def test_sigterm_ends_agent_and_background_grandchildren(ws, tmp_path):
     script = f"{marker1} & (setsid {marker2} &) ; touch {ws}/started; wait"
     p = _start(ws, tmp_path, script)
     wait_for(ws / "started", p)
-    time.sleep(0.2)
+    end = time.monotonic() + 20
+    while not (processes_with(marker1) and processes_with(marker2)) and time.monotonic() < end:
+        time.sleep(0.05)
     assert processes_with(marker1) and processes_with(marker2)  # positive control: they run
     p.send_signal(signal.SIGTERM)
     assert p.wait(30) == 128 + signal.SIGTERM
