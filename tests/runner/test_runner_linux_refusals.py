@@ -4,7 +4,6 @@ control — the same contract, fixed, does run the command (its marker file appe
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import socket
