@@ -316,3 +316,26 @@ def test_two_concurrent_sandboxes_are_attributed_apart(tmp_path):
         assert len([h for h in up.hits if h.startswith(b"GET /")]) == 6
     finally:
         up.close()
+
+
+def test_workspace_path_with_spaces_newlines_and_dashes(tmp_path):
+    """ATTACKS #41: a hostile workspace name is one argv element, never options or two paths."""
+    ws = tmp_path / "a b\n--bind root -- x"
+    ws.mkdir()
+    p = run_firma(["run", "--", "sh", "-c", 'pwd > out; touch /probe-root 2>/dev/null; echo $? >> out'], cwd=ws, env=base_env(tmp_path))
+    assert p.returncode == 0, p.stderr
+    lines = (ws / "out").read_text().splitlines()
+    assert lines[0] == str(tmp_path / "a b") and lines[1] == "--bind root -- x"  # pwd prints the newline verbatim
+    assert lines[2] != "0" and not os.path.exists("/probe-root")
+
+
+def test_config_file_discovered_and_strict(ws, tmp_path):
+    (ws / ".firma").mkdir()
+    cfg = ws / ".firma" / "firma.toml"
+    cfg.write_text('[run]\nagent_id = "from-config"\n[run.defaults]\nenv_set = { FROM_CONFIG = "yes" }\n')
+    p = run_firma(["run", "--", "sh", "-c", 'echo "$FIRMA_AGENT_ID $FROM_CONFIG"'], cwd=ws, env=base_env(tmp_path))
+    assert p.returncode == 0 and p.stdout == "from-config yes\n", p.stderr
+    cfg.write_text("[run]\nallow_host = []\n")
+    p = run_firma(["run", "--", "true"], cwd=ws, env=base_env(tmp_path))
+    assert p.returncode == 1
+    assert p.stderr == f"[ERR]  {cfg}: unknown key 'allow_host' in [run]\n"
