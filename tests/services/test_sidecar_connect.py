@@ -146,3 +146,33 @@ def test_connect_denials(tmp_path):
     for line in out:
         assert line.startswith(b"HTTP/1.1 4"), line
     assert [e["decision"] for e in s.events()] == [2] * 6
+
+
+def test_idle_tunnel_and_silent_tls_client_are_cut(tmp_path):
+    from firma.services.sidecar import SidecarLimits
+
+    limits = SidecarLimits(idle_timeout=0.6, setup_timeout=0.5)
+
+    async def main():
+        srv = await RawUpstream(echo=True).start()
+        res = fake_resolver({"quiet.test": ["127.0.0.1"]})
+        async with Stack(tmp_path, allow=[f"127.0.0.1:{srv.port}", "quiet.test:443"], limits=limits, resolver=res, bridge=False) as s:
+            r, w, line = await open_tunnel(s.sidecar_port, f"127.0.0.1:{srv.port}")
+            w.write(b"x")
+            assert await asyncio.wait_for(r.readexactly(1), 5) == b"x"
+            assert await asyncio.wait_for(r.read(), 10) == b""  # idle: closed by the sidecar
+            w.close()
+            # CONNECT to a hostname on 443 that never sends a ClientHello: cut at setup time, no dial
+            conns = srv.connections
+            r, w, line = await open_tunnel(s.sidecar_port, "quiet.test:443")
+            assert line.startswith(b"HTTP/1.1 200")
+            assert await asyncio.wait_for(r.read(), 10) == b""
+            w.close()
+            await asyncio.sleep(0.1)
+        await srv.aclose()
+        return s, conns, srv.connections
+
+    s, before, after = run(main())
+    assert before == after == 1
+    reasons = sorted(e["deny_reason"] for e in s.events())
+    assert reasons == ["idle_timeout", "tls_required"]

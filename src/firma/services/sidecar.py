@@ -223,7 +223,7 @@ class Sidecar:
         else:
             try:
                 addrs = await asyncio.wait_for(self._resolve(host, port), self.config.connect_timeout)
-            except (OSError, asyncio.TimeoutError, socket.gaierror) as exc:
+            except Exception as exc:  # noqa: BLE001 - any resolver failure refuses (fail closed)
                 return _Verdict(False, "resolve_failed", f"cannot resolve {host}: {exc}", 502, host=authority_host, port=port, monitored=monitored)
             if not addrs:
                 return _Verdict(False, "resolve_failed", f"no addresses for {host}", 502, host=authority_host, port=port, monitored=monitored)
@@ -312,6 +312,8 @@ class Sidecar:
                     return
         except (OSError, asyncio.CancelledError, ConnectionError):
             pass
+        except Exception as exc:  # noqa: BLE001 - a bug must close the connection, audited, never open it
+            self._audit(ctx, action="sidecar.error", resource="", decision=auditfmt.ABORT, reason=f"internal_error: {type(exc).__name__}")
         finally:
             self._active -= 1
             self._tasks.discard(task)
