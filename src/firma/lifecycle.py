@@ -18,9 +18,11 @@ from typing import Any, Awaitable, Callable, TextIO
 from .backends.base import LaunchHooks, PlantedSockets, RoutingMode, RoutingPlan
 from .core import launchenv, proofdoc
 from .core.model import (
+    DEFAULT_INVARIANTS,
     PLANTED_DNS_ADDR,
     PLANTED_PROXY_ADDR,
     Check,
+    Mount,
     EnforcementProof,
     ExecutionEnvelope,
     NetworkEndpoints,
@@ -179,7 +181,7 @@ class _Run:
             proof=self.proof,
             invariants=invariants,
             checks=self.checks,
-            sidecar_endpoint=self.sidecar_endpoint if not self.plan.sidecar.embedded else (self.sidecar_endpoint or "local"),
+            sidecar_endpoint=self.sidecar_endpoint,
             sidecar_embedded=self.plan.sidecar.embedded,
             started_at=self.started_at,
             ended_at=_now() if ended else None,
@@ -230,9 +232,7 @@ def build_envelope(
         identity_mode=plan.identity_mode,
         home=plan.home,
         seccomp_filter_path=seccomp_path,
-        mounts=plan.mounts + tuple(
-            _writable_home_mounts(plan)
-        ),
+        mounts=plan.mounts + tuple(_writable_home_mounts(plan)),
         mask_home_paths=plan.mask_home_paths,
         network=NetworkEndpoints(
             proxy_url=proxy_url,
@@ -243,8 +243,7 @@ def build_envelope(
 
 
 def _writable_home_mounts(plan: RunPlan):
-    from .core.model import Mount
-
+    """Profile paths under $HOME made writable (e.g. ~/.claude), when they exist."""
     for rel in plan.writable_home_paths:
         p = os.path.join(plan.home, rel)
         if os.path.exists(p):
@@ -308,18 +307,24 @@ async def _execute(plan: RunPlan, host: Host, backend: Any, kit: ServiceKit | No
     if plan.sidecar.embedded:
         # Concurrent runs share the state root: the first one creates the audit key, and the
         # others must not read it half-written.
-        with statedir.locked(plan.state_root):
-            sidecar = kit.make_sidecar(
-                allow_hosts=plan.allow_hosts,
-                policy_path=plan.policy_path,
-                audit_path=dirs.audit_path,
-                key_path=dirs.key_path,
-                monitor=plan.monitor,
-            )
+        try:
+            with statedir.locked(plan.state_root):
+                sidecar = kit.make_sidecar(
+                    allow_hosts=plan.allow_hosts,
+                    policy_path=plan.policy_path,
+                    audit_path=dirs.audit_path,
+                    key_path=dirs.key_path,
+                    monitor=plan.monitor,
+                )
+        except BaseException:
+            # Nothing was started (bad policy, unreadable key): leave no run dir behind.
+            log.close()
+            statedir.remove_run_dir(dirs, keep_log_as=None)
+            raise
         run.sidecar = sidecar
     else:
         run.sidecar_endpoint = plan.sidecar.endpoint
-        run.add_check(Check("sidecar_reachable", True, f"external sidecar {plan.sidecar.endpoint} answered before launch"))
+        run.add_check(Check("sidecar_ready", True, f"external sidecar answered at {plan.sidecar.endpoint} before launch"))
 
     loop = asyncio.get_running_loop()
     # Errors inside services must not print on the agent's terminal: they go to run.log.
@@ -473,8 +478,6 @@ async def _teardown(run: _Run, child: Any, envelope: ExecutionEnvelope | None, s
             await run.sidecar.aclose()
         except Exception as exc:  # noqa: BLE001
             log(f"teardown: sidecar: {exc}", "error")
-    from .core.model import DEFAULT_INVARIANTS
-
     invariants = envelope.invariants if envelope is not None else DEFAULT_INVARIANTS
     try:
         run.write_proof(invariants, ended=True, exit_status=status)

@@ -339,3 +339,30 @@ def test_config_file_discovered_and_strict(ws, tmp_path):
     p = run_firma(["run", "--", "true"], cwd=ws, env=base_env(tmp_path))
     assert p.returncode == 1
     assert p.stderr == f"[ERR]  {cfg}: unknown key 'allow_host' in [run]\n"
+
+
+def test_invalid_policy_refuses_before_anything_starts(ws, tmp_path):
+    bad = tmp_path / "bad.cedar"
+    bad.write_text("permit(principal, action, resource) when { nonsense")
+    p = run_firma(["run", "--policy", str(bad), "--", "sh", "-c", f"touch {ws}/ran"], cwd=ws, env=base_env(tmp_path))
+    assert p.returncode == 1 and p.stderr.startswith("[ERR]  ") and p.stderr.count("\n") == 1
+    assert not (ws / "ran").exists()
+    assert list((tmp_path / "state" / "run").iterdir()) == []
+
+
+def test_external_sidecar_on_a_unix_socket(ws, tmp_path):
+    up = Upstream()
+    sock = tmp_path / "sc.sock"
+    out = tmp_path / "sc.endpoint"
+    sc = subprocess.Popen([sys.executable, str(HERE / "linux_ext_sidecar.py"), str(out), f"127.0.0.1:{up.port}",
+                           "--listen", f"unix://{sock}"], env=base_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        endpoint = _endpoint(out, sc)
+        assert endpoint == f"unix://{sock}"
+        p = run_firma(["run", "--sidecar", endpoint, "--", "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                       f"http://127.0.0.1:{up.port}/via-unix"], cwd=ws, env=base_env(tmp_path))
+        assert p.returncode == 0 and p.stdout == "200", p.stderr
+        assert [h for h in up.hits if b"/via-unix" in h]
+    finally:
+        sc.kill()
+        up.close()
