@@ -131,8 +131,9 @@ def envelope_from_contract(contract: Mapping[str, Any], runtime_dir: str) -> Exe
 
 
 def _dns_probe_query() -> bytes:
-    # A query for the root zone, type NS: the stub answers REFUSED; any well-formed reply with our
-    # ID proves it is there. Sent only to the contract's loopback-or-whatever stub address.
+    # A query for the root zone, type NS, over UDP (the path the agent's resolver takes): the stub
+    # answers REFUSED; a reply with our ID and QR set proves it is there. Only ever sent to the
+    # contract's stub, which upstreams_from_contract has already required to be on loopback.
     return struct.pack("!HHHHHH", 0x5A5A, 0x0100, 1, 0, 0, 0) + b"\0" + struct.pack("!HH", 2, 1)
 
 
