@@ -334,15 +334,17 @@ class BwrapBackend:
             kids = _children(child.init_pid)
             if kids:
                 pid = kids[0]
+                pidfd = _pidfd(pid)  # pins the pid before reading, so the reading is of it
                 try:
-                    status = _status(pid)
-                    child.agent_pid = pid
-                    child.agent_pidfd = _pidfd(pid)
-                    child.agent_pgid = os.getpgid(pid)
-                    subject = "agent"
+                    st = _status(pid)
+                    pgid = os.getpgid(pid)
+                except OSError:  # exited meanwhile
+                    if pidfd is not None:
+                        os.close(pidfd)
+                else:
+                    status, subject = st, "agent"
+                    child.agent_pid, child.agent_pidfd, child.agent_pgid = pid, pidfd, pgid
                     break
-                except OSError:
-                    pass
             if child.proc.poll() is not None or not os.path.exists(f"/proc/{child.init_pid}"):
                 break
             await asyncio.sleep(0.001)
