@@ -114,14 +114,16 @@ def test_run_refuses_symlinked_artifact(ws, tmp_path):
 
 
 def test_run_project_policy_denies_execute_after_start(ws):
-    pol = write_policy(ws.parent / "seccomp.toml", ["system.execute"])
+    pol = write_policy(ws.parent / "seccomp.toml", ["system.execute", "credential.write"])
     cfg = ws.parent / "firma.toml"
     cfg.write_text(f'[run]\nseccomp_policy = {{ source_policy_path = "{pol}", '
                    f'artifact_dir = "{ws.parent / "artifacts"}" }}\n')
-    # Positive control: without the policy the same run can exec.
-    out = firma_run(ws, ["./probe", str(ws / "ev0"), "execve"])
-    assert read_evidence(ws / "ev0")[0] == {"execve": "0"}, out.stderr
-    out = firma_run(ws, ["./probe", str(ws / "ev"), "execve", "execveat"], config=cfg)
+    tests = ["execve", "execveat", "setuid"]
+    # Positive control: without the policy the same run can exec and change credentials.
+    out = firma_run(ws, ["./probe", str(ws / "ev0"), *tests])
+    assert read_evidence(ws / "ev0")[0] == {t: "0" for t in tests}, out.stderr
+    out = firma_run(ws, ["./probe", str(ws / "ev"), *tests], config=cfg)
     results, started, done = read_evidence(ws / "ev")
     assert started and done, out.stderr  # the initial command started
-    assert results == {"execve": EPERM, "execveat": EPERM}
+    assert results == {"execve": EPERM, "execveat": EPERM, "setuid": EPERM}
+    assert (ws.parent / "artifacts" / "proj" / "1").is_dir()
