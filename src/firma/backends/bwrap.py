@@ -301,6 +301,7 @@ class BwrapBackend:
                     % PLANTED_DNS_ADDR,
                 )
             )
+            await self._verify_resolv_conf(child, hooks)
             os.write(block_w, b"1")  # release: bwrap execs the agent
             os.close(block_w)
             block_w = -1
@@ -321,6 +322,26 @@ class BwrapBackend:
             os.close(info_r)
             if block_w >= 0:
                 os.close(block_w)
+
+    async def _verify_resolv_conf(self, child: BwrapChild, hooks: LaunchHooks) -> None:
+        """Before release: /etc/resolv.conf as the sandbox sees it (through its root), must be
+        ours. bwrap builds the mount namespace before it blocks, so we wait for that."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _CRED_TIMEOUT
+        seen = ""
+        while True:
+            try:
+                with open(f"/proc/{child.init_pid}/root/etc/resolv.conf") as f:
+                    seen = f.read()
+            except OSError as exc:
+                seen = f"unreadable: {exc.strerror}"
+            if seen == bwrap_plan.RESOLV_CONF or loop.time() > deadline or child.proc.poll() is not None:
+                break
+            await asyncio.sleep(0.001)
+        ok = seen == bwrap_plan.RESOLV_CONF
+        hooks.add_check(Check("resolv_conf_points_at_stub", ok, " ".join(seen.split())[:200]))
+        if not ok:
+            raise LaunchError("sandbox /etc/resolv.conf does not point at the planted DNS stub; refusing to start the agent")
 
     async def _verify_agent(
         self, child: BwrapChild, plan: bwrap_plan.BwrapPlan, hooks: LaunchHooks
@@ -373,23 +394,5 @@ class BwrapBackend:
             raise LaunchError(
                 f"sandboxed agent holds privileges (CapEff={capeff}, NoNewPrivs={nnp}); refusing to continue"
             )
-        # resolv.conf as the sandbox sees it, read through the agent's (or init's) root.
-        for pid in (child.agent_pid, child.init_pid):
-            if pid is None:
-                continue
-            try:
-                with open(f"/proc/{pid}/root/etc/resolv.conf") as f:
-                    seen = f.read()
-            except OSError:
-                continue
-            ok = seen == bwrap_plan.RESOLV_CONF
-            hooks.add_check(
-                Check("resolv_conf_points_at_stub", ok, " ".join(seen.split())[:200])
-            )
-            if not ok:
-                raise LaunchError("sandbox /etc/resolv.conf does not point at the planted DNS stub")
-            break
-        else:
-            hooks.add_check(Check("resolv_conf_points_at_stub", False, "sandbox exited before it could be read"))
         masked = ", ".join(plan.masked)
         hooks.add_check(Check("masked_paths", True, masked))
