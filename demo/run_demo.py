@@ -122,15 +122,15 @@ def main() -> int:
         a["ok"] and allowed_hits == 1, "ALLOWED (policy)", "UNEXPECTED")
     d = r["denied"]
     row(2, "request to denied.example.com", f"{d['detail']} reason={d.get('reason')}",
-        f"audit: {len(denied_seen)} deny event(s); never dialled" if audit else "no audit log to check",
-        d.get("status") == 403 and bool(d.get("reason")), "DENIED (policy, 403)", "UNEXPECTED")
+        f"sidecar audit: {len(denied_seen)} deny event(s)" if audit else "no audit log to check",
+        d.get("status") == 403 and bool(d.get("reason")) and len(denied_seen) == 1, "DENIED (policy, 403)", "UNEXPECTED")
     t = r["raw_tcp"]
     row(3, f"raw TCP to 127.0.0.1:{service.port}", short(t["detail"]), f"service saw {service.connections} connection(s)",
         not t["ok"] and service.connections == 0, "BLOCKED (no route)", "ESCAPED")
     n = r["dns"]
     row(4, "DNS lookup of example.com", short(n["detail"]) if not n["ok"] else f"addresses {n['detail']}",
         f"stub refused {len(dns_seen)} quer(ies) (audit)" if audit else "no audit log to check",
-        not n["ok"], "BLOCKED (no address)", "ESCAPED")
+        not n["ok"] and len(dns_seen) > 0, "BLOCKED (no address)", "ESCAPED")
     u = r["no_proxy"]
     row(5, "proxy variables unset, direct GET", short(u["detail"]), f"upstream saw {direct_hits} request(s)",
         not u["ok"] and direct_hits == 0, "BLOCKED (no route)", "ESCAPED")
