@@ -186,3 +186,20 @@ def test_socks_or_tls_to_the_proxy_port_refused_at_once(tmp_path, greeting):
     assert r.startswith(b"HTTP/1.1 400") and b"malformed_request" in r
     (ev,) = s.events()
     assert ev["deny_reason"] == "malformed_request" and ev["sandbox_id"] == ATTR["x-firma-sandbox-id"]
+
+
+def test_pipelined_malformed_after_valid_gets_response_then_audited_400(tmp_path):
+    async def main():
+        up = await HttpUpstream(body=b"one").start()
+        async with Stack(tmp_path, allow=[f"127.0.0.1:{up.port}"]) as s:
+            req = (f"GET http://127.0.0.1:{up.port}/1 HTTP/1.1\r\n\r\n".encode()
+                   + f"GET http://127.0.0.1:{up.port}/2 HTTP/1.1\r\nX: \xff\r\n\r\n".encode("latin-1"))
+            r = await send_raw(s.bridge_port, req)
+        await up.aclose()
+        return r, up, s
+
+    r, up, s = run(main())
+    resps = split_responses(r)
+    assert [h.status for h, _ in resps] == [200, 400] and resps[0][1] == b"one"
+    assert [h.target for h, _ in up.rec.requests] == ["/1"]
+    assert [(e["decision"], e["deny_reason"]) for e in s.events()] == [(1, ""), (2, "non_utf8_head")]

@@ -142,3 +142,40 @@ def test_control_characters_cannot_shift_signed_fields(tmp_path):
     line = auditfmt.signed_line(ev, key)
     assert auditfmt.verify_line(line, key.public_key())[0]
     assert "\\n" not in ev["resource"] and "\n" not in ev["resource"]
+
+
+def test_large_length_framed_download_is_exact_and_slow_upstream_not_cut(tmp_path):
+    """A 24 MiB Content-Length body arrives byte-identical through bridge and sidecar; a body
+    trickling for longer than the idle limit in total (but never idle that long) is not cut."""
+    import hashlib
+    import os as _os
+
+    from firma.services.sidecar import SidecarLimits
+
+    payload = _os.urandom(24 * 1024 * 1024)
+
+    async def trickle(r, w):
+        await r.readuntil(b"\r\n\r\n")
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n")
+        for i in range(10):
+            w.write(b"%d" % i)
+            await w.drain()
+            await asyncio.sleep(0.15)
+        w.close()
+
+    async def main():
+        up = await HttpUpstream(body=payload).start()
+        slow = await asyncio.start_server(trickle, "127.0.0.1", 0)
+        sport = slow.sockets[0].getsockname()[1]
+        async with Stack(tmp_path, allow=[f"127.0.0.1:{up.port}", f"127.0.0.1:{sport}"], limits=SidecarLimits(idle_timeout=0.6)) as s:
+            r = await send_raw(s.bridge_port, f"GET http://127.0.0.1:{up.port}/big HTTP/1.1\r\nConnection: close\r\n\r\n".encode(), timeout=30)
+            r2 = await send_raw(s.bridge_port, f"GET http://127.0.0.1:{sport}/ HTTP/1.1\r\nConnection: close\r\n\r\n".encode(), timeout=30)
+        slow.close()
+        await up.aclose()
+        return r, r2, s
+
+    r, r2, s = run(main())
+    (h, body), = split_responses(r)
+    assert h.status == 200 and hashlib.sha256(body).digest() == hashlib.sha256(payload).digest()
+    assert r2.endswith(b"\r\n\r\n0123456789")
+    assert [e["response_size"] for e in s.events()] == [len(payload), 10]

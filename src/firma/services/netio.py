@@ -160,30 +160,181 @@ async def pump(src, dst: asyncio.StreamWriter, act: Activity | None, direction: 
         pass
 
 
+class _Side(asyncio.Protocol):
+    """One direction of a tunnel: bytes arriving on `src` are written straight to `dst` (no
+    stream buffering); when src's own write buffer fills, reading from dst pauses."""
+
+    def __init__(self, tunnel: "_Tunnel", src: asyncio.Transport, dst: asyncio.Transport, up: bool) -> None:
+        self.t, self.src, self.dst, self.up = tunnel, src, dst, up
+        self.eof = False
+
+    def data_received(self, data: bytes) -> None:
+        if self.dst.is_closing():
+            return
+        self.dst.write(data)
+        act = self.t.act
+        act.last = time.monotonic()
+        if self.up:
+            act.up += len(data)
+        else:
+            act.down += len(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if not self.dst.is_closing() and self.dst.can_write_eof():
+            self.dst.write_eof()  # half-close: the other direction keeps flowing
+        self.t.check()
+        return True
+
+    def connection_lost(self, exc) -> None:
+        self.t.finish()
+
+    def pause_writing(self) -> None:
+        if not self.dst.is_closing():
+            self.dst.pause_reading()
+
+    def resume_writing(self) -> None:
+        if not self.dst.is_closing():
+            self.dst.resume_reading()
+
+
+class _Tunnel:
+    def __init__(self, act: Activity) -> None:
+        self.act = act
+        self.done = asyncio.get_running_loop().create_future()
+        self.sides: list[_Side] = []
+
+    def check(self) -> None:
+        if all(s.eof for s in self.sides):
+            self.finish()
+
+    def finish(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+
+
+def _take_stream(st: Stream) -> tuple[bytes, bool]:
+    """Bytes already read into the stream's buffers, and whether it had seen EOF."""
+    rb = getattr(st.r, "_buffer", None)
+    data = bytes(st.buf) + (bytes(rb) if rb else b"")
+    st.buf.clear()
+    if rb:
+        rb.clear()
+    return data, st.r.at_eof() or bool(getattr(st.r, "_eof", False))
+
+
 async def relay(a: Stream, b: Stream, idle: float, lifetime: float, act: Activity) -> str:
-    """Relay both ways until both directions end, idle time or lifetime runs out."""
-    t1 = asyncio.ensure_future(pump(a, b.w, act, "up"))
-    t2 = asyncio.ensure_future(pump(b, a.w, act, "down"))
+    """Relay both ways until both directions end, idle time or lifetime runs out.
+
+    The transports are switched from stream protocols to direct relay protocols: one copy per
+    chunk instead of three, and flow control by pausing the reading side."""
+    ta, tb = a.w.transport, b.w.transport
+    tun = _Tunnel(act)
+    sa, sb = _Side(tun, ta, tb, True), _Side(tun, tb, ta, False)
+    tun.sides = [sa, sb]
+    left_a, eof_a = _take_stream(a)
+    left_b, eof_b = _take_stream(b)
+    ta.set_protocol(sa)
+    tb.set_protocol(sb)
+    for side, left, eof in ((sa, left_a, eof_a), (sb, left_b, eof_b)):
+        if left:
+            side.data_received(left)
+        if eof:
+            side.eof_received()
+    for t in (ta, tb):
+        if not t.is_closing():
+            t.resume_reading()  # the stream protocol may have paused it
     start = time.monotonic()
     why = "closed"
     try:
-        pending = {t1, t2}
-        while pending:
-            done, pending = await asyncio.wait(pending, timeout=min(idle, 5.0) / 2)
+        while not tun.done.done():
+            await asyncio.wait([tun.done], timeout=min(idle, 5.0) / 2)
             now = time.monotonic()
-            if pending and now - act.last > idle:
+            if tun.done.done():
+                break
+            if now - act.last > idle:
                 why = "idle_timeout"
                 break
-            if pending and now - start > lifetime:
+            if now - start > lifetime:
                 why = "lifetime_exceeded"
                 break
     finally:
-        for t in (t1, t2):
-            t.cancel()
-        a.close()
-        b.close()
+        for t in (ta, tb):
+            t.close()
     return why
 
 
 def chmod_socket(path: str) -> None:
     os.chmod(path, 0o600)
+
+
+class _Counted(asyncio.Protocol):
+    """Forward exactly `left` bytes from a transport we own to a stream writer, without stream
+    buffering; reading pauses while the destination's write buffer is above its high-water mark."""
+
+    def __init__(self, src: asyncio.Transport, dst: asyncio.StreamWriter, left: int) -> None:
+        self.src, self.dst, self.left = src, dst, left
+        loop = asyncio.get_running_loop()
+        self.done = loop.create_future()
+        self.paused = asyncio.Event()
+        self.last = time.monotonic()
+
+    def feed(self, data: bytes) -> None:
+        if self.done.done():
+            return
+        take = data if len(data) <= self.left else data[: self.left]
+        self.last = time.monotonic()
+        self.dst.write(take)
+        self.left -= len(take)
+        if self.left == 0:
+            self.done.set_result(None)
+        elif self.dst.transport.get_write_buffer_size() > STREAM_LIMIT:
+            self.src.pause_reading()
+            self.paused.set()
+
+    data_received = feed
+
+    def eof_received(self) -> bool:
+        self._lost()
+        return False
+
+    def connection_lost(self, exc) -> None:
+        self._lost()
+
+    def _lost(self) -> None:
+        if not self.done.done():
+            self.done.set_exception(ConnectionError("upstream closed mid-body"))
+
+
+async def forward_exact(src: Stream, dst: asyncio.StreamWriter, n: int, idle: float) -> None:
+    """Copy exactly n bytes from src to dst. src's transport is taken over for good (use only on
+    a connection that is closed afterwards, like the per-request upstream)."""
+    data, eof = _take_stream(src)
+    if len(data) >= n:
+        dst.write(data[:n])
+        await dst.drain()
+        return
+    t = src.w.transport
+    c = _Counted(t, dst, n)
+    t.set_protocol(c)
+    if data:
+        c.feed(data)
+    if eof:
+        c._lost()
+    t.resume_reading()
+    while not c.done.done():
+        waiter = asyncio.ensure_future(c.paused.wait())
+        try:
+            done, _ = await asyncio.wait([c.done, waiter], timeout=min(idle, 5.0), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        if not done:
+            if time.monotonic() - c.last > idle:  # idle = no byte for that long, not total time
+                raise asyncio.TimeoutError()
+            continue
+        if c.paused.is_set() and not c.done.done():
+            c.paused.clear()
+            await dst.drain()
+            t.resume_reading()
+    c.done.result()
+    await dst.drain()

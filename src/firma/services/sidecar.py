@@ -504,15 +504,9 @@ class Sidecar:
         s.w.write(out.to_bytes())
         size = 0
         if framing.kind == "length":
-            left = framing.length
-            while left:
-                data = await asyncio.wait_for(up.read_some(min(left, netio.READ_CHUNK)), self.limits.idle_timeout)
-                if not data:
-                    raise ConnectionError("upstream closed mid-body")
-                left -= len(data)
-                size += len(data)
-                s.w.write(data)
-                await s.w.drain()
+            # The upstream connection is per request (Connection: close), so it may be taken over.
+            await netio.forward_exact(up, s.w, framing.length, self.limits.idle_timeout)
+            size = framing.length
         elif framing.kind == "chunked":
             scanner = http1.ChunkedScanner()
             while not scanner.done:
