@@ -234,3 +234,24 @@ def test_bwrap_plan_is_immutable_data():
     with pytest.raises(Exception):
         p.argv = ()  # type: ignore[misc]
     assert bwrap_plan.RESOLV_CONF == "nameserver 127.0.0.1\noptions ndots:0 timeout:1 attempts:1\n"
+
+
+def test_mask_verification_reads_the_mount_table_and_refuses_gaps():
+    """The backend checks planned masks against a real mountinfo (here: this process's)."""
+    import os
+    import types
+
+    from firma.backends.bwrap import BwrapBackend, _unescape
+    from firma.errors import LaunchError
+
+    checks = []
+    hooks = types.SimpleNamespace(add_check=checks.append)
+    child = types.SimpleNamespace(init_pid=os.getpid())
+    ok_plan = types.SimpleNamespace(masked=("/proc",))
+    BwrapBackend()._verify_masks(child, ok_plan, hooks)
+    assert checks[-1].ok
+    bad_plan = types.SimpleNamespace(masked=("/proc", "/definitely/not/a/mount"))
+    with pytest.raises(LaunchError, match="not masked as planned: /definitely/not/a/mount"):
+        BwrapBackend()._verify_masks(child, bad_plan, hooks)
+    assert not checks[-1].ok
+    assert _unescape(r"/a\040b\012c\134d") == "/a b\nc\\d"

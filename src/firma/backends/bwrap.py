@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -93,6 +94,11 @@ def open_seccomp(path: str | None, artifact=None) -> int | None:
             "writable by group or others"
         )
     return fd
+
+
+def _unescape(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as \\ooo."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def _status(pid: int) -> dict[str, str]:
@@ -302,6 +308,7 @@ class BwrapBackend:
                 )
             )
             await self._verify_resolv_conf(child, hooks)
+            self._verify_masks(child, plan, hooks)
             os.write(block_w, b"1")  # release: bwrap execs the agent
             os.close(block_w)
             block_w = -1
@@ -342,6 +349,26 @@ class BwrapBackend:
         hooks.add_check(Check("resolv_conf_points_at_stub", ok, " ".join(seen.split())[:200]))
         if not ok:
             raise LaunchError("sandbox /etc/resolv.conf does not point at the planted DNS stub; refusing to start the agent")
+
+    def _verify_masks(self, child: BwrapChild, plan: bwrap_plan.BwrapPlan, hooks: LaunchHooks) -> None:
+        """Before release: every masked path is a mount point in the sandbox's final mount table
+        (read from outside), so no later mount hid a mask and none was skipped."""
+        try:
+            with open(f"/proc/{child.init_pid}/mountinfo") as f:
+                points = {_unescape(line.split()[4]) for line in f if line.strip()}
+        except OSError as exc:
+            raise LaunchError(f"cannot read the sandbox mount table: {exc.strerror}") from None
+        missing = [p for p in plan.masked if p not in points]
+        hooks.add_check(
+            Check(
+                "masked_paths",
+                not missing,
+                ("mounted over: " + ", ".join(plan.masked))
+                + (f"; NOT masked: {', '.join(missing)}" if missing else ""),
+            )
+        )
+        if missing:
+            raise LaunchError(f"sandbox paths not masked as planned: {', '.join(missing)}; refusing to start the agent")
 
     async def _verify_agent(
         self, child: BwrapChild, plan: bwrap_plan.BwrapPlan, hooks: LaunchHooks
@@ -394,5 +421,3 @@ class BwrapBackend:
             raise LaunchError(
                 f"sandboxed agent holds privileges (CapEff={capeff}, NoNewPrivs={nnp}); refusing to continue"
             )
-        masked = ", ".join(plan.masked)
-        hooks.add_check(Check("masked_paths", True, masked))
