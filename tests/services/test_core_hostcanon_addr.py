@@ -124,3 +124,19 @@ def test_same_destination_for_decision_and_dial():
     """Every spelling of loopback ends as one canonical host that classifies as non-public."""
     for raw in ("127.1", "0x7f.0.0.1", "2130706433", "017700000001", "[::ffff:127.0.0.1]", "[0:0:0:0:0:ffff:7f00:1]"):
         assert forbidden_class(canon_host(raw).host) in ("loopback", "mapped:loopback")
+
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(st.text(max_size=80), st.from_regex(r"[0-9a-fA-Fx.:\[\]]{1,30}", fullmatch=True)))
+def test_property_canon_only_raises_host_error_and_is_idempotent(raw):
+    try:
+        c = canon_host(raw)
+    except HostError:
+        return
+    again = canon_host(f"[{c.host}]" if c.kind == "ipv6" else c.host)
+    assert again == c
+    assert c.host == c.host.lower() and "\x00" not in c.host and "%" not in c.host
