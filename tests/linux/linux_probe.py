@@ -66,6 +66,10 @@ def main():
     out["host_pid_visible"] = os.path.exists(f"/proc/{cfg['host_pid']}")
     out["pids"] = sorted(int(p) for p in os.listdir("/proc") if p.isdigit())
     out["secret_read"] = attempt(lambda: open(cfg["secret_file"]).read())
+    if cfg.get("visible_file"):
+        out["visible_read"] = attempt(lambda: open(cfg["visible_file"]).read())
+    if cfg.get("linked_secret"):
+        out["linked_secret_read"] = attempt(lambda: open(cfg["linked_secret"]).read())
     out["leak_var"] = os.environ.get(cfg["leak_var"])
     if cfg.get("allowed_url"):
         out["allowed"] = sh(["curl", "-sS", "-m", "5", "-w", "\n%{http_code}", cfg["allowed_url"]])

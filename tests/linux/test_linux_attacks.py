@@ -51,10 +51,18 @@ def world(tmp_path_factory):
         os.chmod(p, 0o777)
     abstract_name = f"firma-test-abstract-{tag}"
     abstract = StreamRecorder(socket.AF_UNIX, "\0" + abstract_name)
-    home = tmp / "home"
+    # HOME and the dotfiles live outside /tmp (a fresh tmpfs inside): visible unless masked.
+    home = Path(f"/var/lib/firma-test-home-{tag}")
+    dot = Path(f"/var/lib/firma-test-dot-{tag}")
+    (home / "visible.txt").parent.mkdir(parents=True)
+    (home / "visible.txt").write_text("NOT-A-SECRET\n")
     (home / ".ssh").mkdir(parents=True)
     secret = home / ".ssh" / "id_ed25519"
     secret.write_text("PRIVATE-KEY-MATERIAL\n")
+    # ~/.aws is a symlink to a directory elsewhere (dotfile managers do this): masked at its target
+    (dot / "aws").mkdir(parents=True)
+    (dot / "aws" / "credentials").write_text("AWS-SECRET-KEY\n")
+    (home / ".aws").symlink_to(dot / "aws")
     cfg = {
         "tcp_port": tcp.addr[1],
         "tcp6_port": tcp6.addr[1],
@@ -65,6 +73,8 @@ def world(tmp_path_factory):
         "dns_name": f"exfil-{tag}.attacker.invalid",
         "host_pid": os.getpid(),
         "secret_file": str(secret),
+        "linked_secret": str(home / ".aws" / "credentials"),
+        "visible_file": str(home / "visible.txt"),
         "leak_var": "FIRMA_TEST_HOST_SECRET",
         "results": str(ws / "outside.json"),
         "allowed_url": None,
@@ -73,7 +83,7 @@ def world(tmp_path_factory):
     }
     recorders = {"tcp": tcp, "tcp6": tcp6, "udp": udp, "upstream": upstream, "abstract": abstract}
     recorders.update({p: r for p, r in zip(unix_paths, unix)})
-    env = base_env(tmp, XDG_RUNTIME_DIR=str(xdg), FIRMA_TEST_HOST_SECRET="leaked-value")
+    env = base_env(tmp, XDG_RUNTIME_DIR=str(xdg), FIRMA_TEST_HOST_SECRET="leaked-value", HOME=str(home))
     env.pop("FIRMA_STATE_DIR")  # state root = $XDG_RUNTIME_DIR/firma, masked in the sandbox
 
     # Positive control: the same probe, outside, with no DNS (never a real query off the machine).
@@ -111,6 +121,8 @@ def world(tmp_path_factory):
         if os.path.exists(p):
             os.unlink(p)
     shutil.rmtree(xdg, ignore_errors=True)
+    shutil.rmtree(home, ignore_errors=True)
+    shutil.rmtree(dot, ignore_errors=True)
 
 
 def test_probe_ran_inside_the_sandbox(world):
@@ -196,8 +208,13 @@ def test_host_pids_invisible(world):
 
 
 def test_home_secrets_masked(world):
-    res = world["inside"]["secret_read"]
-    assert not res["ok"] or "PRIVATE-KEY" not in res["detail"]
+    assert "PRIVATE-KEY" in world["outside"]["secret_read"]["detail"]
+    assert "AWS-SECRET" in world["outside"]["linked_secret_read"]["detail"]
+    # HOME itself is visible inside: the masks, not /tmp, hide the secrets
+    assert "NOT-A-SECRET" in world["inside"]["visible_read"]["detail"]
+    for key in ("secret_read", "linked_secret_read"):
+        res = world["inside"][key]
+        assert not res["ok"] and "SECRET" not in res["detail"] and "PRIVATE" not in res["detail"], res
 
 
 def test_host_environment_does_not_leak(world):

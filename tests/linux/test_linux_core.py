@@ -255,3 +255,13 @@ def test_mask_verification_reads_the_mount_table_and_refuses_gaps():
         BwrapBackend()._verify_masks(child, bad_plan, hooks)
     assert not checks[-1].ok
     assert _unescape(r"/a\040b\012c\134d") == "/a b\nc\\d"
+
+
+def test_symlinked_secret_is_masked_at_its_target():
+    kinds = dict(KINDS, **{"/home/u/.ssh": "symlink", "/dotfiles/ssh": "dir", "/home/u/.aws": "symlink"})
+    f = bwrap_plan.BwrapFacts(caller_uid=1000, caller_gid=1000, kinds=frozen_map(kinds),
+                              realpaths=frozen_map({"/home/u/.ssh": "/dotfiles/ssh"}))
+    p = bwrap_plan.build(envelope(), f)
+    assert "/dotfiles/ssh" in pairs(p.argv, "--tmpfs") and "/dotfiles/ssh" in p.masked
+    assert "/home/u/.ssh" not in p.argv
+    assert "/home/u/.aws" not in p.argv  # dangling link: nothing to hide

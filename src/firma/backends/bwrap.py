@@ -45,17 +45,28 @@ def measure_facts(envelope: ExecutionEnvelope, host: Host) -> bwrap_plan.BwrapFa
         xdg = None
     state_root = os.path.dirname(os.path.dirname(envelope.runtime_dir.rstrip("/")))
     kinds: dict[str, str] = {}
-    for p in bwrap_plan.candidate_paths(envelope, xdg) + (state_root,):
+    realpaths: dict[str, str] = {}
+
+    def kind_of(p: str) -> str | None:
         try:
             st = os.lstat(p)
         except OSError:
-            continue
+            return None
         if stat.S_ISLNK(st.st_mode):
-            kinds[p] = bwrap_plan.SYMLINK
-        elif stat.S_ISDIR(st.st_mode):
-            kinds[p] = bwrap_plan.DIR
-        else:
-            kinds[p] = bwrap_plan.FILE
+            return bwrap_plan.SYMLINK
+        return bwrap_plan.DIR if stat.S_ISDIR(st.st_mode) else bwrap_plan.FILE
+
+    for p in bwrap_plan.candidate_paths(envelope, xdg) + (state_root,):
+        k = kind_of(p)
+        if k is None:
+            continue
+        kinds[p] = k
+        if k == bwrap_plan.SYMLINK:
+            real = os.path.realpath(p)
+            tk = kind_of(real)
+            if tk is not None and tk != bwrap_plan.SYMLINK:
+                realpaths[p] = real
+                kinds[real] = tk
     resolv_target = None
     if kinds.get("/etc/resolv.conf") == bwrap_plan.SYMLINK:
         resolv_target = os.path.realpath("/etc/resolv.conf")
@@ -63,6 +74,7 @@ def measure_facts(envelope: ExecutionEnvelope, host: Host) -> bwrap_plan.BwrapFa
         caller_uid=host.uid,
         caller_gid=host.gid,
         kinds=kinds,
+        realpaths=realpaths,
         resolv_conf_target=resolv_target,
         xdg_runtime_dir=xdg,
         state_root=state_root,

@@ -40,6 +40,8 @@ class BwrapFacts:
     # Kind (dir | file | symlink) of every candidate path that exists on the host (lstat).
     kinds: Mapping[str, str] = field(default_factory=frozen_map)
     resolv_conf_target: str | None = None  # realpath of /etc/resolv.conf when it is a symlink
+    # realpath of every candidate that is a symlink (its target's kind is in `kinds` too).
+    realpaths: Mapping[str, str] = field(default_factory=frozen_map)
     xdg_runtime_dir: str | None = None
     state_root: str | None = None
 
@@ -84,6 +86,20 @@ def passwd_text(uid: int, gid: int, home: str) -> str:
 
 def group_text(gid: int) -> str:
     return f"root:x:0:\nfirma-user:x:{gid}:\nnogroup:x:65534:\n"
+
+
+def _mask(path: str, facts: BwrapFacts, masked: list[str]) -> list[str]:
+    """Args hiding `path`: an empty tmpfs over a directory, /dev/null over anything else.
+    A symlink is masked at its target (a mount over a link lands on the target anyway)."""
+    target = facts.realpaths.get(path, path) if facts.kinds.get(path) == SYMLINK else path
+    kind = facts.kinds.get(target)
+    if kind == DIR:
+        masked.append(target)
+        return ["--tmpfs", target]
+    if kind == FILE:
+        masked.append(target)
+        return ["--ro-bind", "/dev/null", target]
+    return []  # absent (or a dangling link): nothing to hide
 
 
 def _under(path: str, roots: tuple[str, ...]) -> bool:
@@ -134,27 +150,14 @@ def build(
         a += ["--tmpfs", "/root"]
         masked.append("/root")
         for p in ROOT_SECRETS:
-            kind = kinds.get(p)
-            if kind == DIR:
-                a += ["--tmpfs", p]
-                masked.append(p)
-            elif kind in (FILE, SYMLINK):
-                a += ["--ro-bind", "/dev/null", p]
-                masked.append(p)
+            a += _mask(p, facts, masked)
 
     a += ["--bind", envelope.cwd, envelope.cwd]
     for m in envelope.mounts:
         a += ["--ro-bind" if m.read_only else "--bind", m.source, m.target]
 
     for rel in envelope.mask_home_paths:
-        p = posixpath.join(envelope.home, rel)
-        kind = kinds.get(p)
-        if kind == DIR:
-            a += ["--tmpfs", p]
-            masked.append(p)
-        elif kind in (FILE, SYMLINK):
-            a += ["--ro-bind", "/dev/null", p]
-            masked.append(p)
+        a += _mask(posixpath.join(envelope.home, rel), facts, masked)
 
     files = [
         GeneratedFile(f"{rt}/resolv.conf", "/etc/resolv.conf", RESOLV_CONF),
