@@ -25,6 +25,9 @@ SAME = [
     ("[64:ff9b::a9fe:a9fe]", "64:ff9b::a9fe:a9fe", "ipv6"),
     ("bücher.example", "xn--bcher-kva.example", "name"),
     ("XN--BCHER-KVA.example", "xn--bcher-kva.example", "name"),
+    ("\uff11\uff12\uff17\uff0e\uff10\uff0e\uff10\uff0e\uff11", "127.0.0.1", "ipv4"),  # full-width digits and dots
+    ("ＥＶＩＬ.com", "evil.com", "name"),
+    ("evil\u3002com", "evil.com", "name"),
 ]
 
 

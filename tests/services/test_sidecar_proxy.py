@@ -282,3 +282,22 @@ def test_dns_over_tls_https_and_explicit_resolvers_denied_without_resolution(tmp
     assert all(o.startswith(b"HTTP/1.1 403") for o in out)
     assert calls == []
     assert [e["decision"] for e in s.events()] == [2] * 7
+
+
+def test_audit_write_failure_fails_closed(tmp_path):
+    async def main():
+        up = await HttpUpstream(body=b"ok").start()
+        async with Stack(tmp_path, allow=[f"127.0.0.1:{up.port}"], bridge=False) as s:
+            first = await send_raw(s.sidecar_port, get(f"http://127.0.0.1:{up.port}/a"))
+            await asyncio.sleep(0.2)
+            s.sidecar.audit._file.close()  # the log becomes unwritable (disk gone, fd revoked)
+            await send_raw(s.sidecar_port, get("http://denied.test/"))  # this event fails to write
+            await asyncio.sleep(0.2)
+            after = await send_raw(s.sidecar_port, get(f"http://127.0.0.1:{up.port}/b"))
+        await up.aclose()
+        return first, after, up
+
+    first, after, up = run(main())
+    assert first.endswith(b"ok")
+    assert after.startswith(b"HTTP/1.1 503") and b"audit_unavailable" in after
+    assert [h.target for h, _ in up.rec.requests] == ["/a"]

@@ -74,7 +74,17 @@ def canon_host(raw: str) -> CanonHost:
             return CanonHost(ipaddress.IPv6Address(raw).compressed, "ipv6")
         except ValueError:
             raise HostError("host contains ':'") from None
-    host = raw[:-1] if raw.endswith(".") else raw
+    host = raw
+    if not host.isascii():
+        # Map first (UTS 46: full-width digits and dots, case), then classify the ASCII result, so
+        # "１２７.０.０.１" is the IPv4 address it maps to, never a name.
+        try:
+            host = idna.encode(host.rstrip(".\u3002\uff0e\uff61"), uts46=True).decode("ascii")
+        except (idna.IDNAError, UnicodeError) as exc:
+            raise HostError(f"invalid IDNA name: {exc}") from None
+        if any(c in _FORBIDDEN for c in host):
+            raise HostError("host contains a forbidden character")
+    host = host[:-1] if host.endswith(".") else host
     if host == "" or host.startswith(".") or ".." in host:
         raise HostError("empty label")
     parts = host.split(".")
@@ -83,18 +93,12 @@ def canon_host(raw: str) -> CanonHost:
         if len(parts) > 4 or not all(_NUMERIC.match(p) for p in parts):
             raise HostError("malformed IPv4 address")
         return CanonHost(_inet_aton(parts), "ipv4")
-    if host.isascii():
-        name = host.lower()
-        if name.startswith("xn--") or ".xn--" in name:
-            try:
-                name = idna.encode(idna.decode(name)).decode("ascii")
-            except idna.IDNAError as exc:
-                raise HostError(f"invalid IDNA label: {exc}") from None
-    else:
+    name = host.lower()
+    if name.startswith("xn--") or ".xn--" in name:
         try:
-            name = idna.encode(host, uts46=True).decode("ascii")
-        except idna.IDNAError as exc:
-            raise HostError(f"invalid IDNA name: {exc}") from None
+            name = idna.encode(idna.decode(name)).decode("ascii")
+        except (idna.IDNAError, UnicodeError) as exc:
+            raise HostError(f"invalid IDNA label: {exc}") from None
     if len(name) > MAX_HOST - 2:
         raise HostError("host longer than 253")
     for label in name.split("."):

@@ -52,6 +52,7 @@ class AuditWriter:
         self._key = key
         self.dropped = 0
         self.written = 0
+        self.failed: str | None = None  # set once a write fails; the sidecar then refuses traffic
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
             st = os.fstat(fd)
@@ -97,8 +98,9 @@ class AuditWriter:
                     self._file.write("".join(lines))
                     self._file.flush()
                     self.written += len(lines)
-                except OSError:
+                except (OSError, ValueError) as exc:
                     self.dropped += len(lines)
+                    self.failed = self.failed or f"{type(exc).__name__}: {exc}"
             with self._lock:
                 self._pending -= len(lines)
             if stop:
@@ -114,9 +116,12 @@ class AuditWriter:
         try:
             self._file.flush()
             os.fsync(self._file.fileno())
-        except OSError:
+        except (OSError, ValueError):
             pass
-        self._file.close()
+        try:
+            self._file.close()
+        except (OSError, ValueError):
+            pass
 
     async def aclose(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self.close)

@@ -212,6 +212,9 @@ class Sidecar:
     async def authorize(self, action: str, authority_host: CanonHost, port: int, method: str, path: str, agent_id: str) -> _Verdict:
         """Name decision, then resolution and address checks. Never resolves a denied name."""
         host = authority_host.host
+        if self.audit.failed:
+            # No unaudited egress: once the log cannot be written, nothing more goes out.
+            return _Verdict(False, "audit_unavailable", "the audit log cannot be written; traffic refused", 503, host=authority_host, port=port)
         d = self.policy.decide(Request(action, host, port, method, path, agent_id))
         monitored = ""
         if not d.allowed:
@@ -382,7 +385,7 @@ class Sidecar:
             return False
         v = await self.authorize(HTTP_REQUEST, host, port, head.method, path_noq, ctx.agent_id)
         if not v.allowed:
-            self._deny(ctx, s, HTTP_REQUEST, resource, v.reason, v.detail, v.status, t0, auditfmt.DENY if v.status == 403 else auditfmt.ABORT)
+            self._deny(ctx, s, HTTP_REQUEST, resource, v.reason, v.detail, v.status, t0, auditfmt.ABORT if v.status in (502, 504) else auditfmt.DENY)
             return False
         deny_reason = f"monitor_mode:{v.monitored}" if v.monitored else ""
         enforce_us = (time.perf_counter_ns() - t0) // 1000
@@ -538,7 +541,7 @@ class Sidecar:
         resource = host.authority(port)
         v = await self.authorize(NETWORK_CONNECT, host, port, "CONNECT", "", ctx.agent_id)
         if not v.allowed:
-            self._deny(ctx, s, NETWORK_CONNECT, resource, v.reason, v.detail, v.status, t0, auditfmt.DENY if v.status == 403 else auditfmt.ABORT)
+            self._deny(ctx, s, NETWORK_CONNECT, resource, v.reason, v.detail, v.status, t0, auditfmt.ABORT if v.status in (502, 504) else auditfmt.DENY)
             return
         deny_reason = f"monitor_mode:{v.monitored}" if v.monitored else ""
         s.w.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
