@@ -101,3 +101,21 @@ def test_standalone_sidecar_unix_listen(tmp_path):
     resp, rc = run(main())
     assert resp.startswith(b"HTTP/1.1 403") and rc == 0
     assert not sock.exists()  # removed on shutdown
+
+
+def test_audit_tail_follow_prints_new_matching_lines(tmp_path):
+    from firma.core import auditfmt
+
+    key = auditfmt.generate_key()
+    log = tmp_path / "audit.jsonl"
+    log.write_text(auditfmt.signed_line(auditfmt.make_event(sandbox_id="sbx_old", decision=1, action="http.request"), key) + "\n")
+    proc = subprocess.Popen(FIRMA + ["audit", "tail", str(log), "-f", "--json", "--decision", "deny"], stdout=subprocess.PIPE, text=True)
+    try:
+        with open(log, "a") as f:
+            f.write(auditfmt.signed_line(auditfmt.make_event(sandbox_id="sbx_allow", decision=1), key) + "\n")
+            f.write(auditfmt.signed_line(auditfmt.make_event(sandbox_id="sbx_new", decision=2, deny_reason="host_not_allowed"), key) + "\n")
+        line = proc.stdout.readline()
+        assert json.loads(line)["sandbox_id"] == "sbx_new"
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -136,7 +136,10 @@ class Bridge:
                     except (asyncio.TimeoutError, asyncio.CancelledError, Exception):  # noqa: BLE001
                         down.cancel()
                 up.close()
-            agent.close()
+            try:
+                await agent.linger_close()  # an error response must not be lost to a reset
+            except asyncio.CancelledError:
+                agent.close()
             self._tasks.discard(task)
 
     async def _downstream(self, up: netio.Stream, agent: netio.Stream) -> None:
