@@ -301,3 +301,24 @@ def test_audit_write_failure_fails_closed(tmp_path):
     assert first.endswith(b"ok")
     assert after.startswith(b"HTTP/1.1 503") and b"audit_unavailable" in after
     assert [h.target for h, _ in up.rec.requests] == ["/a"]
+
+
+def test_ipv6_decided_like_ipv4_and_not_opened_by_ipv4_rules(tmp_path):
+    """ATTACKS C.1 6: an IPv4 rule does not open [::1]; an exact [::1]:PORT rule does."""
+
+    async def main():
+        up = await HttpUpstream(body=b"v6", host="::1").start()
+        async with Stack(tmp_path / "a", allow=[f"127.0.0.1:{up.port}"], bridge=False) as s1:
+            denied = await send_raw(s1.sidecar_port, get(f"http://[::1]:{up.port}/"))
+            denied2 = await send_raw(s1.sidecar_port, f"CONNECT [0:0:0:0:0:0:0:1]:{up.port} HTTP/1.1\r\n\r\n".encode())
+        async with Stack(tmp_path / "b", allow=[f"[::1]:{up.port}"], bridge=False) as s2:
+            ok = await send_raw(s2.sidecar_port, get(f"http://[0::1]:{up.port}/", f"[::1]:{up.port}"))
+        await up.aclose()
+        return denied, denied2, ok, up
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    denied, denied2, ok, up = run(main())
+    assert deny_of(denied)[2]["reason"] == "host_not_allowed" and denied2.startswith(b"HTTP/1.1 403")
+    assert ok.endswith(b"v6") and up.rec.connections == 1
+    assert up.rec.requests[0][0].get("host") == f"[::1]:{up.port}"

@@ -20,7 +20,8 @@ class HttpUpstream:
     """HTTP/1.1 origin on 127.0.0.1: answers each request with a JSON echo of what it got (or a
     fixed body), records heads and bodies. `body_size` serves a large body of that many bytes."""
 
-    def __init__(self, *, body: bytes = b"hello", chunked_response: bool = False, close_delimited: bool = False) -> None:
+    def __init__(self, *, body: bytes = b"hello", chunked_response: bool = False, close_delimited: bool = False, host: str = "127.0.0.1") -> None:
+        self.host = host
         self.rec = Recorder()
         self.body = body
         self.chunked_response = chunked_response
@@ -29,7 +30,7 @@ class HttpUpstream:
         self.port = 0
 
     async def start(self) -> "HttpUpstream":
-        self.server = await asyncio.start_server(self._client, "127.0.0.1", 0, limit=1 << 20)
+        self.server = await asyncio.start_server(self._client, self.host, 0, limit=1 << 20)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
 
