@@ -366,3 +366,14 @@ def test_external_sidecar_on_a_unix_socket(ws, tmp_path):
     finally:
         sc.kill()
         up.close()
+
+
+def test_run_dir_removed_unless_keep_markers(ws, tmp_path):
+    p = run_firma(["run", "--", "true"], cwd=ws, env=base_env(tmp_path))
+    assert p.returncode == 0 and list((tmp_path / "state" / "run").iterdir()) == []
+    p = run_firma(["run", "--", "true"], cwd=ws, env=base_env(tmp_path, FIRMA_RUN_KEEP_MARKERS="1"))
+    kept = list((tmp_path / "state" / "run").iterdir())
+    assert p.returncode == 0 and len(kept) == 1
+    assert {"run.log", "resolv.conf", "passwd", "group", "hosts", "owner"} <= {f.name for f in kept[0].iterdir()}
+    assert oct(kept[0].stat().st_mode & 0o777) == "0o700"
+    assert "agent exited with status 0" in (kept[0] / "run.log").read_text()
