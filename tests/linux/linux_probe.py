@@ -73,6 +73,9 @@ def main():
     out["leak_var"] = os.environ.get(cfg["leak_var"])
     if cfg.get("allowed_url"):
         out["allowed"] = sh(["curl", "-sS", "-m", "5", "-w", "\n%{http_code}", cfg["allowed_url"]])
+        out["spoofed"] = sh(["curl", "-sS", "-m", "5", "-o", "/dev/null", "-w", "%{http_code}",
+                             "-H", "X-Firma-Sandbox-Id: sbx_forged", "-H", "x-FIRMA-agent: evil",
+                             cfg["allowed_url"].rsplit("/", 1)[0] + "/spoof"])
         out["denied"] = sh(["curl", "-sS", "-m", "5", "-D", "-", cfg["denied_url"]])
         out["unset_proxy"] = sh(["env", "-u", "HTTP_PROXY", "-u", "http_proxy", "-u", "ALL_PROXY", "-u", "all_proxy",
                                  "curl", "-sS", "-m", "3", "-o", "/dev/null", "-w", "%{http_code}", cfg["allowed_url"]])

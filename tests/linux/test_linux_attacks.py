@@ -306,3 +306,12 @@ def test_decisions_are_attributed_to_this_sandbox(world):
     assert len(allowed) == 1 and allowed[0]["decision"] == 1 and allowed[0]["sandbox_id"] == sid
     assert len(denied) == 1 and denied[0]["sandbox_id"] == sid and denied[0]["deny_reason"]
     assert "q=1" not in denied[0]["resource"]  # query strings never reach the log
+
+
+def test_spoofed_attribution_headers_are_replaced(world):
+    """ATTACKS #20: the agent's own x-firma-* headers never reach the decision."""
+    assert world["inside"]["spoofed"]["out"] == "200"
+    sid, events = _audit(world)
+    spoof = [e for e in events if e["resource"].endswith("/spoof")]
+    assert len(spoof) == 1
+    assert spoof[0]["sandbox_id"] == sid and spoof[0]["agent_id"] == "generic"
