@@ -203,3 +203,18 @@ def test_pipelined_malformed_after_valid_gets_response_then_audited_400(tmp_path
     assert [h.status for h, _ in resps] == [200, 400] and resps[0][1] == b"one"
     assert [h.target for h, _ in up.rec.requests] == ["/1"]
     assert [(e["decision"], e["deny_reason"]) for e in s.events()] == [(1, ""), (2, "non_utf8_head")]
+
+
+def test_empty_line_after_a_body_is_tolerated(tmp_path):
+    async def main():
+        up = await HttpUpstream(body=b"ok").start()
+        async with Stack(tmp_path, allow=[f"127.0.0.1:{up.port}"]) as s:
+            req = (f"POST http://127.0.0.1:{up.port}/a HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi\r\n"
+                   f"GET http://127.0.0.1:{up.port}/b HTTP/1.1\r\nConnection: close\r\n\r\n").encode()
+            r = await send_raw(s.bridge_port, req)
+        await up.aclose()
+        return r, up
+
+    r, up = run(main())
+    assert [h.status for h, _ in split_responses(r)] == [200, 200]
+    assert [(h.target, b) for h, b in up.rec.requests] == [("/a", b"hi"), ("/b", b"")]

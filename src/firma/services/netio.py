@@ -73,6 +73,9 @@ class Stream:
 
         Raises asyncio.IncompleteReadError on EOF in the middle of a head."""
         while True:
+            if request:
+                while self.buf[:2] == b"\r\n":  # RFC 9112 §2.2: ignore empty lines before a request
+                    del self.buf[:2]
             if request and self.buf and not plausible_request_start(self.buf):
                 raise HttpError("malformed_request", "not an HTTP/1.x request")
             end = head_end(self.buf, max_head)
