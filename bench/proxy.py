@@ -54,6 +54,17 @@ asyncio.run(main())
 """
 
 
+BRIDGE = r"""
+import asyncio, sys
+from firma.services.bridge import Bridge
+async def main():
+    b = Bridge(sidecar_endpoint=sys.argv[1], attribution={"x-firma-sandbox-id": "sbx_bench"})
+    print(await b.serve_address("127.0.0.1", 0), flush=True)
+    await asyncio.Event().wait()
+asyncio.run(main())
+"""
+
+
 def pct(xs, p):
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
@@ -120,7 +131,7 @@ def decisions() -> tuple[list[float], list[float]]:
 async def main() -> None:
     tmp = tempfile.mkdtemp(prefix="firma-bench-")
     up = subprocess.Popen([sys.executable, "-c", UPSTREAM, str(BIG)], stdout=subprocess.PIPE, text=True)
-    sc = None
+    sc = br = None
     try:
         uport = int(up.stdout.readline())
         global HOSTHDR
@@ -130,7 +141,10 @@ async def main() -> None:
              "--audit", os.path.join(tmp, "audit.jsonl")],
             stdout=subprocess.PIPE, text=True,
         )
-        sport = int(sc.stdout.readline().strip().rsplit(":", 1)[1])
+        endpoint = sc.stdout.readline().strip()
+        sport = int(endpoint.rsplit(":", 1)[1])
+        br = subprocess.Popen([sys.executable, "-c", BRIDGE, endpoint], stdout=subprocess.PIPE, text=True)
+        bport = int(br.stdout.readline())
         base = f"http://127.0.0.1:{uport}"
         for _ in range(30):  # warm-up
             await small_get(uport, "/small")
@@ -141,14 +155,21 @@ async def main() -> None:
             via.append(await small_get(sport, base + "/small"))
         d50, d99 = pct(direct, 50) * 1e3, pct(direct, 99) * 1e3
         v50, v99 = pct(via, 50) * 1e3, pct(via, 99) * 1e3
-        runs: dict[str, list[float]] = {"direct": [], "http": [], "connect": []}
+        bridged = []
+        for _ in range(SMALL_N // 4):
+            bridged.append(await small_get(bport, base + "/small"))
+        runs: dict[str, list[float]] = {"direct": [], "http": [], "connect": [], "bridge": []}
         for _ in range(ROUNDS):  # interleaved rounds: a busy moment hits all three alike
             runs["direct"].append(await download(uport, "/big"))
             runs["http"].append(await download(sport, base + "/big"))
             runs["connect"].append(await download(sport, "/big", connect=f"127.0.0.1:{uport}"))
-        tp_direct, tp_http, tp_conn = (statistics.median(runs[k]) for k in ("direct", "http", "connect"))
+            runs["bridge"].append(await download(bport, "/big", connect=f"127.0.0.1:{uport}"))
+        tp_direct, tp_http, tp_conn, tp_bridge = (statistics.median(runs[k]) for k in ("direct", "http", "connect", "bridge"))
         a_only, with_cedar = decisions()
     finally:
+        if br:
+            br.terminate()
+            br.wait(10)
         if sc:
             sc.terminate()
             sc.wait(10)
@@ -159,13 +180,15 @@ async def main() -> None:
         ("small GET p99 (ms)", f"{d99:.3f}", f"{v99:.3f}", f"+{v99 - d99:.3f} ms", "", None),
         ("256 MiB plain HTTP (MiB/s)", f"{tp_direct:.0f}", f"{tp_http:.0f}", f"{tp_http / tp_direct:.0%}", ">= 50 %", tp_http / tp_direct >= 0.5),
         ("256 MiB CONNECT (MiB/s)", f"{tp_direct:.0f}", f"{tp_conn:.0f}", f"{tp_conn / tp_direct:.0%}", ">= 50 %", tp_conn / tp_direct >= 0.5),
+        ("agent path: bridge+sidecar GET p50 (ms)", f"{d50:.3f}", f"{pct(bridged, 50) * 1e3:.3f}", f"+{pct(bridged, 50) * 1e3 - d50:.3f} ms", "(info)", None),
+        ("agent path: bridge+sidecar CONNECT (MiB/s)", f"{tp_direct:.0f}", f"{tp_bridge:.0f}", f"{tp_bridge / tp_direct:.0%}", "(info)", None),
         ("decision p50/p95 allow_hosts (us)", "-", f"{pct(a_only, 50):.1f} / {pct(a_only, 95):.1f}", "", "p95 <= 200 us", pct(a_only, 95) <= 200),
         ("decision p50/p95 + Cedar (us)", "-", f"{pct(with_cedar, 50):.1f} / {pct(with_cedar, 95):.1f}", "", "p95 <= 200 us", pct(with_cedar, 95) <= 200),
     ]
     print(f"firma proxy benchmark ({SMALL_N} small GETs interleaved, {ROUNDS} interleaved rounds of 256 MiB downloads, medians; {os.cpu_count()} CPUs)")
-    print(f"{'metric':<36} {'direct':>10} {'sidecar':>16} {'delta/ratio':>13}  {'goal':<14} met")
+    print(f"{'metric':<42} {'direct':>10} {'sidecar':>16} {'delta/ratio':>13}  {'goal':<14} met")
     for name, a, b, c, goal, ok in rows:
-        print(f"{name:<36} {a:>10} {b:>16} {c:>13}  {goal:<14} {'' if ok is None else ('yes' if ok else 'NO')}")
+        print(f"{name:<42} {a:>10} {b:>16} {c:>13}  {goal:<14} {'' if ok is None else ('yes' if ok else 'NO')}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from . import netio
 from .sidecar import REPORT_METHOD, REPORT_REASON, deny_response
 
 HEAD_TIMEOUT = 300.0  # between requests on a keep-alive connection
+TUNNEL_IDLE = 24 * 3600.0  # backstop only: the sidecar cuts idle tunnels much earlier
 
 
 class Bridge:
@@ -73,12 +74,13 @@ class Bridge:
         up: netio.Stream | None = None
         down: asyncio.Task | None = None
 
-        async def ensure_up() -> netio.Stream:
+        async def ensure_up(relay_down: bool = True) -> netio.Stream:
             nonlocal up, down
             if up is None:
                 r, w = await netio.open_endpoint(self.sidecar_endpoint, 10.0)
                 up = netio.Stream(r, w)
-                down = asyncio.ensure_future(self._downstream(up, agent))
+                if relay_down:
+                    down = asyncio.ensure_future(self._downstream(up, agent))
             return up
 
         try:
@@ -106,13 +108,19 @@ class Bridge:
                     await self._reject(agent, ensure_up, exc.reason, exc.detail, up, down)
                     return
                 stamped = http1.stamp_attribution(head, self.attribution)
+                # A CONNECT opening the connection becomes one direct tunnel (fast relay both ways).
+                tunnel = head.method == "CONNECT" and up is None
                 try:
-                    u = await ensure_up()
+                    u = await ensure_up(relay_down=not tunnel)
                 except (OSError, asyncio.TimeoutError) as exc:
                     self._audit_local("sidecar_unreachable")
                     writer.write(deny_response(502, "sidecar_unreachable", f"policy sidecar unreachable: {exc}"))
                     return
                 u.w.write(stamped.to_bytes())
+                if tunnel:
+                    # Raw from here on; the sidecar enforces idle and lifetime limits and closes.
+                    await netio.relay(agent, u, TUNNEL_IDLE, TUNNEL_IDLE, netio.Activity())
+                    return
                 if head.method == "CONNECT":
                     await netio.pump(agent, u.w, None, "up")  # raw from here on, both ways
                     if down is not None:
