@@ -4,9 +4,11 @@ appends them (file 0600), `close()` flushes everything queued."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import queue
 import stat
+import tempfile
 import threading
 from typing import Any
 
@@ -17,33 +19,57 @@ MAX_QUEUE = 100_000  # beyond this, events are counted as dropped rather than bl
 
 
 def load_or_create_key(path: str):
-    """The signing key at path (PEM PKCS#8, P-256), created 0600 when absent."""
+    """The signing key at path (PEM PKCS#8, P-256), created 0600 when absent.
+
+    A new key is written to a private temp file and linked into place, so a concurrent launcher
+    sharing the state dir sees either no key or a complete one, never a half-written file."""
+    key = _load_key(path)
+    if key is not None:
+        return key
+    directory = os.path.dirname(os.path.abspath(path))
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    except FileExistsError:
-        fd = None
+        fd, tmp = tempfile.mkstemp(prefix=".audit.key.", dir=directory)  # 0600
     except OSError as exc:
         raise AuditError(f"cannot create audit key {path}: {exc.strerror}; fix the state directory permissions") from None
-    if fd is not None:
-        key = auditfmt.generate_key()
-        try:
-            os.write(fd, auditfmt.key_pem(key))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        return key
     try:
-        st = os.stat(path, follow_symlinks=False)
+        with os.fdopen(fd, "wb") as f:
+            key = auditfmt.generate_key()
+            f.write(auditfmt.key_pem(key))
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)
+        return key
+    except FileExistsError:
+        pass  # a concurrent launcher linked its key first: use that one
+    except OSError as exc:
+        raise AuditError(f"cannot create audit key {path}: {exc.strerror}; fix the state directory permissions") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    key = _load_key(path)
+    if key is None:
+        raise AuditError(f"audit key {path} vanished while it was being created; retry")
+    return key
+
+
+def _load_key(path: str):
+    """The existing key at path, None when there is none; refuses links and loose modes."""
+    try:
+        kfd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise AuditError(f"cannot load audit key {path}: {exc.strerror}; remove it to generate a new one") from None
+    with os.fdopen(kfd, "rb") as f:
+        st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):
             raise AuditError(f"audit key {path} is not a regular file; remove it")
         if st.st_mode & 0o077:
             raise AuditError(f"audit key {path} is readable by group/others (mode {st.st_mode & 0o777:o}); chmod 600 it")
-        with open(path, "rb") as f:
+        try:
             return auditfmt.load_private_pem(f.read())
-    except AuditError:
-        raise
-    except (OSError, ValueError) as exc:
-        raise AuditError(f"cannot load audit key {path}: {exc}; remove it to generate a new one") from None
+        except ValueError as exc:
+            raise AuditError(f"cannot load audit key {path}: {exc}; remove it to generate a new one") from None
 
 
 class AuditWriter:
