@@ -305,17 +305,16 @@ async def _execute(plan: RunPlan, host: Host, backend: Any, kit: ServiceKit | No
     if artifact is not None:
         run.add_check(Check("seccomp_artifact_sha256", True, artifact.proof_detail()))
     if plan.sidecar.embedded:
-        # Concurrent runs share the state root: the first one creates the audit key, and the
-        # others must not read it half-written.
+        # Concurrent runs share the state root; the audit key is created atomically by the
+        # audit writer, so no lock is needed here.
         try:
-            with statedir.locked(plan.state_root):
-                sidecar = kit.make_sidecar(
-                    allow_hosts=plan.allow_hosts,
-                    policy_path=plan.policy_path,
-                    audit_path=dirs.audit_path,
-                    key_path=dirs.key_path,
-                    monitor=plan.monitor,
-                )
+            sidecar = kit.make_sidecar(
+                allow_hosts=plan.allow_hosts,
+                policy_path=plan.policy_path,
+                audit_path=dirs.audit_path,
+                key_path=dirs.key_path,
+                monitor=plan.monitor,
+            )
         except BaseException:
             # Nothing was started (bad policy, unreadable key): leave no run dir behind.
             log.close()

@@ -5,8 +5,6 @@ removed at teardown; `<root>/proofs/`, `<root>/audit.jsonl` and `<root>/audit.ke
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import shutil
 import stat
@@ -107,17 +105,6 @@ def sweep_stale(root: str, now: float) -> list[str]:
             shutil.rmtree(d, ignore_errors=True)
             removed.append(name)
     return removed
-
-
-@contextlib.contextmanager
-def locked(root: str):
-    """An exclusive lock on the state root (<root>/.lock) for short critical sections."""
-    fd = os.open(os.path.join(root, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def create(root: str, sandbox_id: str) -> RunDirs:
