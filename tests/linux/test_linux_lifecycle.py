@@ -70,6 +70,22 @@ def test_reserved_sandbox_id_refuses_to_launch(ws, tmp_path):
     assert not (ws / "ran").exists()
 
 
+def test_missing_command_is_one_line_error_not_the_agents_status(ws, tmp_path):
+    # positive control: the same launch with a command that exists runs
+    ok = run_firma(["run", "--", "sh", "-c", "exit 0"], cwd=ws, env=base_env(tmp_path))
+    assert ok.returncode == 0
+    p = run_firma(["run", "--", "no-such-command-firma-test"], cwd=ws, env=base_env(tmp_path))
+    assert p.returncode == 1
+    assert p.stderr.startswith("[ERR]  command not found: no-such-command-firma-test (searched the sandbox PATH ")
+    assert p.stderr.count("\n") == 1
+    rel = run_firma(["run", "--", "./missing.sh"], cwd=ws, env=base_env(tmp_path))
+    assert rel.stderr == "[ERR]  command not found or not executable: ./missing.sh; check the path\n"
+    # nothing started: no run directory and no proof were left behind
+    state = tmp_path / "state"
+    assert not (state / "run").exists() or list((state / "run").iterdir()) == []
+    assert len(list((state / "proofs").glob("*.json"))) == 1  # only the control run's proof
+
+
 def test_nested_run_inside_a_sandbox_refuses(ws, tmp_path):
     # the sandbox's own environment carries FIRMA_RUN_SANDBOX_ID: a nested run must refuse
     p = run_firma(["run", "--", "sh", "-c", "echo $FIRMA_RUN_SANDBOX_ID"], cwd=ws, env=base_env(tmp_path))

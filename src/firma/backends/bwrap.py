@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -231,6 +232,32 @@ async def _read_info(fd: int, timeout: float) -> dict:
         raise LaunchError("bwrap failed before the sandbox started (see its message above)") from None
 
 
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def require_command(plan: RunPlan, host: Host) -> None:
+    """Refuse before anything starts when the command cannot be found: inside, bwrap would only
+    say `execvp` failed and exit 1, which reads like the agent's own status. The sandbox sees the
+    host's root read-only, so the host lookup with the launch PATH is the sandbox's lookup, less
+    /root, which is masked when the caller is root."""
+    exe = plan.argv[0]
+    entries = plan.base_env.get("PATH", "").split(os.pathsep)
+    if host.is_root:
+        entries = [e for e in entries if not _within(e, "/root") or _within(e, plan.cwd)]
+    launch_path = os.pathsep.join(entries)
+    if "/" in exe:
+        path = exe if os.path.isabs(exe) else os.path.join(plan.cwd, exe)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return
+        raise LaunchError(f"command not found or not executable: {exe}; check the path")
+    if shutil.which(exe, path=launch_path) is None:
+        raise LaunchError(
+            f"command not found: {exe} (searched the sandbox PATH {launch_path or '(empty)'}); "
+            "install it or give its absolute path"
+        )
+
+
 class BwrapBackend:
     name = "bwrap"
 
@@ -244,6 +271,7 @@ class BwrapBackend:
 
     def prepare(self, plan: RunPlan, host: Host) -> EnforcementProof:
         bwrap_preflight(host)
+        require_command(plan, host)
         self._host = host
         return EnforcementProof(
             backend="bwrap",
