@@ -12,7 +12,8 @@ from ..host import Host, is_truthy
 from . import config as cfgmod
 from . import launchenv, profiles
 from .identity import build_identity
-from .model import BACKENDS, IdentityMode, RunPlan, SidecarChoice, VzInputs
+from .model import BACKENDS, IdentityMode, RunPlan, SidecarChoice
+from .vzinputs import vz_inputs_from_environ
 
 RESERVED_SANDBOX_ID = "FIRMA_RUN_SANDBOX_ID"
 _SECRETISH = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH", re.I)
@@ -187,14 +188,7 @@ def build_plan(
             posixpath.normpath(posixpath.join(cwd, args.proof_file)) if args.proof_file else None
         ),
         keep_markers=bool(env.get("FIRMA_RUN_KEEP_MARKERS", "").strip()),
-        vz=VzInputs(
-            guest=is_truthy(env.get("FIRMA_RUN_VZ_GUEST")),
-            structural_network=is_truthy(env.get("FIRMA_RUN_VZ_STRUCTURAL_NETWORK")),
-            runner=env.get("FIRMA_RUN_VZ_GUEST_RUNNER"),
-            kernel=env.get("FIRMA_RUN_VZ_GUEST_KERNEL"),
-            initrd=env.get("FIRMA_RUN_VZ_GUEST_INITRD"),
-            rootfs=env.get("FIRMA_RUN_VZ_GUEST_ROOTFS"),
-        ),
+        vz=vz_inputs_from_environ(env),
         runner_path=env.get("FIRMA_RUN_RUNNER"),
         config_path=cfg.path,
     )
