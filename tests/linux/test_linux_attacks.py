@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (
+from linux_support import (
     PROBE,
     SYSTEM_PYTHON,
     StreamRecorder,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HERE, SYSTEM_PYTHON, Upstream, base_env, firma_cmd, require_tools, run_firma
+from linux_support import HERE, SYSTEM_PYTHON, Upstream, base_env, firma_cmd, require_tools, run_firma
 
 pytestmark = pytest.mark.confinement
 

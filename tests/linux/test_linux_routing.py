@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Upstream
+from linux_support import Upstream
 
 from firma.backends.base import RoutingMode, RoutingPlan
 from firma.core import config as cfgmod

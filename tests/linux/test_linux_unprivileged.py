@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HERE, SYSTEM_PYTHON, StreamRecorder, UdpRecorder, Upstream, require_tools
+from linux_support import HERE, SYSTEM_PYTHON, StreamRecorder, UdpRecorder, Upstream, require_tools
 
 pytestmark = [pytest.mark.confinement, pytest.mark.unprivileged]
 

@@ -8,7 +8,7 @@ import os
 import stat
 
 import pytest
-from conftest import write_policy
+from seccomp_support import write_policy
 
 from firma.core.model import SeccompPolicyRef
 from firma.errors import SeccompError

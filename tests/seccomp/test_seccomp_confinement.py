@@ -11,7 +11,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from conftest import HARDENING_TESTS, sandbox_argv, write_policy
+from seccomp_support import HARDENING_TESTS, sandbox_argv, write_policy
 
 from firma.core.model import SeccompPolicyRef
 from firma.seccomp import open_verified, prepare_filter

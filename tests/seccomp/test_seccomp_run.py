@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import HARDENING_TESTS, read_evidence, write_policy
+from seccomp_support import HARDENING_TESTS, read_evidence, write_policy
 
 from firma.core.seccomp_policy import DEFAULT_POLICY_VERSION
 

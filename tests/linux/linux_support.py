@@ -1,0 +1,157 @@
+"""Shared helpers for the Linux `firma run` tests: recording listeners on host loopback (they
+record every connection that reaches them) and a runner for the real CLI."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+DRIVE = HERE / "linux_drive.py"
+PROBE = HERE / "linux_probe.py"
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+REQUIRED_TOOLS = ("bwrap", "curl", "dig", "getent", "bash", "useradd", "setpriv")
+
+
+def require_tools() -> None:
+    missing = [t for t in REQUIRED_TOOLS if shutil.which(t) is None]
+    if not os.access(SYSTEM_PYTHON, os.X_OK):
+        missing.append(SYSTEM_PYTHON)
+    if missing:
+        pytest.fail(f"confinement tests need {', '.join(missing)}; run scripts/install-system-deps.sh")
+
+
+class Recorder:
+    """A listener that records everything that reaches it."""
+
+    def __init__(self) -> None:
+        self.hits: list[bytes] = []
+        self._lock = threading.Lock()
+        self._stop = False
+
+    def record(self, data: bytes) -> None:
+        with self._lock:
+            self.hits.append(data)
+
+    def reset(self) -> None:
+        with self._lock:
+            self.hits.clear()
+
+
+class StreamRecorder(Recorder):
+    def __init__(self, family: int, addr) -> None:
+        super().__init__()
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        if family != socket.AF_UNIX:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(addr)
+        self.sock.listen(16)
+        self.addr = self.sock.getsockname()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            c.settimeout(2)
+            try:
+                data = c.recv(100)
+            except OSError:
+                data = b""
+            self.record(b"CONNECT:" + data)
+            c.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class UdpRecorder(Recorder):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                data, addr = self.sock.recvfrom(1000)
+            except OSError:
+                return
+            self.record(data)
+            self.sock.sendto(b"ECHO:" + data, addr)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Upstream(Recorder):
+    """A plain HTTP server on host loopback that records request lines."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        rec = self
+
+        class H(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802
+                rec.record(f"{self.command} {self.path}".encode())
+                body = b"hello from upstream\n"
+                self.send_response(200)
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *a):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def firma_cmd(*args: str) -> list[str]:
+    return [sys.executable, str(DRIVE), *args]
+
+
+def run_firma(args, *, cwd, env, timeout=60, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        firma_cmd(*args), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, **kw
+    )
+
+
+def base_env(tmp: Path, **extra: str) -> dict[str, str]:
+    """A clean environment for firma (so the test does not depend on the caller's)."""
+    home = tmp / "home"
+    home.mkdir(exist_ok=True)
+    env = {
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "HOME": str(home),
+        "LANG": "C.UTF-8",
+        "LOGNAME": "firma-tester",
+        "FIRMA_STATE_DIR": str(tmp / "state"),
+    }
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def ws(tmp_path: Path) -> Path:
+    d = tmp_path / "ws"
+    d.mkdir()
+    return d
