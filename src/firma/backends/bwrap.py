@@ -258,6 +258,20 @@ def require_command(plan: RunPlan, host: Host) -> None:
         )
 
 
+def _options_fd(plan: bwrap_plan.BwrapPlan) -> int:
+    """A sealed-by-position memfd holding bwrap's options (see bwrap_plan.options_blob)."""
+    try:
+        blob = bwrap_plan.options_blob(plan)
+    except ValueError as exc:
+        raise LaunchError(f"cannot pass the sandbox options: {exc}; remove NUL bytes from the environment") from None
+    fd = os.memfd_create("firma-bwrap-args", os.MFD_CLOEXEC)
+    view = memoryview(blob)
+    while view:
+        view = view[os.write(fd, view):]
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
 class BwrapBackend:
     name = "bwrap"
 
@@ -305,11 +319,14 @@ class BwrapBackend:
             fd = os.open(f.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
             with os.fdopen(fd, "w") as fh:
                 fh.write(f.content)
-        passed = [info_w, block_r] + ([seccomp_fd] if seccomp_fd is not None else [])
+        args_fd = _options_fd(plan)
+        passed = [info_w, block_r, args_fd] + ([seccomp_fd] if seccomp_fd is not None else [])
         try:
             # Own process group: a terminal's ^C reaches firma only, which forwards it. Plain
             # Popen + pidfd: asyncio's child watcher would start a thread before the planting fork.
-            proc = subprocess.Popen(plan.argv, pass_fds=passed, start_new_session=True)
+            proc = subprocess.Popen(
+                bwrap_plan.exec_argv(plan, args_fd), pass_fds=passed, start_new_session=True
+            )
             proc_pidfd = os.pidfd_open(proc.pid)
         except OSError as exc:
             for fd in passed + [info_r, block_w]:

@@ -60,6 +60,7 @@ class GeneratedFile:
 @dataclass(frozen=True)
 class BwrapPlan:
     argv: tuple[str, ...]
+    command: tuple[str, ...]  # what follows `--`: the agent's executable and arguments
     inside_uid: int
     inside_gid: int
     files: tuple[GeneratedFile, ...]
@@ -180,12 +181,31 @@ def build(
         a += ["--info-fd", str(info_fd)]
     if block_fd is not None:
         a += ["--block-fd", str(block_fd)]
-    a += ["--chdir", envelope.cwd, "--", envelope.executable, *envelope.args]
+    command = (envelope.executable, *envelope.args)
+    a += ["--chdir", envelope.cwd, "--", *command]
     return BwrapPlan(
         argv=tuple(a),
+        command=command,
         inside_uid=uid,
         inside_gid=gid,
         files=tuple(files),
         masked=tuple(masked),
         tmpfs=tuple(tmpfs),
     )
+
+
+def options_blob(plan: BwrapPlan) -> bytes:
+    """bwrap's options, NUL-separated, for `bwrap --args FD`.
+
+    The options carry the launch environment (`--setenv`, API keys included); on the command
+    line they would be readable by every local user in /proc/<pid>/cmdline."""
+    options = plan.argv[1 : len(plan.argv) - len(plan.command) - 1]
+    if any("\0" in o for o in options):
+        raise ValueError("a bwrap option contains a NUL byte")
+    return b"".join(o.encode() + b"\0" for o in options)
+
+
+def exec_argv(plan: BwrapPlan, args_fd: int) -> tuple[str, ...]:
+    """The command line actually executed: options come from args_fd, only the command is visible."""
+    return (plan.argv[0], "--args", str(args_fd), "--", *plan.command)
+
