@@ -11,7 +11,12 @@ command -v setpriv >/dev/null 2>&1 || need+=(util-linux)
 command -v useradd >/dev/null 2>&1 || need+=(passwd)
 [ -e /usr/lib/x86_64-linux-gnu/libseccomp.so.2 ] || [ -e /usr/lib/aarch64-linux-gnu/libseccomp.so.2 ] \
   || ldconfig -p 2>/dev/null | grep -q 'libseccomp.so.2' || need+=(libseccomp2)
+# The seccomp exec gate runs under the system interpreter inside the sandbox (the venv's may live
+# under /root, which is hidden there); the unprivileged-user tests use it too.
+[ -x /usr/bin/python3 ] || need+=(python3)
 [ -x /usr/bin/python3.11 ] || need+=(python3.11)
+# Test probes written in C (seccomp, raw sockets).
+command -v gcc >/dev/null 2>&1 || need+=(gcc libc6-dev)
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi
 if [ "$(id -u)" -ne 0 ]; then
   echo "[ERR]  missing system packages: ${need[*]}; run as root or: sudo apt-get install ${need[*]}" >&2
