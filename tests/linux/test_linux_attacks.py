@@ -86,9 +86,13 @@ def world(tmp_path_factory):
     env = base_env(tmp, XDG_RUNTIME_DIR=str(xdg), FIRMA_TEST_HOST_SECRET="leaked-value", HOME=str(home))
     env.pop("FIRMA_STATE_DIR")  # state root = $XDG_RUNTIME_DIR/firma, masked in the sandbox
 
+    # The probe runs from the workspace: the checkout may live under /tmp, which the sandbox
+    # replaces with a fresh tmpfs.
+    probe = ws / "probe.py"
+    shutil.copy(PROBE, probe)
     # Positive control: the same probe, outside, with no DNS (never a real query off the machine).
     (ws / "outside.cfg").write_text(json.dumps({**cfg, "dns_name": "localhost"}))
-    subprocess.run([SYSTEM_PYTHON, str(PROBE), str(ws / "outside.cfg")], env=env, timeout=120, check=True, cwd=ws)
+    subprocess.run([SYSTEM_PYTHON, str(probe), str(ws / "outside.cfg")], env=env, timeout=120, check=True, cwd=ws)
     outside = json.loads((ws / "outside.json").read_text())
     control_hits = {k: list(r.hits) for k, r in recorders.items()}
     if os.path.exists(cfg["etc_write"]):
@@ -105,7 +109,7 @@ def world(tmp_path_factory):
     (ws / "inside.cfg").write_text(json.dumps(inside_cfg))
     proc = run_firma(
         ["run", "--allow-host", f"127.0.0.1:{upstream.port}", "--proof-file", str(ws / "proof.json"),
-         "--", SYSTEM_PYTHON, str(PROBE), str(ws / "inside.cfg")],
+         "--", SYSTEM_PYTHON, str(probe), str(ws / "inside.cfg")],
         cwd=ws, env=env, timeout=180,
     )
     inside = json.loads((ws / "inside.json").read_text()) if (ws / "inside.json").exists() else None
