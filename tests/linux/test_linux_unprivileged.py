@@ -10,87 +10,33 @@ from __future__ import annotations
 
 import json
 import os
-import pwd
 import shutil
 import socket
 import subprocess
-import tempfile
-from pathlib import Path
 
 import pytest
 
 from linux_support import HERE, SYSTEM_PYTHON, StreamRecorder, UdpRecorder, Upstream, require_tools
+from unprivileged_support import PY, make_install, remove_install
 
 pytestmark = [pytest.mark.confinement, pytest.mark.unprivileged]
-
-USER = "firma-test"
-PY = "/usr/bin/python3.11"
-PACKAGES = ("cedarpy", "cryptography", "cffi", "pyseccomp.py", "idna")
-
-
-def ensure_user() -> pwd.struct_passwd:
-    if os.getuid() != 0:
-        pytest.fail("the unprivileged-user test must be started as root (it creates the test user)")
-    try:
-        return pwd.getpwnam(USER)
-    except KeyError:
-        pass
-    p = subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", USER],
-                       capture_output=True, text=True)
-    if p.returncode != 0:
-        pytest.fail(f"cannot create test user {USER}: {p.stderr.strip()}")
-    return pwd.getpwnam(USER)
-
 
 @pytest.fixture(scope="module")
 def install():
     require_tools()
-    if not os.access(PY, os.X_OK):
-        pytest.fail(f"{PY} is needed to run firma as an unprivileged user")
-    user = ensure_user()
-    root = Path(tempfile.mkdtemp(prefix="firma-unpriv-"))
-    os.chmod(root, 0o755)
-    import firma
-
-    src = Path(firma.__file__).resolve().parent
-    shutil.copytree(src, root / "lib" / "firma", ignore=shutil.ignore_patterns("__pycache__"))
-    site = Path(firma.__file__).resolve().parents[2] / ".venv" / "lib" / "python3.11" / "site-packages"
-    import cedarpy
-
-    site = Path(cedarpy.__file__).resolve().parents[1]
-    for name in PACKAGES:
-        s = site / name
-        (shutil.copytree if s.is_dir() else shutil.copy)(s, root / "lib" / name)
-    for so in site.glob("_cffi_backend*.so"):
-        shutil.copy(so, root / "lib" / so.name)
-    shutil.copytree(HERE, root / "tests", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    subprocess.run(["chmod", "-R", "a+rX", str(root)], check=True)
-    home = root / "home"
-    home.mkdir()
-    os.chown(home, user.pw_uid, user.pw_gid)
-    yield {"root": root, "user": user, "home": home}
-    shutil.rmtree(root, ignore_errors=True)
-    shutil.rmtree(f"/tmp/firma-{user.pw_uid}", ignore_errors=True)
+    inst = make_install("firma-unpriv-", extra_tree=HERE)
+    yield inst
+    remove_install(inst)
 
 
 def as_user(inst, argv, cwd, timeout=120):
-    u = inst["user"]
-    env = {
-        "PATH": "/usr/local/bin:/usr/bin:/bin",
-        "HOME": str(inst["home"]),
-        "LANG": "C.UTF-8",
-        "LOGNAME": USER,
-        "PYTHONPATH": f"{inst['root']}/lib",
-    }
-    return subprocess.run(
-        ["setpriv", f"--reuid={u.pw_uid}", f"--regid={u.pw_gid}", "--clear-groups", "--inh-caps=-all", *argv],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
-    )
+    return subprocess.run(inst.argv(*argv), cwd=cwd, env=inst.env(), capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def test_unprivileged_user_run(install):
-    u = install["user"]
-    ws = install["root"] / "ws"
+    u = install.user
+    ws = install.root / "ws"
     ws.mkdir()
     os.chown(ws, u.pw_uid, u.pw_gid)
     tcp = StreamRecorder(socket.AF_INET, ("127.0.0.1", 0))
@@ -105,7 +51,7 @@ def test_unprivileged_user_run(install):
         }
         (ws / "outside.cfg").write_text(json.dumps(cfg))
         # /tmp is a fresh tmpfs inside the sandbox: the probe must live in the workspace.
-        shutil.copy(install["root"] / "tests" / "linux_probe.py", ws / "probe.py")
+        shutil.copy(install.root / "tests" / "linux_probe.py", ws / "probe.py")
         probe = str(ws / "probe.py")
         p = as_user(install, [SYSTEM_PYTHON, probe, str(ws / "outside.cfg")], ws)
         assert p.returncode == 0, p.stderr
@@ -117,7 +63,7 @@ def test_unprivileged_user_run(install):
         inside_cfg = {**cfg, "dns_name": "exfil.attacker.invalid", "results": str(ws / "inside.json"),
                       "allowed_url": f"http://127.0.0.1:{up.port}/allowed", "denied_url": "http://denied.example.com/"}
         (ws / "inside.cfg").write_text(json.dumps(inside_cfg))
-        drive = str(install["root"] / "tests" / "linux_drive.py")
+        drive = str(install.root / "tests" / "linux_drive.py")
         p = as_user(install, [PY, drive, "run", "--allow-host", f"127.0.0.1:{up.port}", "--proof-file",
                               str(ws / "proof.json"), "--", SYSTEM_PYTHON, probe, str(ws / "inside.cfg")], ws)
         assert p.returncode == 0, p.stderr
