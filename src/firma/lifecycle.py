@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import datetime as _dt
 import os
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Awaitable, Callable, TextIO
@@ -168,6 +170,7 @@ class _Run:
     sidecar_endpoint: str | None = None
     services: list[Any] = field(default_factory=list)  # bridge, dns stub (closed in reverse)
     planted: list[PlantedSockets] = field(default_factory=list)
+    socket_dir: str | None = None  # private short dir holding the sidecar socket, when used
     started_at: str = field(default_factory=_now)
     proof_path: str | None = None
 
@@ -424,10 +427,24 @@ async def _execute(plan: RunPlan, host: Host, backend: Any, kit: ServiceKit | No
         await _teardown(run, child, envelope, status, failed)
 
 
+_SUN_PATH_MAX = 107  # sockaddr_un.sun_path holds 108 bytes with the terminating NUL
+
+
+def _sidecar_listen(run: _Run) -> str:
+    """The embedded sidecar listens on a unix socket in a 0700 directory: only this launcher's
+    bridge can reach it. On host loopback TCP any local process could submit requests with forged
+    attribution headers and write them into the signed audit."""
+    path = os.path.join(run.dirs.run_dir, "sidecar.sock")
+    if len(os.fsencode(path)) > _SUN_PATH_MAX:
+        run.socket_dir = tempfile.mkdtemp(prefix="firma-sidecar-")  # 0700, short path
+        path = os.path.join(run.socket_dir, "sidecar.sock")
+    return f"unix://{path}"
+
+
 async def _start_sidecar(run: _Run, sidecar: Any, plan: RunPlan, kit: ServiceKit) -> str:
     timeout = plan.sidecar.startup_timeout_secs
     try:
-        endpoint = await asyncio.wait_for(sidecar.start("tcp://127.0.0.1:0"), timeout)
+        endpoint = await asyncio.wait_for(sidecar.start(_sidecar_listen(run)), timeout)
     except asyncio.TimeoutError:
         raise SidecarError(
             f"embedded sidecar was not ready within {timeout:g}s; refusing to start the agent; "
@@ -477,6 +494,8 @@ async def _teardown(run: _Run, child: Any, envelope: ExecutionEnvelope | None, s
             await run.sidecar.aclose()
         except Exception as exc:  # noqa: BLE001
             log(f"teardown: sidecar: {exc}", "error")
+    if run.socket_dir is not None:
+        shutil.rmtree(run.socket_dir, ignore_errors=True)
     invariants = envelope.invariants if envelope is not None else DEFAULT_INVARIANTS
     try:
         run.write_proof(invariants, ended=True, exit_status=status)

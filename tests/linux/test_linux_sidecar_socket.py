@@ -1,0 +1,60 @@
+"""The embedded sidecar is reachable only by this launcher's bridge: a unix socket in a 0700
+directory, never a host loopback port that any local process could use to forge attributed
+requests into the signed audit."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+from linux_support import base_env, firma_cmd
+
+
+def _run_and_inspect(ws: Path, env: dict[str, str]) -> tuple[str, os.stat_result, dict]:
+    ready, release = ws / "ready", ws / "release"
+    script = f"touch {ready}; while [ ! -e {release} ]; do sleep 0.05; done"
+    proc = subprocess.Popen(
+        firma_cmd("run", "--proof-file", str(ws / "proof.json"), "--", "sh", "-c", script),
+        cwd=ws, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists():
+            assert time.monotonic() < deadline, "the agent never started"
+            time.sleep(0.02)
+        run_logs = list(Path(env["FIRMA_STATE_DIR"]).glob("run/sbx_*/run.log"))
+        assert len(run_logs) == 1
+        m = re.search(r"embedded sidecar answered at unix://(\S+)", run_logs[0].read_text())
+        assert m, run_logs[0].read_text()
+        sock = m.group(1)
+        dir_stat = os.stat(os.path.dirname(sock))
+        assert stat.S_ISSOCK(os.stat(sock).st_mode)
+        release.touch()
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    return sock, dir_stat, json.loads((ws / "proof.json").read_text())
+
+
+def test_embedded_sidecar_listens_on_a_private_unix_socket(ws, tmp_path):
+    sock, dir_stat, proof = _run_and_inspect(ws, base_env(tmp_path))
+    assert stat.S_IMODE(dir_stat.st_mode) == 0o700 and dir_stat.st_uid == os.getuid()
+    assert proof["sidecar"] == {"endpoint": f"unix://{sock}", "embedded": True}
+    assert not os.path.exists(sock)  # removed with the run
+
+
+def test_long_state_root_still_gets_a_private_socket(ws, tmp_path):
+    state = tmp_path / ("s" * 120)  # the run dir alone is longer than sun_path
+    sock, dir_stat, proof = _run_and_inspect(ws, base_env(tmp_path, FIRMA_STATE_DIR=str(state)))
+    assert len(os.fsencode(sock)) <= 107
+    assert stat.S_IMODE(dir_stat.st_mode) == 0o700 and dir_stat.st_uid == os.getuid()
+    assert proof["sidecar"]["endpoint"] == f"unix://{sock}"
+    assert not os.path.exists(os.path.dirname(sock))  # the short private dir is removed too
