@@ -39,7 +39,20 @@ _INFO_TIMEOUT = 10.0
 _CRED_TIMEOUT = 5.0
 
 
-def measure_facts(envelope: ExecutionEnvelope, host: Host) -> bwrap_plan.BwrapFacts:
+def _kind_of(p: str) -> str | None:
+    """The kind of `p` itself (lstat: a final symlink is reported, not followed)."""
+    try:
+        st = os.lstat(p)
+    except OSError:
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        return bwrap_plan.SYMLINK
+    return bwrap_plan.DIR if stat.S_ISDIR(st.st_mode) else bwrap_plan.FILE
+
+
+def measure_facts(
+    envelope: ExecutionEnvelope, host: Host, protected_extra: tuple[str, ...] = ()
+) -> bwrap_plan.BwrapFacts:
     """lstat the candidate paths on the host (the plan itself stays pure)."""
     xdg = host.environ.get("XDG_RUNTIME_DIR", "").strip() or None
     if xdg and not xdg.startswith("/"):
@@ -47,17 +60,8 @@ def measure_facts(envelope: ExecutionEnvelope, host: Host) -> bwrap_plan.BwrapFa
     state_root = os.path.dirname(os.path.dirname(envelope.runtime_dir.rstrip("/")))
     kinds: dict[str, str] = {}
     realpaths: dict[str, str] = {}
-
-    def kind_of(p: str) -> str | None:
-        try:
-            st = os.lstat(p)
-        except OSError:
-            return None
-        if stat.S_ISLNK(st.st_mode):
-            return bwrap_plan.SYMLINK
-        return bwrap_plan.DIR if stat.S_ISDIR(st.st_mode) else bwrap_plan.FILE
-
-    for p in bwrap_plan.candidate_paths(envelope, xdg) + (state_root,):
+    kind_of = _kind_of
+    for p in bwrap_plan.candidate_paths(envelope, xdg, protected_extra) + (state_root,):
         k = kind_of(p)
         if k is None:
             continue
@@ -278,6 +282,7 @@ class BwrapBackend:
     def __init__(self, host: Host | None = None) -> None:
         self._host = host
         self._seccomp_artifact = None
+        self._protected_extra: tuple[str, ...] = ()  # from the RunPlan (prepare); none for a runner
 
     def use_seccomp_artifact(self, artifact) -> None:
         """The verified-artifact handle for the envelope's seccomp_filter_path (firma run)."""
@@ -287,6 +292,8 @@ class BwrapBackend:
         bwrap_preflight(host)
         require_command(plan, host)
         self._host = host
+        self._protected_extra = bwrap_plan.plan_protected(plan)
+        self._refuse_protected_symlinks(plan.cwd)  # before any service starts
         return EnforcementProof(
             backend="bwrap",
             structural=True,
@@ -302,13 +309,23 @@ class BwrapBackend:
         self, envelope: ExecutionEnvelope, **fds: int | None
     ) -> bwrap_plan.BwrapPlan:
         host = self._host or detect_host()
-        facts = measure_facts(envelope, host)
-        return bwrap_plan.build(envelope, facts, bwrap=host.bwrap_path or "bwrap", **fds)
+        facts = measure_facts(envelope, host, self._protected_extra)
+        return bwrap_plan.build(
+            envelope, facts, bwrap=host.bwrap_path or "bwrap", protected_extra=self._protected_extra, **fds
+        )
+
+    def _refuse_protected_symlinks(self, cwd: str) -> None:
+        """A protected workspace name that is a symlink is refused, never followed (ATTACKS #36)."""
+        kinds = {p: k for p in bwrap_plan.protected_candidates(cwd, self._protected_extra) if (k := _kind_of(p))}
+        links = bwrap_plan.protection(cwd, self._protected_extra, kinds).symlinks
+        if links:
+            raise bwrap_plan.symlink_error(links[0])
 
     async def launch(self, envelope: ExecutionEnvelope, hooks: LaunchHooks) -> BwrapChild:
         if self._host is None:
             self._host = detect_host()
         bwrap_preflight(self._host)
+        self._refuse_protected_symlinks(envelope.cwd)  # before any descriptor is opened
         seccomp_fd = open_seccomp(envelope.seccomp_filter_path, self._seccomp_artifact)
         info_r, info_w = os.pipe2(os.O_CLOEXEC)
         block_r, block_w = os.pipe2(os.O_CLOEXEC)
@@ -366,6 +383,7 @@ class BwrapBackend:
             )
             await self._verify_resolv_conf(child, hooks)
             self._verify_masks(child, plan, hooks)
+            self._verify_protected(child, plan, hooks)
             os.write(block_w, b"1")  # release: bwrap execs the agent
             os.close(block_w)
             block_w = -1
@@ -426,6 +444,34 @@ class BwrapBackend:
         )
         if missing:
             raise LaunchError(f"sandbox paths not masked as planned: {', '.join(missing)}; refusing to start the agent")
+
+    def _verify_protected(self, child: BwrapChild, plan: bwrap_plan.BwrapPlan, hooks: LaunchHooks) -> None:
+        """Before release: each protected path is, in the final mount table, a read-only mount
+        point at exactly that path (a bind through a link swapped in meanwhile would land
+        elsewhere), and each pinned parent is a mount point (so it cannot be renamed away)."""
+        prot = plan.protection
+        top: dict[str, list[str]] = {}
+        try:
+            with open(f"/proc/{child.init_pid}/mountinfo") as f:
+                for line in f:
+                    fields = line.split()
+                    if len(fields) > 5:
+                        top[_unescape(fields[4])] = fields[5].split(",")  # the last one wins
+        except OSError as exc:
+            raise LaunchError(f"cannot read the sandbox mount table: {exc.strerror}") from None
+        bad = [p for p in prot.read_only if "ro" not in top.get(p, ()) and p not in plan.masked]
+        bad += [p for p in prot.pinned if p not in top]
+        detail = "read-only: " + (", ".join(prot.read_only) or "(none present)")
+        if prot.absent:
+            detail += "; absent, not protected: " + ", ".join(prot.absent)
+        if bad:
+            detail += "; NOT protected: " + ", ".join(bad)
+        hooks.add_check(Check("workspace_protected_paths", not bad, detail))
+        if bad:
+            raise LaunchError(
+                f"protected workspace paths not mounted read-only as planned: {', '.join(bad)}; "
+                "refusing to start the agent"
+            )
 
     async def _verify_agent(
         self, child: BwrapChild, plan: bwrap_plan.BwrapPlan, hooks: LaunchHooks

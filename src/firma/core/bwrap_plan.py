@@ -7,6 +7,10 @@ Mount order matters (a later mount hides an earlier one), so it is fixed here:
      (no host unix socket and no firma state is reachable);
   3. when the caller is root: /root, /etc/shadow, /etc/gshadow, /etc/sudoers* masked;
   4. the workspace, profile mounts and writable home paths;
+  4b. protected workspace paths (ATTACKS #38): every directory between the workspace and a
+     protected path is bound onto itself (a mount point cannot be renamed or removed, so the
+     agent cannot swap `.git` for a copy with planted hooks), then the protected path read-only;
+     parents before children, all after the workspace bind they would otherwise be hidden by;
   5. masked home paths (after 4, so a mount can never re-expose a secret);
   6. generated /etc files (resolv.conf — also over its symlink target —, hosts, passwd, group)."""
 
@@ -16,7 +20,8 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Mapping
 
-from .model import ExecutionEnvelope, IdentityMode, frozen_map
+from ..errors import LaunchError
+from .model import ExecutionEnvelope, IdentityMode, RunPlan, frozen_map
 
 DIR = "dir"
 FILE = "file"
@@ -26,6 +31,20 @@ SANDBOX_HOSTNAME = "firma-sandbox"
 ROOT_CALLER_INSIDE_ID = 1000  # the agent never runs as uid 0, even when firma does
 SYSTEM_TMPFS = ("/tmp", "/var/tmp", "/run", "/var/run")
 ROOT_SECRETS = ("/etc/shadow", "/etc/gshadow", "/etc/sudoers", "/etc/sudoers.d")
+
+# Workspace paths that run code or set policy *outside* the sandbox later (git hooks and config,
+# editor tasks, MCP servers, firma's own project config): bound read-only when they exist.
+WORKSPACE_PROTECTED = (
+    ".git/hooks",
+    ".git/config",
+    ".git/info",
+    ".gitmodules",
+    ".firma",
+    ".vscode",
+    ".idea",
+    ".mcp.json",
+)
+GIT_DIR = ".git"  # protected itself only when it is a file (a worktree's `gitdir:` pointer)
 
 RESOLV_CONF = "nameserver 127.0.0.1\noptions ndots:0 timeout:1 attempts:1\n"
 HOSTS = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
@@ -58,6 +77,14 @@ class GeneratedFile:
 
 
 @dataclass(frozen=True)
+class Protection:
+    read_only: tuple[str, ...]  # bound read-only, outermost first
+    pinned: tuple[str, ...]  # directories bound onto themselves (rename/rmdir → EBUSY)
+    symlinks: tuple[str, ...]  # protected names (or their parents) that are symlinks: refuse
+    absent: tuple[str, ...]  # protected paths that do not exist (not protected: for the proof)
+
+
+@dataclass(frozen=True)
 class BwrapPlan:
     argv: tuple[str, ...]
     command: tuple[str, ...]  # what follows `--`: the agent's executable and arguments
@@ -66,15 +93,94 @@ class BwrapPlan:
     files: tuple[GeneratedFile, ...]
     masked: tuple[str, ...]  # every path hidden from the agent (for the proof)
     tmpfs: tuple[str, ...]
+    protection: Protection = Protection((), (), (), ())
 
 
-def candidate_paths(envelope: ExecutionEnvelope, xdg_runtime_dir: str | None) -> tuple[str, ...]:
+def plan_protected(plan: RunPlan) -> tuple[str, ...]:
+    """Run-specific absolute paths to protect besides WORKSPACE_PROTECTED: the config file in
+    use, the policy and seccomp policy sources and the user's `[run].protected_paths`. Paths
+    outside the workspace are already read-only (the root is) and are dropped."""
+    paths = [plan.config_path, plan.policy_path]
+    if plan.seccomp_policy is not None:
+        paths.append(plan.seccomp_policy.source_policy_path)
+    paths += [posixpath.join(plan.cwd, rel) for rel in plan.protected_paths]
+    return tuple(
+        dict.fromkeys(
+            q for q in (posixpath.normpath(p) for p in paths if p) if q != plan.cwd and _under(q, (plan.cwd,))
+        )
+    )
+
+
+def protected_targets(cwd: str, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """Absolute protected paths for the workspace `cwd` (defaults first, then `extra`)."""
+    paths = [posixpath.join(cwd, p) for p in (GIT_DIR, *WORKSPACE_PROTECTED)]
+    paths += [posixpath.normpath(p) for p in extra if p != cwd and _under(posixpath.normpath(p), (cwd,))]
+    return tuple(dict.fromkeys(paths))
+
+
+def _chain(cwd: str, path: str) -> list[str]:
+    """`path` and every directory between `cwd` (excluded) and it, outermost first."""
+    rel = posixpath.relpath(path, cwd).split("/")
+    return [posixpath.join(cwd, *rel[: i + 1]) for i in range(len(rel))]
+
+
+def protection(cwd: str, extra: tuple[str, ...], kinds: Mapping[str, str]) -> Protection:
+    """Walk each protected path from the workspace with lstat kinds only: a symlink anywhere on
+    the way is reported (never followed), a missing component makes the path absent, a file
+    where a directory was expected (`.git` as a worktree pointer) ends the walk."""
+    git = posixpath.join(cwd, GIT_DIR)
+    extras = {posixpath.normpath(p) for p in extra}
+    wanted: list[str] = []
+    symlinks: list[str] = []
+    absent: list[str] = []
+    for p in protected_targets(cwd, extra):
+        if p == git and kinds.get(git) not in (FILE, SYMLINK) and git not in extras:
+            continue  # a .git directory stays writable (commits); its hooks/config do not
+        for i, c in enumerate(chain := _chain(cwd, p)):
+            k = kinds.get(c)
+            if k == SYMLINK:
+                symlinks.append(c)
+                break
+            if k is None or (k == FILE and i < len(chain) - 1):
+                absent.append(p)
+                break
+        else:
+            wanted.append(p)
+    # A path under another protected path is already read-only (and pinning its parents would
+    # re-expose them writable): keep the outermost only.
+    ro = [p for p in wanted if not any(q != p and _under(p, (q,)) for q in wanted)]
+    pinned = [c for p in ro for c in _chain(cwd, p)[:-1]]
+    depth = lambda p: p.count("/")  # noqa: E731
+    return Protection(
+        read_only=tuple(sorted(ro, key=depth)),
+        pinned=tuple(sorted(dict.fromkeys(pinned), key=depth)),
+        symlinks=tuple(dict.fromkeys(symlinks)),
+        absent=tuple(absent),
+    )
+
+
+def symlink_error(link: str) -> LaunchError:
+    return LaunchError(
+        f"protected workspace path {link} is a symlink (it could point outside the sandbox); "
+        "replace it with the real directory or file, then rerun"
+    )
+
+
+def candidate_paths(
+    envelope: ExecutionEnvelope, xdg_runtime_dir: str | None, protected_extra: tuple[str, ...] = ()
+) -> tuple[str, ...]:
     """Paths whose kind the backend must measure before building the plan."""
     paths = list(SYSTEM_TMPFS) + list(ROOT_SECRETS) + ["/root", "/etc/resolv.conf"]
     if xdg_runtime_dir:
         paths.append(xdg_runtime_dir)
     paths += [posixpath.join(envelope.home, p) for p in envelope.mask_home_paths]
+    paths += protected_candidates(envelope.cwd, protected_extra)
     return tuple(dict.fromkeys(paths))
+
+
+def protected_candidates(cwd: str, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """Every component of every protected path: a planted link is found, never followed."""
+    return tuple(dict.fromkeys(c for p in protected_targets(cwd, extra) for c in _chain(cwd, p)))
 
 
 def passwd_text(uid: int, gid: int, home: str) -> str:
@@ -115,8 +221,12 @@ def build(
     info_fd: int | None = None,
     block_fd: int | None = None,
     seccomp_fd: int | None = None,
+    protected_extra: tuple[str, ...] = (),
 ) -> BwrapPlan:
     kinds = facts.kinds
+    prot = protection(envelope.cwd, protected_extra, kinds)
+    if prot.symlinks:
+        raise symlink_error(prot.symlinks[0])
     rt = envelope.runtime_dir
     if facts.caller_is_root:
         uid = gid = ROOT_CALLER_INSIDE_ID
@@ -156,6 +266,10 @@ def build(
     a += ["--bind", envelope.cwd, envelope.cwd]
     for m in envelope.mounts:
         a += ["--ro-bind" if m.read_only else "--bind", m.source, m.target]
+    for p in prot.pinned:
+        a += ["--bind", p, p]
+    for p in prot.read_only:
+        a += ["--ro-bind", p, p]
 
     for rel in envelope.mask_home_paths:
         a += _mask(posixpath.join(envelope.home, rel), facts, masked)
@@ -191,6 +305,7 @@ def build(
         files=tuple(files),
         masked=tuple(masked),
         tmpfs=tuple(tmpfs),
+        protection=prot,
     )
 
 

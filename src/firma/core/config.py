@@ -26,6 +26,7 @@ _MAP = "map[str,str]"
 _PATH = "path"
 _MOUNTS = "mounts"
 _SECCOMP = "seccomp"
+_RELPATHS = "workspace-relative paths"
 
 # key -> kind, for every layer below the command line.
 SETTING_KINDS: Mapping[str, str] = MappingProxyType(
@@ -42,6 +43,7 @@ SETTING_KINDS: Mapping[str, str] = MappingProxyType(
         "policy": _PATH,
         "seccomp_policy": _SECCOMP,
         "sidecar_endpoint": _STR,
+        "protected_paths": _RELPATHS,
     }
 )
 MAP_KEYS = frozenset(k for k, v in SETTING_KINDS.items() if v == _MAP)
@@ -163,6 +165,15 @@ def _value(kind: str, value: Any, name: str, path: str, base: str) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise bad("a list of strings")
         return tuple(value)
+    if kind == _RELPATHS:
+        if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+            raise bad("a list of non-empty paths relative to the workspace")
+        for v in value:
+            if v.startswith("/") or ".." in v.split("/") or posixpath.normpath(v) == ".":
+                raise ConfigError(
+                    f"{path}: {name} entries must be relative to the workspace without '..': {v}"
+                )
+        return tuple(dict.fromkeys(posixpath.normpath(v) for v in value))
     if kind == _MAP:
         if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
             raise bad("a table of strings")

@@ -128,6 +128,8 @@ class RunPlan:
     vz: VzInputs = field(default_factory=VzInputs)
     runner_path: str | None = None  # raw FIRMA_RUN_RUNNER (None = unset)
     config_path: str | None = None
+    # Extra workspace-relative paths bound read-only (besides the built-in list), `[run].protected_paths`.
+    protected_paths: tuple[str, ...] = ()
 
     @property
     def runtime_dir(self) -> str:

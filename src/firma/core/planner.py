@@ -191,6 +191,7 @@ def build_plan(
         vz=vz_inputs_from_environ(env),
         runner_path=env.get("FIRMA_RUN_RUNNER"),
         config_path=cfg.path,
+        protected_paths=tuple(settings.get("protected_paths", ())),
     )
 
 
@@ -228,6 +229,7 @@ def plan_to_json(plan: RunPlan) -> dict[str, Any]:
             {"source": m.source, "target": m.target, "read_only": m.read_only} for m in plan.mounts
         ],
         "mask_home_paths": list(plan.mask_home_paths),
+        "protected_paths": list(plan.protected_paths),
         "writable_home_paths": list(plan.writable_home_paths),
         "sidecar": {
             "endpoint": plan.sidecar.endpoint,
