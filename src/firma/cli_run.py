@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import json
 import os
-import secrets
 import sys
 import time
 
@@ -83,7 +82,7 @@ def run(args) -> int:
         monitor=args.monitor,
     )
     plan = build_plan(
-        run_args, cfg, host, cwd=cwd, unix_ms=time.time_ns() // 1_000_000, rand=secrets.token_bytes(20)
+        run_args, cfg, host, cwd=cwd, unix_ms=time.time_ns() // 1_000_000, rand=os.urandom(20)
     )
     if args.print_effective_config:
         # Print and exit: nothing is started (the reference launched anyway).

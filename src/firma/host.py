@@ -6,7 +6,6 @@ a `Host`. Tests build a `Host` by hand (for example a macOS host on Linux)."""
 from __future__ import annotations
 
 import os
-import platform
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -82,9 +81,12 @@ def detect_host(environ: Mapping[str, str] | None = None) -> Host:
     env = dict(os.environ if environ is None else environ)
     path = env.get("PATH", os.defpath)
     bwrap = shutil.which("bwrap", path=path)
+    # os.uname() is what platform.system()/machine() return on POSIX (launch latency: platform
+    # costs an import).
+    uname = os.uname()
     return Host(
-        system=platform.system().lower(),
-        machine=platform.machine(),
+        system=uname.sysname.lower(),
+        machine=uname.machine,
         kernel_osrelease=_read("/proc/sys/kernel/osrelease") or "",
         unprivileged_userns_clone=_read("/proc/sys/kernel/unprivileged_userns_clone"),
         max_user_namespaces=_read("/proc/sys/user/max_user_namespaces"),

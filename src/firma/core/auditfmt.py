@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import secrets
+import os
 import time
 from typing import Any, Mapping
 
@@ -47,7 +47,7 @@ PROVENANCE = "firma-sidecar"
 
 def uuid7(now_ns: int | None = None) -> str:
     ms = (now_ns if now_ns is not None else time.time_ns()) // 1_000_000
-    rand = int.from_bytes(secrets.token_bytes(10), "big")
+    rand = int.from_bytes(os.urandom(10), "big")
     value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | ((rand >> 62) & 0xFFF) << 64 | 0b10 << 62 | (rand & ((1 << 62) - 1))
     h = f"{value:032x}"
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"

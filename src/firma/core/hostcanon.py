@@ -7,8 +7,6 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-import idna
-
 MAX_HOST = 255
 _FORBIDDEN = set("\x00\r\n%@/\\?#") | {chr(c) for c in range(0x20)} | {" ", "\x7f"}
 _LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
@@ -76,6 +74,8 @@ def canon_host(raw: str) -> CanonHost:
             raise HostError("host contains ':'") from None
     host = raw
     if not host.isascii():
+        import idna  # only for non-ASCII or xn-- names (launch latency: most runs never need it)
+
         # Map first (UTS 46: full-width digits and dots, case), then classify the ASCII result, so
         # "１２７.０.０.１" is the IPv4 address it maps to, never a name.
         try:
@@ -95,6 +95,8 @@ def canon_host(raw: str) -> CanonHost:
         return CanonHost(_inet_aton(parts), "ipv4")
     name = host.lower()
     if name.startswith("xn--") or ".xn--" in name:
+        import idna  # see above
+
         try:
             name = idna.encode(idna.decode(name)).decode("ascii")
         except (idna.IDNAError, UnicodeError) as exc:

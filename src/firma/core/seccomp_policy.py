@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import re
-import tomllib
 from dataclasses import dataclass
 
 from ..errors import SeccompError
@@ -163,6 +162,8 @@ def default_policy() -> SeccompPolicy:
 
 def parse_policy(data: bytes, source: str) -> SeccompPolicy:
     """Parse a policy file strictly; every error names the file and what to change."""
+    import tomllib  # only with a policy file: the built-in default needs no TOML parser
+
     try:
         doc = tomllib.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
