@@ -65,7 +65,8 @@ def test_plan_binds_protected_paths_read_only_after_the_workspace():
     assert ws_bind < pins[f"{WS}/.git"] < min(ro.values())
     assert max(ro.values()) < a.index("/home/u/.ssh")
     assert f"{WS}/.git" not in ro and f"{WS}/src" not in ro and f"{WS}/.firma/firma.toml" not in ro
-    assert set(p.protection.absent) == {f"{WS}/.gitmodules", f"{WS}/.vscode", f"{WS}/.idea"}
+    assert {f"{WS}/.gitmodules", f"{WS}/.vscode", f"{WS}/.claude", f"{WS}/.bashrc"} <= set(p.protection.absent)
+    assert not set(p.protection.absent) & set(ro)
     # Negative control: without the facts there is nothing to bind (absent paths are never created).
     bare = bwrap_plan.build(envelope(), facts({}))
     assert not [t for _, _, t in binds(bare.argv, "--ro-bind") if t.startswith(WS + "/")]
@@ -98,6 +99,21 @@ def test_plan_user_paths_nest_without_reexposing_anything():
     order = [t for _, _, t in sorted(binds(a, "--bind") + binds(a, "--ro-bind")) if t.startswith(WS + "/")]
     assert order.index(f"{WS}/a") < order.index(f"{WS}/a/b") < order.index(f"{WS}/a/b/c.txt")
     assert "/elsewhere/x" not in a
+
+
+def test_git_config_refs_name_hooks_path_and_includes():
+    text = (
+        '[core]\n\trepositoryformatversion = 0\n\thooksPath = ".husky/_" # husky\n'
+        '[include]\n  path = ../shared.gitconfig\n[includeIf "gitdir:/x/"]\n  path = ~/mine\n'
+        '[Core] HooksPath=githooks\n[remote "origin"]\n  path = not-an-include\n'
+    )
+    hooks, includes = bwrap_plan.git_config_refs(text, f"{WS}/.git", WS)
+    assert hooks == (f"{WS}/.husky/_", f"{WS}/githooks")
+    assert includes == (f"{WS}/shared.gitconfig",)
+    f = facts(dict(REPO, githooks="dir"))
+    f = bwrap_plan.BwrapFacts(**{**f.__dict__, "git_refs": hooks})
+    p = bwrap_plan.build(envelope(), f)
+    assert f"{WS}/githooks" in p.protection.read_only and f"{WS}/.husky/_" in p.protection.absent
 
 
 def test_candidate_paths_cover_every_component():
@@ -150,7 +166,8 @@ out["mountinfo"] = open("/proc/self/mountinfo").read()
 json.dump(out, open(sys.argv[1], "w"))
 """
 
-TARGETS = (".git/hooks/pre-commit", ".git/config", ".firma/firma.toml", ".vscode/tasks.json", ".mcp.json")
+TARGETS = (".git/hooks/pre-commit", ".git/config", ".firma/firma.toml", ".vscode/tasks.json", ".mcp.json",
+           ".claude/settings.json")
 
 
 def make_repo(ws: Path, toml: str = "[run]\n") -> None:
@@ -160,6 +177,8 @@ def make_repo(ws: Path, toml: str = "[run]\n") -> None:
     (ws / ".vscode").mkdir()
     (ws / ".vscode" / "tasks.json").write_text("{}\n")
     (ws / ".mcp.json").write_text("{}\n")
+    (ws / ".claude").mkdir()
+    (ws / ".claude" / "settings.json").write_text("{}\n")
 
 
 def snapshot(ws: Path, rels) -> dict[str, bytes | None]:
@@ -200,7 +219,7 @@ def test_protected_files_are_read_only_inside_and_unchanged_on_the_host(ws, tmp_
     assert out["control"] == "ok" and (ws / "ordinary.txt").read_text().startswith("#!/bin/sh")
     # the final mount table inside the sandbox: read-only mount points at exactly those paths
     top = ro_mounts(out["mountinfo"])
-    for rel in (".git/hooks", ".git/config", ".git/info", ".firma", ".vscode", ".mcp.json"):
+    for rel in (".git/hooks", ".git/config", ".git/info", ".firma", ".vscode", ".mcp.json", ".claude"):
         assert top.get(f"{ws}/{rel}") is True, rel
     assert top[str(ws)] is False and top[f"{ws}/.git"] is False
     check = next(c for c in proof["checks"] if c["name"] == "workspace_protected_paths")
@@ -263,6 +282,24 @@ def test_user_protected_path_is_read_only(ws, tmp_path):
     assert f"{ws}/deploy/prod.env" in check["detail"]
 
 
+def test_hooks_path_and_included_config_from_git_config_are_read_only(ws, tmp_path):
+    make_repo(ws)
+    (ws / "githooks").mkdir()
+    (ws / "githooks" / "pre-commit").write_text("#!/bin/sh\n")
+    (ws / "shared.gitconfig").write_text("[user]\n\tname = t\n")
+    subprocess.run(["git", "-C", str(ws), "config", "core.hooksPath", "githooks"], check=True)
+    subprocess.run(["git", "-C", str(ws), "config", "include.path", "../shared.gitconfig"], check=True)
+    targets = ("githooks/pre-commit", "shared.gitconfig", "README")
+    (ws / "README").write_text("r\n")
+    before = snapshot(ws, targets[:2])
+    out, proof = probe(ws, tmp_path, targets)
+    assert out["write:githooks/pre-commit"] == "EROFS" and out["write:shared.gitconfig"] == "EROFS"
+    assert snapshot(ws, targets[:2]) == before
+    assert out["write:README"] == "ok"  # control: an unreferenced file stays writable
+    check = next(c for c in proof["checks"] if c["name"] == "workspace_protected_paths")
+    assert f"{ws}/githooks" in check["detail"] and f"{ws}/shared.gitconfig" in check["detail"]
+
+
 def test_worktree_gitdir_file_is_read_only(ws, tmp_path):
     require_tools()
     (ws / ".git").write_text("gitdir: /somewhere/else\n")
@@ -292,3 +329,13 @@ def test_launch_verification_reads_the_final_mount_table_and_refuses_gaps():
         with pytest.raises(LaunchError, match="not mounted read-only as planned"):
             BwrapBackend()._verify_protected(child, bad, hooks)
         assert not checks[-1].ok and "NOT protected" in checks[-1].detail
+    # A home mask inside the workspace (cwd = $HOME) hides a protected path even more: accepted.
+    later = types.SimpleNamespace(masked=("/tmp", "/home/u/.aws"),
+                                  protection=bwrap_plan.Protection(("/home/u/.aws/config",), (), (), (), "/home/u"))
+    BwrapBackend()._verify_protected(child, later, hooks)
+    assert checks[-1].ok
+    # ...but a mask the workspace was bound over (/tmp) hides nothing of it: refused.
+    under_tmp = types.SimpleNamespace(masked=("/tmp",),
+                                      protection=bwrap_plan.Protection(("/tmp/ws/.git/config",), (), (), (), "/tmp/ws"))
+    with pytest.raises(LaunchError, match="not mounted read-only as planned: /tmp/ws/.git/config"):
+        BwrapBackend()._verify_protected(child, under_tmp, hooks)

@@ -50,6 +50,47 @@ def _kind_of(p: str) -> str | None:
     return bwrap_plan.DIR if stat.S_ISDIR(st.st_mode) else bwrap_plan.FILE
 
 
+def _read_small(path: str) -> str | None:
+    """A regular file's text (up to GIT_CONFIG_MAX bytes), never through a final symlink."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return os.read(fd, bwrap_plan.GIT_CONFIG_MAX).decode("utf-8", "replace")
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def git_refs(cwd: str) -> tuple[str, ...]:
+    """Workspace paths the repository's own git config names (core.hooksPath; include.path,
+    followed while the included files are in the workspace): hooks there run on the host too."""
+    git = os.path.join(cwd, bwrap_plan.GIT_DIR)
+    if _kind_of(git) != bwrap_plan.DIR:
+        return ()
+    refs: list[str] = []
+    todo, seen = [os.path.join(git, "config")], set()
+    while todo and len(seen) < 16:
+        cfg = todo.pop()
+        if cfg in seen:
+            continue
+        seen.add(cfg)
+        text = _read_small(cfg)
+        if text is None:
+            continue
+        hooks, includes = bwrap_plan.git_config_refs(text, os.path.dirname(cfg), cwd)
+        refs += hooks
+        for inc in includes:
+            if _within(inc, cwd):
+                refs.append(inc)
+                todo.append(inc)
+    return tuple(dict.fromkeys(r for r in refs if r != cwd and _within(r, cwd)))
+
+
 def measure_facts(
     envelope: ExecutionEnvelope, host: Host, protected_extra: tuple[str, ...] = ()
 ) -> bwrap_plan.BwrapFacts:
@@ -61,7 +102,8 @@ def measure_facts(
     kinds: dict[str, str] = {}
     realpaths: dict[str, str] = {}
     kind_of = _kind_of
-    for p in bwrap_plan.candidate_paths(envelope, xdg, protected_extra) + (state_root,):
+    refs = git_refs(envelope.cwd)
+    for p in bwrap_plan.candidate_paths(envelope, xdg, protected_extra + refs) + (state_root,):
         k = kind_of(p)
         if k is None:
             continue
@@ -83,6 +125,7 @@ def measure_facts(
         resolv_conf_target=resolv_target,
         xdg_runtime_dir=xdg,
         state_root=state_root,
+        git_refs=refs,
     )
 
 
@@ -316,8 +359,9 @@ class BwrapBackend:
 
     def _refuse_protected_symlinks(self, cwd: str) -> None:
         """A protected workspace name that is a symlink is refused, never followed (ATTACKS #36)."""
-        kinds = {p: k for p in bwrap_plan.protected_candidates(cwd, self._protected_extra) if (k := _kind_of(p))}
-        links = bwrap_plan.protection(cwd, self._protected_extra, kinds).symlinks
+        extra = self._protected_extra + git_refs(cwd)
+        kinds = {p: k for p in bwrap_plan.protected_candidates(cwd, extra) if (k := _kind_of(p))}
+        links = bwrap_plan.protection(cwd, extra, kinds).symlinks
         if links:
             raise bwrap_plan.symlink_error(links[0])
 
@@ -459,8 +503,14 @@ class BwrapBackend:
                         top[_unescape(fields[4])] = fields[5].split(",")  # the last one wins
         except OSError as exc:
             raise LaunchError(f"cannot read the sandbox mount table: {exc.strerror}") from None
-        bad = [p for p in prot.read_only if "ro" not in top.get(p, ()) and p not in plan.masked]
-        bad += [p for p in prot.pinned if p not in top]
+        # A home mask inside the workspace (cwd = $HOME) is mounted later and hides even more.
+        hidden = [m for m in plan.masked if not _within(prot.workspace, m)]
+
+        def masked(p: str) -> bool:
+            return any(_within(p, m) for m in hidden)
+
+        bad = [p for p in prot.read_only if "ro" not in top.get(p, ()) and not masked(p)]
+        bad += [p for p in prot.pinned if p not in top and not masked(p)]
         detail = "read-only: " + (", ".join(prot.read_only) or "(none present)")
         if prot.absent:
             detail += "; absent, not protected: " + ", ".join(prot.absent)

@@ -17,6 +17,7 @@ Mount order matters (a later mount hides an earlier one), so it is fixed here:
 from __future__ import annotations
 
 import posixpath
+import re
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -43,8 +44,27 @@ WORKSPACE_PROTECTED = (
     ".vscode",
     ".idea",
     ".mcp.json",
+    # hooks run by git through other routes: husky (core.hooksPath) and the pre-commit framework
+    ".husky",
+    ".pre-commit-config.yaml",
+    # agent settings (hooks, permissions, MCP servers) read by the next agent run on the host
+    ".claude",
+    ".codex",
+    # a dotfiles checkout is usually linked into $HOME: its shell and git startup files run later
+    ".bashrc",
+    ".bash_profile",
+    ".bash_login",
+    ".profile",
+    ".zshrc",
+    ".zshenv",
+    ".zprofile",
+    ".zlogin",
+    ".gitconfig",
 )
 GIT_DIR = ".git"  # protected itself only when it is a file (a worktree's `gitdir:` pointer)
+GIT_CONFIG_MAX = 1 << 20  # bytes of a git config file read to find hooksPath / include paths
+_GIT_SECTION = re.compile(r'^\s*\[\s*([A-Za-z0-9.-]+)(?:\s+"(?:[^"\\]|\\.)*")?\s*\]\s*(.*)$')
+_GIT_ENTRY = re.compile(r"^\s*([A-Za-z][A-Za-z0-9-]*)\s*=\s*(.*)$")
 
 RESOLV_CONF = "nameserver 127.0.0.1\noptions ndots:0 timeout:1 attempts:1\n"
 HOSTS = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
@@ -63,6 +83,9 @@ class BwrapFacts:
     realpaths: Mapping[str, str] = field(default_factory=frozen_map)
     xdg_runtime_dir: str | None = None
     state_root: str | None = None
+    # Workspace paths the repository's git config points at (core.hooksPath, include.path):
+    # protected like the built-in list (see git_config_refs).
+    git_refs: tuple[str, ...] = ()
 
     @property
     def caller_is_root(self) -> bool:
@@ -82,6 +105,7 @@ class Protection:
     pinned: tuple[str, ...]  # directories bound onto themselves (rename/rmdir → EBUSY)
     symlinks: tuple[str, ...]  # protected names (or their parents) that are symlinks: refuse
     absent: tuple[str, ...]  # protected paths that do not exist (not protected: for the proof)
+    workspace: str = ""
 
 
 @dataclass(frozen=True)
@@ -109,6 +133,50 @@ def plan_protected(plan: RunPlan) -> tuple[str, ...]:
             q for q in (posixpath.normpath(p) for p in paths if p) if q != plan.cwd and _under(q, (plan.cwd,))
         )
     )
+
+
+def _git_value(raw: str) -> str:
+    """A git config value: unquoted, escapes undone, trailing comment dropped."""
+    out, quoted, i = [], False, 0
+    while i < len(raw):
+        c = raw[i]
+        if c == "\\" and i + 1 < len(raw):
+            out.append({"n": "\n", "t": "\t", "b": "\b"}.get(raw[i + 1], raw[i + 1]))
+            i += 2
+            continue
+        if c == '"':
+            quoted = not quoted
+        elif c in "#;" and not quoted:
+            break
+        else:
+            out.append(c)
+        i += 1
+    return "".join(out).strip()
+
+
+def git_config_refs(text: str, config_dir: str, worktree: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(hooks dirs, included files) named by one git config file, as absolute paths: hooksPath is
+    relative to the worktree, include paths to the including file. `~` paths are left out (they
+    are in $HOME, outside the workspace). Best effort on purpose: the file itself is read-only
+    inside the sandbox, so the agent cannot craft syntax this reader misses."""
+    hooks: list[str] = []
+    includes: list[str] = []
+    section = ""
+    for line in text.splitlines():
+        m = _GIT_SECTION.match(line)
+        if m:
+            section, line = m.group(1).lower(), m.group(2)
+        e = _GIT_ENTRY.match(line)
+        if not e:
+            continue
+        key, value = e.group(1).lower(), _git_value(e.group(2))
+        if not value or value.startswith("~"):
+            continue
+        if section == "core" and key == "hookspath":
+            hooks.append(posixpath.normpath(posixpath.join(worktree, value)))
+        elif section in ("include", "includeif") and key == "path":
+            includes.append(posixpath.normpath(posixpath.join(config_dir, value)))
+    return tuple(hooks), tuple(includes)
 
 
 def protected_targets(cwd: str, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
@@ -156,6 +224,7 @@ def protection(cwd: str, extra: tuple[str, ...], kinds: Mapping[str, str]) -> Pr
         pinned=tuple(sorted(dict.fromkeys(pinned), key=depth)),
         symlinks=tuple(dict.fromkeys(symlinks)),
         absent=tuple(absent),
+        workspace=cwd,
     )
 
 
@@ -224,7 +293,7 @@ def build(
     protected_extra: tuple[str, ...] = (),
 ) -> BwrapPlan:
     kinds = facts.kinds
-    prot = protection(envelope.cwd, protected_extra, kinds)
+    prot = protection(envelope.cwd, protected_extra + facts.git_refs, kinds)
     if prot.symlinks:
         raise symlink_error(prot.symlinks[0])
     rt = envelope.runtime_dir
