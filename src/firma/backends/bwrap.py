@@ -373,7 +373,13 @@ class BwrapBackend:
         seccomp_fd = open_seccomp(envelope.seccomp_filter_path, self._seccomp_artifact)
         info_r, info_w = os.pipe2(os.O_CLOEXEC)
         block_r, block_w = os.pipe2(os.O_CLOEXEC)
-        plan = self.plan_for(envelope, info_fd=info_w, block_fd=block_r, seccomp_fd=seccomp_fd)
+        try:
+            plan = self.plan_for(envelope, info_fd=info_w, block_fd=block_r, seccomp_fd=seccomp_fd)
+        except LaunchError:  # a protected name turned into a symlink since the check above
+            for fd in (info_r, info_w, block_r, block_w, seccomp_fd):
+                if fd is not None:
+                    os.close(fd)
+            raise
         if seccomp_fd is not None:
             hooks.add_check(Check("seccomp_filter", True, f"bwrap --seccomp with {envelope.seccomp_filter_path}"))
         for f in plan.files:
