@@ -82,7 +82,8 @@ def run(args) -> int:
         monitor=args.monitor,
     )
     plan = build_plan(
-        run_args, cfg, host, cwd=cwd, unix_ms=time.time_ns() // 1_000_000, rand=os.urandom(20)
+        run_args, cfg, host, cwd=cwd, unix_ms=time.time_ns() // 1_000_000, rand=os.urandom(20),
+        realpath=os.path.realpath,
     )
     if args.print_effective_config:
         # Print and exit: nothing is started (the reference launched anyway).

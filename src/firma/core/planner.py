@@ -5,7 +5,7 @@ from __future__ import annotations
 import posixpath
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from ..errors import ConfigError, PlanError, UnsupportedBackendError
 from ..host import Host, is_truthy
@@ -13,6 +13,7 @@ from . import config as cfgmod
 from . import launchenv, profiles
 from .identity import build_identity
 from .model import BACKENDS, IdentityMode, RunPlan, SidecarChoice
+from .mountcheck import check_mounts
 from .vzinputs import vz_inputs_from_environ
 
 RESERVED_SANDBOX_ID = "FIRMA_RUN_SANDBOX_ID"
@@ -93,7 +94,9 @@ def build_plan(
     cwd: str,
     unix_ms: int,
     rand: bytes,
+    realpath: Callable[[str], str] = lambda p: p,
 ) -> RunPlan:
+    """`realpath` resolves symlinks of mount sources (the CLI passes os.path.realpath)."""
     env = host.environ
     if RESERVED_SANDBOX_ID in env:
         raise PlanError(
@@ -143,6 +146,7 @@ def build_plan(
     for p in settings.get("mask_home_paths", ()):
         if p.startswith("/") or ".." in p.split("/"):
             raise ConfigError(f"mask_home_paths entries must be relative to $HOME: {p}")
+    check_mounts(settings.get("mounts", ()), state_root=root, realpath=realpath)
 
     endpoint = args.sidecar or env.get("FIRMA_SIDECAR_ENDPOINT", "").strip() or settings.get(
         "sidecar_endpoint"

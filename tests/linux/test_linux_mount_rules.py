@@ -1,0 +1,80 @@
+"""Config mounts that would open the sandbox are refused before anything starts (ATTACKS #40)."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import pytest
+
+from firma.core.model import Mount
+from firma.core.mountcheck import check_mounts
+from firma.errors import ConfigError
+from linux_support import base_env, run_firma
+
+STATE = "/run/user/1000/firma"
+
+
+def _links(mapping):
+    return lambda p: mapping.get(p, p)
+
+
+@pytest.mark.parametrize(
+    "mount, fragment",
+    [
+        (Mount("/proc", "/mnt/p", True), "exposes the host's /proc or /sys"),
+        (Mount("/proc/1/root", "/mnt/p", True), "exposes the host's /proc or /sys"),
+        (Mount("/sys/fs/cgroup", "/mnt/c", True), "exposes the host's /proc or /sys"),
+        (Mount("/", "/mnt/root", True), "exposes the host's /proc or /sys"),
+        (Mount("/data/link-to-proc", "/mnt/p", True), "(or resolves to) /proc"),
+        (Mount("/run/user/1000", "/mnt/u", True), "overlaps firma's state root"),
+        (Mount("/run/user/1000/firma/proofs", "/mnt/u", True), "overlaps firma's state root"),
+        (Mount("/data", "/", False), "the target / is managed"),
+        (Mount("/data", "/proc", False), "the target /proc is managed"),
+        (Mount("/data", "/dev/shm", False), "the target /dev/shm is managed"),
+        (Mount("/data/resolv", "/etc/resolv.conf", True), "the target /etc/resolv.conf is managed"),
+        (Mount("/data/passwd", "/etc/passwd/", True), "the target /etc/passwd is managed"),
+        (Mount("data", "/mnt/d", True), "must be absolute"),
+    ],
+)
+def test_refused_mounts(mount, fragment):
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        check_mounts([mount], state_root=STATE, realpath=_links({"/data/link-to-proc": "/proc"}))
+
+
+@pytest.mark.parametrize(
+    "mount",
+    [
+        Mount("/data", "/mnt/data", False),
+        Mount("/run/user/1000/other", "/mnt/o", True),  # sibling of the state root, not an ancestor
+        Mount("/procfs-backup", "/mnt/b", True),  # a name that merely starts with /proc
+        Mount("/data/etc", "/etc/firma-extra", True),
+    ],
+)
+def test_ordinary_mounts_pass(mount):
+    check_mounts([mount], state_root=STATE, realpath=_links({}))
+
+
+def test_firma_run_refuses_a_procfs_mount_and_starts_nothing(ws, tmp_path):
+    (ws / ".firma").mkdir()
+    target = tmp_path / "mnt"
+    target.mkdir()
+    (ws / ".firma" / "firma.toml").write_text(
+        f'[run]\nmounts = [{{source = "/proc", target = "{target}", read_only = true}}]\n'
+    )
+    p = run_firma(["run", "--", "sh", "-c", f"touch {ws}/ran"], cwd=ws, env=base_env(tmp_path))
+    assert p.returncode == 1
+    assert p.stderr.startswith(f"[ERR]  mount /proc -> {target}: the source is (or resolves to) /proc")
+    assert p.stderr.count("\n") == 1
+    assert not (ws / "ran").exists()
+    # positive control: a harmless mount of the same shape is accepted and visible inside
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "hello").write_text("hi")
+    (ws / ".firma" / "firma.toml").write_text(
+        f'[run]\nmounts = [{{source = "{data}", target = "{target}", read_only = true}}]\n'
+    )
+    ok = run_firma(["run", "--", "cat", f"{target}/hello"], cwd=ws, env=base_env(tmp_path))
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout == "hi"
+    assert os.path.exists(ws / ".firma" / "firma.toml")
