@@ -78,3 +78,21 @@ def test_firma_run_refuses_a_procfs_mount_and_starts_nothing(ws, tmp_path):
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout == "hi"
     assert os.path.exists(ws / ".firma" / "firma.toml")
+
+
+def test_bwrap_refusing_a_mount_is_reported_as_such(ws, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (ws / ".firma").mkdir()
+    # / is read-only inside, so bwrap cannot create this target's parents
+    (ws / ".firma" / "firma.toml").write_text(
+        f'[run]\nmounts = [{{source = "{data}", target = "/nonexistent-firma-test/x", read_only = true}}]\n'
+    )
+    p = run_firma(["run", "--", "sh", "-c", f"touch {ws}/ran"], cwd=ws, env=base_env(tmp_path))
+    assert p.returncode == 1
+    assert "/nonexistent-firma-test/x" in p.stderr  # bwrap's own reason
+    assert p.stderr.splitlines()[-1] == (
+        "[ERR]  bwrap could not build the sandbox (its reason is printed above); "
+        "fix the mount or path it names, then rerun"
+    )
+    assert not (ws / "ran").exists()

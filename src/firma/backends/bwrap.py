@@ -472,6 +472,13 @@ class BwrapBackend:
             await asyncio.sleep(0.001)
         ok = seen == bwrap_plan.RESOLV_CONF
         hooks.add_check(Check("resolv_conf_points_at_stub", ok, " ".join(seen.split())[:200]))
+        if not ok and child.proc.poll() is not None:
+            # bwrap gave up while building the mount namespace (e.g. a mount target it cannot
+            # create); its own one-line reason is already on stderr.
+            raise LaunchError(
+                "bwrap could not build the sandbox (its reason is printed above); "
+                "fix the mount or path it names, then rerun"
+            )
         if not ok:
             raise LaunchError("sandbox /etc/resolv.conf does not point at the planted DNS stub; refusing to start the agent")
 
