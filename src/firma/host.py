@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Mapping
 
 TRUTHY = frozenset({"1", "true", "yes", "on"})
@@ -57,7 +56,8 @@ class Host:
 
 def _read(path: str) -> str | None:
     try:
-        return Path(path).read_text().strip()
+        with open(path) as f:  # not pathlib: launch latency (pathlib + urllib.parse imports)
+            return f.read().strip()
     except OSError:
         return None
 

@@ -19,7 +19,6 @@ import stat
 import sys
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 from .core.model import SeccompPolicyRef
 from .core.seccomp_policy import (
@@ -37,7 +36,7 @@ BPF_NAME = "policy.bpf"
 METADATA_NAME = "policy.metadata.json"
 METADATA_FORMAT = 1
 _MAX_POLICY_BYTES = 64 * 1024
-_EXEC_GATE_SCRIPT = Path(__file__).with_name("seccomp_exec.py")
+_EXEC_GATE_SCRIPT = os.path.join(os.path.dirname(__file__), "seccomp_exec.py")  # not pathlib: launch latency
 # The exec gate runs inside the sandbox, where firma's own venv may be hidden (/root is masked
 # when the caller is root): prefer a system interpreter; the gate needs only the stdlib.
 _GATE_PYTHONS = ("/usr/bin/python3", "/usr/local/bin/python3", "/bin/python3")
@@ -104,7 +103,8 @@ def _exec_gate_prefix(machine: str) -> tuple[str, ...]:
     python = next((p for p in _GATE_PYTHONS if os.access(p, os.X_OK)),
                   os.path.realpath(sys.executable))
     try:
-        source = _EXEC_GATE_SCRIPT.read_text()
+        with open(_EXEC_GATE_SCRIPT) as f:
+            source = f.read()
     except OSError as exc:
         raise SeccompError(f"seccomp: exec gate {_EXEC_GATE_SCRIPT} unreadable: {exc}") from None
     nrs = [pyseccomp.resolve_syscall(arch, n) for n in EXEC_SYSCALLS]
