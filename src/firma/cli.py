@@ -6,6 +6,7 @@ Each command lives in its own `cli_<name>` module exposing `add_parser(subparser
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import sys
 
@@ -67,6 +68,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    finally:
+        # The process exits right after main returns, and everything firma opened is closed by
+        # then: freezing the heap spares the interpreter's final garbage collection over every
+        # imported module (exit latency, ~15 ms of `firma run -- true`).
+        gc.freeze()
 
 
 if __name__ == "__main__":
