@@ -139,8 +139,15 @@ def _start(ws, tmp_path, script, *extra):
 
 
 def test_sigint_gives_130(ws, tmp_path):
-    p = _start(ws, tmp_path, f"touch {ws}/started; sleep 60")
+    n = 5000 + secrets.randbelow(4000)
+    p = _start(ws, tmp_path, f"touch {ws}/started; sleep {n}.4")
     wait_for(ws / "started", p)
+    # Signal only once `sleep` runs: a shell that sees its child (touch) exit normally after a
+    # SIGINT carries on by design (wait-and-cooperative-exit), which would test sh, not firma.
+    end = time.monotonic() + 20
+    while not processes_with(f"sleep {n}.4") and time.monotonic() < end:
+        time.sleep(0.02)
+    assert processes_with(f"sleep {n}.4")
     p.send_signal(signal.SIGINT)
     assert p.wait(30) == 130
 
