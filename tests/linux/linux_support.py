@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -149,6 +150,43 @@ def base_env(tmp: Path, **extra: str) -> dict[str, str]:
     env.update(extra)
     return env
 
+
+def wait_for(path: Path, proc: subprocess.Popen | None = None, limit: float = 60) -> None:
+    """Poll until path exists; fail early (with firma's stderr) if proc exits first."""
+    end = time.monotonic() + limit
+    while not path.exists():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"firma exited ({proc.returncode}) before {path.name} appeared: {proc.stderr.read() if proc.stderr else ''}")
+        if time.monotonic() > end:
+            raise AssertionError(f"{path} never appeared")
+        time.sleep(0.02)
+
+
+def _cmdlines():
+    """(pid, raw NUL-separated argv) of every host process we can read."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                yield int(pid), f.read()
+        except OSError:
+            continue
+
+
+def pids_with_cmdline(needle: bytes) -> list[int]:
+    """Host processes whose command line contains needle anywhere."""
+    return [pid for pid, raw in _cmdlines() if needle in raw]
+
+
+def processes_with(marker: str) -> list[int]:
+    """Processes whose argv, joined by spaces, contains marker (the test runner excluded)."""
+    found = []
+    for pid, raw in _cmdlines():
+        cmd = raw.replace(b"\0", b" ").decode(errors="replace")
+        if marker in cmd and "pytest" not in cmd:
+            found.append(pid)
+    return found
 
 @pytest.fixture
 def ws(tmp_path: Path) -> Path:

@@ -5,35 +5,11 @@ through `--args FD` instead."""
 
 from __future__ import annotations
 
-import os
 import secrets
 import subprocess
 import time
-from pathlib import Path
 
-from linux_support import base_env, firma_cmd
-
-
-def _cmdlines_containing(needle: bytes) -> list[int]:
-    hits = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                if needle in f.read():
-                    hits.append(int(entry))
-        except OSError:
-            continue
-    return hits
-
-
-def _wait_for(path: Path, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{path} never appeared")
-        time.sleep(0.02)
+from linux_support import base_env, firma_cmd, pids_with_cmdline, wait_for
 
 
 def test_api_key_is_in_the_agent_env_but_on_no_command_line(ws, tmp_path):
@@ -42,7 +18,7 @@ def test_api_key_is_in_the_agent_env_but_on_no_command_line(ws, tmp_path):
     control = subprocess.Popen(["sh", "-c", "sleep 30", "control", secret])
     try:
         time.sleep(0.1)
-        assert control.pid in _cmdlines_containing(secret.encode())
+        assert control.pid in pids_with_cmdline(secret.encode())
     finally:
         control.kill()
         control.wait()
@@ -55,8 +31,8 @@ def test_api_key_is_in_the_agent_env_but_on_no_command_line(ws, tmp_path):
         cwd=ws, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )
     try:
-        _wait_for(ready)
-        hits = _cmdlines_containing(secret.encode())
+        wait_for(ready, run)
+        hits = pids_with_cmdline(secret.encode())
         release.touch()
         out, err = run.communicate(timeout=30)
     finally:

@@ -16,33 +16,19 @@ from pathlib import Path
 
 import pytest
 
-from linux_support import HERE, SYSTEM_PYTHON, Upstream, base_env, firma_cmd, require_tools, run_firma
+from linux_support import (
+    HERE,
+    SYSTEM_PYTHON,
+    Upstream,
+    base_env,
+    firma_cmd,
+    processes_with,
+    require_tools,
+    run_firma,
+    wait_for,
+)
 
 pytestmark = pytest.mark.confinement
-
-
-def wait_for(path: Path, proc: subprocess.Popen | None = None, limit: float = 60) -> None:
-    end = time.monotonic() + limit
-    while not path.exists():
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"firma exited ({proc.returncode}) before {path.name} appeared: {proc.stderr.read() if proc.stderr else ''}")
-        if time.monotonic() > end:
-            raise AssertionError(f"{path} never appeared")
-        time.sleep(0.02)
-
-
-def processes_with(marker: str) -> list[int]:
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if marker in cmd and "pytest" not in cmd:
-            found.append(int(pid))
-    return found
 
 
 @pytest.fixture(autouse=True)

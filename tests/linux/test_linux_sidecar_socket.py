@@ -9,10 +9,9 @@ import os
 import re
 import stat
 import subprocess
-import time
 from pathlib import Path
 
-from linux_support import base_env, firma_cmd
+from linux_support import base_env, firma_cmd, wait_for
 
 
 def _run_and_inspect(ws: Path, env: dict[str, str]) -> tuple[str, os.stat_result, dict]:
@@ -23,10 +22,7 @@ def _run_and_inspect(ws: Path, env: dict[str, str]) -> tuple[str, os.stat_result
         cwd=ws, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        deadline = time.monotonic() + 30
-        while not ready.exists():
-            assert time.monotonic() < deadline, "the agent never started"
-            time.sleep(0.02)
+        wait_for(ready, proc, limit=30)
         run_logs = list(Path(env["FIRMA_STATE_DIR"]).glob("run/sbx_*/run.log"))
         assert len(run_logs) == 1
         m = re.search(r"embedded sidecar answered at unix://(\S+)", run_logs[0].read_text())
