@@ -11,6 +11,7 @@ import socket
 import threading
 import uuid
 from dataclasses import dataclass
+from typing import Callable
 
 IO_TIMEOUT = 5.0
 BARRIER_TIMEOUT = 30.0
@@ -42,8 +43,11 @@ class _Recorder:
             return self._cond.wait_for(lambda: any(tag in a.data for a in self._items), timeout)
 
 
-class TrapTcp:
-    """A must-not-connect TCP listener: records every connection and its first bytes."""
+class _TcpListener:
+    """A loopback TCP listener on an ephemeral port whose thread accepts one connection at a time,
+    reads what the client sends (`_read`), records it, then lets a subclass answer (`_answer`)."""
+
+    name = "tcp"
 
     def __init__(self, host: str = "127.0.0.1") -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -54,12 +58,19 @@ class TrapTcp:
         self.host, self.port = host, self.sock.getsockname()[1]
         self.rec = _Recorder()
         self._closed = False
-        self._thread = threading.Thread(target=self._serve, name=f"trap-tcp-{self.port}", daemon=True)
+        self._thread = threading.Thread(target=self._serve, name=f"{self.name}-{self.port}", daemon=True)
         self._thread.start()
 
     @property
     def addr(self) -> str:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def _read(self, conn: socket.socket) -> bytes:
+        """What the client sent, as far as this listener cares (never raises OSError)."""
+        raise NotImplementedError
+
+    def _answer(self, conn: socket.socket) -> None:
+        """Reply after recording (nothing by default)."""
 
     def _serve(self) -> None:
         while not self._closed:
@@ -69,16 +80,44 @@ class TrapTcp:
                 return
             with conn:
                 conn.settimeout(IO_TIMEOUT)
-                data = b""
+                data = self._read(conn)  # a read error or timeout keeps what arrived
+                # Record before answering: a client that saw the answer was recorded.
+                self.rec.add(Arrival(str(peer), data))
                 try:
-                    while len(data) < 512:
-                        chunk = conn.recv(512)
-                        if not chunk:
-                            break
-                        data += chunk
+                    self._answer(conn)
                 except OSError:
                     pass
-                self.rec.add(Arrival(str(peer), data))
+
+    def close(self) -> None:
+        self._closed = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+
+
+def _recv_until(conn: socket.socket, done: Callable[[bytes], bool], bufsize: int) -> bytes:
+    """Bytes received until done(data) or EOF; a timeout keeps what arrived."""
+    data = b""
+    try:
+        while not done(data):
+            chunk = conn.recv(bufsize)
+            if not chunk:
+                break
+            data += chunk
+    except OSError:
+        pass
+    return data
+
+
+class TrapTcp(_TcpListener):
+    """A must-not-connect TCP listener: records every connection and its first bytes."""
+
+    name = "trap-tcp"
+
+    def _read(self, conn: socket.socket) -> bytes:
+        return _recv_until(conn, lambda data: len(data) >= 512, 512)
 
     def barrier(self) -> list[Arrival]:
         """Everything that arrived before now (the barrier connection itself excluded)."""
@@ -88,14 +127,6 @@ class TrapTcp:
         if not self.rec.wait_for(tag, BARRIER_TIMEOUT):
             raise RuntimeError(f"trap listener {self.addr} did not record its barrier")
         return [a for a in self.rec.snapshot() if not a.data.startswith(b"BARRIER-")]
-
-    def close(self) -> None:
-        self._closed = True
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
 
 
 class TrapUdp:
@@ -141,57 +172,29 @@ class TrapUdp:
         self.sock.close()
 
 
-class Upstream:
+class Upstream(_TcpListener):
     """The allowed destination: a minimal HTTP/1.1 origin on loopback, one request per connection,
     recording each request line and answering 200 with a body carrying a kit token."""
 
+    name = "upstream"
+
     def __init__(self, token: str, host: str = "127.0.0.1") -> None:
         self.token = token
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, 0))
-        self.sock.listen(64)
-        self.host, self.port = host, self.sock.getsockname()[1]
-        self.rec = _Recorder()
-        self._closed = False
-        self._thread = threading.Thread(target=self._serve, name=f"upstream-{self.port}", daemon=True)
-        self._thread.start()
-
-    @property
-    def addr(self) -> str:
-        return f"{self.host}:{self.port}"
+        super().__init__(host)
 
     @property
     def body(self) -> bytes:
         return f"firma-conformance-upstream {self.token}\n".encode()
 
-    def _serve(self) -> None:
-        while not self._closed:
-            try:
-                conn, peer = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                conn.settimeout(IO_TIMEOUT)
-                head = b""
-                try:
-                    while b"\r\n\r\n" not in head and len(head) < 65536:
-                        chunk = conn.recv(4096)
-                        if not chunk:
-                            break
-                        head += chunk
-                except OSError:
-                    pass
-                # Record before answering: a client that saw the answer was recorded.
-                self.rec.add(Arrival(str(peer), head))
-                try:
-                    conn.sendall(
-                        b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n"
-                        + f"Content-Length: {len(self.body)}\r\n\r\n".encode()
-                        + self.body
-                    )
-                except OSError:
-                    pass
+    def _read(self, conn: socket.socket) -> bytes:
+        return _recv_until(conn, lambda head: b"\r\n\r\n" in head or len(head) >= 65536, 4096)
+
+    def _answer(self, conn: socket.socket) -> None:
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+            + f"Content-Length: {len(self.body)}\r\n\r\n".encode()
+            + self.body
+        )
 
     def barrier(self) -> list[Arrival]:
         tag = f"BARRIER-{uuid.uuid4().hex}"
@@ -212,14 +215,6 @@ class Upstream:
             if len(line) >= 2:
                 out.append(line[1])
         return out
-
-    def close(self) -> None:
-        self._closed = True
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
 
 
 def reserve_dead_port() -> socket.socket:
