@@ -7,7 +7,6 @@ import asyncio
 import os
 import signal
 import sys
-import tempfile
 
 from .errors import FirmaError, SidecarError
 
@@ -33,21 +32,11 @@ def _default_state_root() -> str:
 
 def write_startup_report(path: str, endpoint: str) -> None:
     """Atomic, written once: `protocol_version = 2`, `endpoint = "…"`."""
-    d = os.path.dirname(os.path.abspath(path))
-    text = f'protocol_version = 2\nendpoint = "{endpoint}"\n'
-    fd, tmp = tempfile.mkstemp(prefix=".startup-", dir=d)
+    from .statedir import write_private
+
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
+        write_private(os.path.abspath(path), f'protocol_version = 2\nendpoint = "{endpoint}"\n')
     except OSError as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
         raise SidecarError(f"cannot write startup report {path}: {exc.strerror}") from None
 
 
