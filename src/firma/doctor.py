@@ -15,8 +15,8 @@ import shutil
 import socket
 import stat
 import subprocess
-from dataclasses import asdict, dataclass
 
+from .core.record import asdict, record
 from .errors import FirmaError
 from .host import Host, is_truthy
 from .preflight import bwrap_preflight
@@ -25,7 +25,7 @@ OK, WARN, FAIL = "OK", "WARN", "FAIL"
 MIN_BWRAP = (0, 8, 0)  # --disable-userns first appeared in bubblewrap 0.8.0
 
 
-@dataclass(frozen=True)
+@record
 class DoctorCheck:
     name: str
     status: str  # OK | WARN | FAIL
@@ -33,7 +33,7 @@ class DoctorCheck:
     remediation: str = ""  # one line; empty when there is nothing to do
 
 
-@dataclass(frozen=True)
+@record
 class PathFacts:
     """lstat of a path, or exists=False."""
 
@@ -44,7 +44,7 @@ class PathFacts:
     uid: int = 0
 
 
-@dataclass(frozen=True)
+@record
 class Observations:
     config_path: str | None = None
     config_error: str | None = None

@@ -8,8 +8,9 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-from dataclasses import dataclass, field
 from typing import Mapping
+
+from .core.record import record, field
 
 TRUTHY = frozenset({"1", "true", "yes", "on"})
 
@@ -19,7 +20,7 @@ def is_truthy(value: str | None) -> bool:
     return value is not None and value.strip().lower() in TRUTHY
 
 
-@dataclass(frozen=True)
+@record
 class Host:
     system: str  # "linux", "darwin", …  (platform.system().lower())
     machine: str = "x86_64"

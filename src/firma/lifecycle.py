@@ -13,7 +13,6 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
 from typing import Any, Awaitable, Callable, TextIO
 
 from .backends.base import LaunchHooks, PlantedSockets, RoutingMode, RoutingPlan
@@ -29,6 +28,7 @@ from .core.model import (
     NetworkEndpoints,
     RunPlan,
 )
+from .core.record import record, field
 from .errors import FirmaError, GateError, SidecarError
 from .host import Host
 from . import statedir
@@ -47,7 +47,7 @@ def _now() -> str:
 # --- host services ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@record
 class ServiceKit:
     """Constructors of the host services (firma.services); tests may pass fakes."""
 
@@ -160,7 +160,7 @@ def gate(proof: EnforcementProof, plan: RunPlan, log: Callable[..., None]) -> No
 # --- the run ------------------------------------------------------------------------------
 
 
-@dataclass
+@record(frozen=False)
 class _Run:
     plan: RunPlan
     proof: EnforcementProof

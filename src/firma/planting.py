@@ -15,10 +15,10 @@ import ctypes
 import fcntl
 import os
 import socket
-from dataclasses import dataclass
 
 from .backends.base import PlantedSockets
 from .core.model import PLANTED_DNS_ADDR, PLANTED_PROXY_ADDR
+from .core.record import record
 from .errors import LaunchError
 
 CLONE_NEWUSER = 0x10000000
@@ -27,7 +27,7 @@ NS_GET_USERNS = 0xB701  # _IO(0xb7, 0x1): the user namespace that owns a namespa
 _HELPER_TIMEOUT = 10.0
 
 
-@dataclass(frozen=True)
+@record
 class Addresses:
     proxy: tuple[str, int] = PLANTED_PROXY_ADDR
     dns: tuple[str, int] = PLANTED_DNS_ADDR

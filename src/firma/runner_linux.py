@@ -24,7 +24,6 @@ import stat
 import struct
 import sys
 import tempfile
-from dataclasses import dataclass
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
@@ -41,6 +40,7 @@ from .core.model import (
     NetworkEndpoints,
     frozen_map,
 )
+from .core.record import record
 from .errors import ContractError, FirmaError, LaunchError
 
 PROG = "firma-runner-linux"
@@ -51,7 +51,7 @@ MAX_DNS_INFLIGHT = 256
 PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
 
 
-@dataclass(frozen=True)
+@record
 class Upstreams:
     proxy: tuple[str, int]  # host bridge, from proxy_url
     dns: tuple[str, int]  # host DNS stub, from dns_stub_addr
@@ -278,7 +278,7 @@ class _DnsUdp(asyncio.DatagramProtocol):
 # --- where the bwrap backend's generated files go -------------------------------------------
 
 
-@dataclass(frozen=True)
+@record
 class RuntimeDir:
     path: str
     temp_root: str | None  # a private temp tree we made (removed whole)

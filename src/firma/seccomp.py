@@ -18,9 +18,9 @@ import os
 import stat
 import sys
 import tempfile
-from dataclasses import dataclass
 
 from .core.model import SeccompPolicyRef
+from .core.record import record
 from .core.seccomp_policy import (
     EQ,
     EXEC_SYSCALLS,
@@ -59,7 +59,7 @@ def _pyseccomp():
     return pyseccomp
 
 
-@dataclass(frozen=True)
+@record
 class SeccompArtifact:
     path: str  # .../policy.bpf
     metadata_path: str

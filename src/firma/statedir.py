@@ -9,12 +9,12 @@ import os
 import shutil
 import stat
 import tempfile
-from dataclasses import dataclass
 
+from .core.record import record
 from .errors import PlanError
 
 
-@dataclass(frozen=True)
+@record
 class RunDirs:
     root: str
     run_dir: str

@@ -3,18 +3,18 @@ platform probe (`detect_host`), which reports `darwin` and the fake sandbox-exec
 VZ_TEST_SANDBOX_EXEC (empty = none). Everything else — planner, gates, sidecar, bridge, DNS stub,
 vz backend, supervisor, proof — is the real code."""
 
-import dataclasses
 import os
 import sys
 
 import firma.cli_run as cli_run
 from firma.cli import main
+from firma.core.record import replace
 from firma.host import detect_host as real_detect_host
 
 
 def macos_host(environ=None):
     host = real_detect_host(environ)
-    return dataclasses.replace(
+    return replace(
         host, system="darwin", kernel_osrelease="24.0.0",
         sandbox_exec_path=os.environ.get("VZ_TEST_SANDBOX_EXEC") or None,
     )

@@ -6,11 +6,11 @@ the plan/envelope and platform facts from a `Host`; it never reads `os.environ`.
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass, field
 from enum import Enum
 from typing import Awaitable, Callable, Protocol
 
 from ..core.model import Check, EnforcementProof, ExecutionEnvelope, RunPlan
+from ..core.record import record, field
 from ..host import Host
 
 
@@ -21,7 +21,7 @@ class RoutingMode(Enum):
     HOST_LOOPBACK = "host_loopback"
 
 
-@dataclass(frozen=True)
+@record
 class RoutingPlan:
     mode: RoutingMode
     dns_stub: bool  # a DNS refusal stub must exist (planted, or on host loopback)
@@ -30,7 +30,7 @@ class RoutingPlan:
     export_dns_stub_env: bool = False
 
 
-@dataclass
+@record(frozen=False)
 class PlantedSockets:
     """Listening sockets created inside the sandbox's netns, owned by the launcher."""
 
@@ -43,7 +43,7 @@ class PlantedSockets:
             s.close()
 
 
-@dataclass
+@record(frozen=False)
 class LaunchHooks:
     """Callbacks the lifecycle gives a backend for the launch.
 

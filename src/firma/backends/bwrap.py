@@ -15,7 +15,6 @@ import shutil
 import signal
 import stat
 import subprocess
-from dataclasses import dataclass, field
 
 from ..core import bwrap_plan
 from ..core.model import (
@@ -26,6 +25,7 @@ from ..core.model import (
     NetworkConfinement,
     RunPlan,
 )
+from ..core.record import record, field
 from ..errors import LaunchError, SeccompError
 from ..host import Host, detect_host
 from ..planting import netns_interfaces, plant
@@ -192,7 +192,7 @@ def _send(pidfd: int | None, sig: int) -> None:
         pass
 
 
-@dataclass
+@record(frozen=False)
 class BwrapChild:
     """A running sandbox. Signals go through pidfds so a recycled pid is never hit."""
 

@@ -16,11 +16,9 @@ Both structural modes get the host DNS refusal stub, exported as `FIRMA_DNS_STUB
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import ipaddress
 import os
-from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from ..core.contract import build_contract
@@ -33,6 +31,7 @@ from ..core.model import (
     RunPlan,
     frozen_map,
 )
+from ..core.record import record, replace
 from ..core.sbpl import SbplInput, parse_port, render_sbpl, sandbox_exec_argv
 from ..core.vzinputs import (
     GuestArtifacts,
@@ -94,7 +93,7 @@ def check_sandbox_exec(host: Host) -> str:
     return path
 
 
-@dataclass(frozen=True)
+@record
 class _Prepared:
     mode: VzMode
     guest: GuestArtifacts | None
@@ -171,7 +170,7 @@ class VzBackend:
             _required(mode, key, getattr(envelope.network, key))
         env = dict(envelope.env)
         env[DNS_STUB_ENV] = envelope.network.dns_stub_addr
-        return dataclasses.replace(envelope, env=frozen_map(env))
+        return replace(envelope, env=frozen_map(env))
 
     async def launch(self, envelope: ExecutionEnvelope, hooks: LaunchHooks) -> LaunchedChild:
         prepared = self._need()

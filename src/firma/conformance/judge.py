@@ -7,13 +7,13 @@ the host reached what it aimed at, so the probe is live and a silent result mean
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.model import Check
+from ..core.record import record, field
 
 
-@dataclass(frozen=True)
+@record
 class RunObservation:
     side: str  # "runner" or "control"
     nonce: str
@@ -30,7 +30,7 @@ class RunObservation:
     ready_seen: bool | None = None  # handshake probes: the READY line arrived
 
 
-@dataclass(frozen=True)
+@record
 class InvariantResult:
     invariant: str
     ok: bool
@@ -261,7 +261,7 @@ def judge_preserve_stdio_signals_exit(
     return b.result()
 
 
-@dataclass(frozen=True)
+@record
 class Report:
     runner: str
     evidence_dir: str

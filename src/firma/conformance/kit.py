@@ -23,7 +23,6 @@ import subprocess
 import sys
 import threading
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,6 +35,7 @@ from ..core.model import (
     NetworkEndpoints,
     frozen_map,
 )
+from ..core.record import record
 from ..errors import FirmaError
 from . import probes as probes_module
 from .judge import (
@@ -99,7 +99,7 @@ def new_sandbox_id() -> str:
     return "sbx_" + uuid.uuid4().hex
 
 
-@dataclass
+@record(frozen=False)
 class _Launched:
     exit_code: int | None
     stdout: str

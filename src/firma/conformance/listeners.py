@@ -10,14 +10,15 @@ from __future__ import annotations
 import socket
 import threading
 import uuid
-from dataclasses import dataclass
 from typing import Callable
+
+from ..core.record import record
 
 IO_TIMEOUT = 5.0
 BARRIER_TIMEOUT = 30.0
 
 
-@dataclass(frozen=True)
+@record
 class Arrival:
     peer: str
     data: bytes

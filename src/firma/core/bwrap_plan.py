@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import posixpath
 import re
-from dataclasses import dataclass, field
 from typing import Mapping
 
 from ..errors import LaunchError
 from .model import ExecutionEnvelope, IdentityMode, RunPlan, frozen_map
+from .record import record, field
 
 DIR = "dir"
 FILE = "file"
@@ -70,7 +70,7 @@ RESOLV_CONF = "nameserver 127.0.0.1\noptions ndots:0 timeout:1 attempts:1\n"
 HOSTS = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
 
 
-@dataclass(frozen=True)
+@record
 class BwrapFacts:
     """Host facts the plan depends on, measured by the backend."""
 
@@ -92,14 +92,14 @@ class BwrapFacts:
         return self.caller_uid == 0
 
 
-@dataclass(frozen=True)
+@record
 class GeneratedFile:
     path: str  # on the host, in the run dir
     target: str  # inside the sandbox
     content: str
 
 
-@dataclass(frozen=True)
+@record
 class Protection:
     read_only: tuple[str, ...]  # bound read-only, outermost first
     pinned: tuple[str, ...]  # directories bound onto themselves (rename/rmdir → EBUSY)
@@ -108,7 +108,7 @@ class Protection:
     workspace: str = ""
 
 
-@dataclass(frozen=True)
+@record
 class BwrapPlan:
     argv: tuple[str, ...]
     command: tuple[str, ...]  # what follows `--`: the agent's executable and arguments

@@ -8,13 +8,13 @@ lists: present replaces (empty clears); maps: merge key by key."""
 from __future__ import annotations
 
 import posixpath
-from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
 from ..errors import ConfigError
 from .model import Mount, SeccompPolicyRef
 from .profiles import ALIASES, BUILTIN, Profile
+from .record import record, field
 
 CONFIG_DIR = ".firma"
 CONFIG_NAME = "firma.toml"
@@ -53,7 +53,7 @@ PROFILE_ONLY_KEYS = ("writable_home_paths",)
 Layer = Mapping[str, Any]
 
 
-@dataclass(frozen=True)
+@record
 class ConfigFile:
     path: str | None = None
     profile: str | None = None  # [run].profile

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import json
 import stat as stat_mod
-from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from .contract import is_secret_env_name
 from .model import INVARIANT_NAMES
+from .record import record
 
 CONTRACT_VERSION = 1
 MAX_ARGS = 256
@@ -51,7 +51,7 @@ NETWORK_KEYS = ("proxy_url", "dns_stub_addr", "attribution_headers")
 INVARIANT_KEYS = ("name", "mode")
 
 
-@dataclass(frozen=True)
+@record
 class Violation:
     where: str  # JSON pointer into the contract ("" = the file itself)
     problem: str

@@ -7,7 +7,8 @@ malformation degrades to the header-only reply, never an exception."""
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+
+from .record import record
 
 HEADER_LEN = 12
 RCODE_REFUSED = 5
@@ -15,7 +16,7 @@ MAX_LABEL = 63
 MAX_NAME = 255
 
 
-@dataclass(frozen=True)
+@record
 class Question:
     qname: str  # dotted, lower-case as received; "." for the root
     qtype: int

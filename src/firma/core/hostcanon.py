@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
+
+from .record import record
 
 MAX_HOST = 255
 _FORBIDDEN = set("\x00\r\n%@/\\?#") | {chr(c) for c in range(0x20)} | {" ", "\x7f"}
@@ -17,7 +18,7 @@ class HostError(ValueError):
     reason = "invalid_host"
 
 
-@dataclass(frozen=True)
+@record
 class CanonHost:
     host: str  # lower-case DNS name, dotted-quad IPv4, or compressed IPv6 without brackets
     kind: str  # "name" | "ipv4" | "ipv6"

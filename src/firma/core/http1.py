@@ -7,8 +7,9 @@ Transfer-Encoding other than exactly `chunked` refused, chunk sizes validated by
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
 from typing import Iterable, Mapping
+
+from .record import record, replace
 
 MAX_HEAD = 128 * 1024
 MAX_HEADERS = 256
@@ -43,7 +44,7 @@ class HttpError(ValueError):
 Headers = tuple[tuple[str, str], ...]
 
 
-@dataclass(frozen=True)
+@record
 class RequestHead:
     method: str
     target: str
@@ -71,7 +72,7 @@ class RequestHead:
         return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
 
 
-@dataclass(frozen=True)
+@record
 class ResponseHead:
     version: str
     status: int
@@ -179,7 +180,7 @@ def parse_response_head(raw: bytes) -> ResponseHead:
     return ResponseHead(version, int(code), reason, _parse_fields(lines[1:]))
 
 
-@dataclass(frozen=True)
+@record
 class Framing:
     kind: str  # "none" | "length" | "chunked" | "close"
     length: int = 0
@@ -319,7 +320,7 @@ class ChunkedScanner:
             raise HttpError("bad_chunk", "invalid trailer field") from None
 
 
-@dataclass(frozen=True)
+@record
 class Target:
     scheme: str  # "http" | "connect"
     authority: str

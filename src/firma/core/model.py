@@ -5,10 +5,11 @@ between the gate that checked it and the backend that enforces it."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from enum import StrEnum
 from types import MappingProxyType
 from typing import Mapping
+
+from .record import record, field
 
 BACKENDS = ("bwrap", "vz", "runner")
 PROFILES = ("generic", "claude-code", "codex")
@@ -40,20 +41,20 @@ class IdentityMode(StrEnum):
         return self.value.replace("-", "_")
 
 
-@dataclass(frozen=True)
+@record
 class Mount:
     source: str  # absolute host path
     target: str  # absolute path inside the sandbox
     read_only: bool = False
 
 
-@dataclass(frozen=True)
+@record
 class SeccompPolicyRef:
     source_policy_path: str
     artifact_dir: str
 
 
-@dataclass(frozen=True)
+@record
 class VzInputs:
     """The macOS flags and guest inputs, captured once from the environment by the planner."""
 
@@ -65,7 +66,7 @@ class VzInputs:
     rootfs: str | None = None
 
 
-@dataclass(frozen=True)
+@record
 class SidecarChoice:
     """`local` = embedded sidecar in the launcher; otherwise an endpoint tcp://H:P | unix:///P."""
 
@@ -78,7 +79,7 @@ class SidecarChoice:
         return self.endpoint == "local"
 
 
-@dataclass(frozen=True)
+@record
 class Identity:
     sandbox_id: str  # sbx_<uuid7 hex>
     session_id: str
@@ -99,7 +100,7 @@ class Identity:
         )
 
 
-@dataclass(frozen=True)
+@record
 class RunPlan:
     """Everything one `firma run` needs, resolved from CLI + firma.toml + profile + environment."""
 
@@ -135,7 +136,7 @@ class RunPlan:
         return f"{self.state_root}/run/{self.identity.sandbox_id}"
 
 
-@dataclass(frozen=True)
+@record
 class EnforcementProof:
     backend: str
     structural: bool
@@ -144,7 +145,7 @@ class EnforcementProof:
     detail: str
 
 
-@dataclass(frozen=True)
+@record
 class Check:
     """One launch-time verification recorded in the proof document."""
 
@@ -163,7 +164,7 @@ INVARIANT_NAMES = (
 )
 
 
-@dataclass(frozen=True)
+@record
 class Invariant:
     name: str
     mode: str = "required"  # or "disabled_by_policy" (only fail_closed_startup)
@@ -172,14 +173,14 @@ class Invariant:
 DEFAULT_INVARIANTS = tuple(Invariant(n) for n in INVARIANT_NAMES)
 
 
-@dataclass(frozen=True)
+@record
 class NetworkEndpoints:
     proxy_url: str | None  # e.g. http://127.0.0.1:18080
     dns_stub_addr: str | None  # e.g. 127.0.0.1:53
     attribution_headers: Mapping[str, str] = field(default_factory=frozen_map)
 
 
-@dataclass(frozen=True)
+@record
 class ExecutionEnvelope:
     """What a backend must enforce: pure data, built by the lifecycle after routing."""
 

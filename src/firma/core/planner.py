@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import posixpath
 import re
-from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from ..errors import ConfigError, PlanError, UnsupportedBackendError
@@ -14,6 +13,7 @@ from . import launchenv, profiles
 from .identity import build_identity
 from .model import BACKENDS, IdentityMode, RunPlan, SidecarChoice
 from .mountcheck import check_mounts
+from .record import record
 from .vzinputs import vz_inputs_from_environ
 
 RESERVED_SANDBOX_ID = "FIRMA_RUN_SANDBOX_ID"
@@ -21,7 +21,7 @@ _SECRETISH = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH", re.
 _TCP_ENDPOINT = re.compile(r"^tcp://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.\-]+):([0-9]{1,5})$")
 
 
-@dataclass(frozen=True)
+@record
 class RunArgs:
     """`firma run` options exactly as given on the command line (None = not given)."""
 

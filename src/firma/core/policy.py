@@ -4,17 +4,17 @@ Cedar `forbid` wins. Pure apart from cedarpy evaluation; decide on canonical nam
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 
 from ..errors import PolicyError
 from .hostcanon import HostError, canon_host
+from .record import record
 
 DEFAULT_PORTS = frozenset({80, 443})
 HTTP_REQUEST = "http.request"
 NETWORK_CONNECT = "network.connect"
 
 
-@dataclass(frozen=True)
+@record
 class HostPattern:
     host: str  # canonical host, or the suffix after "*." for wildcards
     wildcard: bool
@@ -72,7 +72,7 @@ def parse_pattern(text: str) -> HostPattern:
     return HostPattern(canon.host, wildcard, port, raw)
 
 
-@dataclass(frozen=True)
+@record
 class Request:
     action: str  # HTTP_REQUEST | NETWORK_CONNECT
     host: str  # canonical
@@ -82,7 +82,7 @@ class Request:
     agent_id: str = ""
 
 
-@dataclass(frozen=True)
+@record
 class Decision:
     allowed: bool
     reason: str  # "" when allowed; a code like `host_not_allowed`, `policy_forbid`

@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
 
 from ..errors import ConfigError
+from .record import record, field
 
 COMMON_PASSTHROUGH = ("HOME", "PATH", "TERM", "LANG")
 COMMON_MASKED = (".ssh", ".aws", ".azure", ".kube", ".gnupg", ".config/gcloud", ".docker", ".netrc")
 
 
-@dataclass(frozen=True)
+@record
 class Profile:
     name: str
     env_passthrough: tuple[str, ...] = COMMON_PASSTHROUGH

@@ -7,9 +7,9 @@ so a port is mandatory. Home masks deny both reading and writing below `<HOME>/<
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 from ..errors import BackendError
+from .record import record
 
 NETWORK_DENY_COMMENT = "; macOS structural: deny all outbound, allow only Firma loopback endpoints"
 
@@ -46,7 +46,7 @@ def _quote(text: str) -> str:
     return text.replace("\\", "\\\\").replace('"', '\\"')
 
 
-@dataclass(frozen=True)
+@record
 class SbplInput:
     network_deny: bool
     # Ports of the host bridge and the host DNS stub; required (non-empty) for network_deny.

@@ -11,9 +11,9 @@ from __future__ import annotations
 import errno
 import hashlib
 import re
-from dataclasses import dataclass
 
 from ..errors import SeccompError
+from .record import record
 
 DEFAULT_POLICY_ID = "firma-default"
 # Bump whenever HARDENING (or how rules compile) changes: it names the artifact directory, so an
@@ -52,7 +52,7 @@ CLONE_NEWNET = 0x40000000
 _U32 = 0xFFFFFFFF
 
 
-@dataclass(frozen=True)
+@record
 class ArgCmp:
     """One argument comparison: `(arg[index] & mask) == value` for MASKED_EQ, `arg == value` for EQ."""
 
@@ -62,7 +62,7 @@ class ArgCmp:
     mask: int = 0
 
 
-@dataclass(frozen=True)
+@record
 class Rule:
     syscall: str
     errno: int = errno.EPERM
@@ -112,7 +112,7 @@ HARDENING: tuple[Rule, ...] = (
 )
 
 
-@dataclass(frozen=True)
+@record
 class SeccompPolicy:
     policy_id: str
     policy_version: str

@@ -3,14 +3,15 @@ does it name? Pure; handles a ClientHello split over several handshake records."
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from .record import record
+
 
 MAX_HELLO = 64 * 1024
 EXT_SNI = 0
 EXT_ECH = 0xFE0D
 
 
-@dataclass(frozen=True)
+@record
 class Hello:
     sni: str | None
     ech: bool

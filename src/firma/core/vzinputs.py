@@ -12,13 +12,13 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from dataclasses import dataclass
 from enum import StrEnum
 from typing import Callable, Mapping
 
 from ..errors import BackendError
 from ..host import is_truthy
 from .model import VzInputs
+from .record import record
 
 ENV_GUEST = "FIRMA_RUN_VZ_GUEST"
 ENV_STRUCTURAL = "FIRMA_RUN_VZ_STRUCTURAL_NETWORK"
@@ -60,7 +60,7 @@ def select_mode(inputs: VzInputs) -> VzMode:
     return VzMode.COMPATIBILITY
 
 
-@dataclass(frozen=True)
+@record
 class PathFacts:
     """What one stat (following links) said about a path."""
 
@@ -87,7 +87,7 @@ def inspect_path(path: str) -> PathFacts:
     return PathFacts("file", executable=bool(st.st_mode & 0o111))
 
 
-@dataclass(frozen=True)
+@record
 class GuestArtifacts:
     """Validated guest inputs: absolute paths of existing regular files, runner executable."""
 

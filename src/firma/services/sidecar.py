@@ -13,13 +13,13 @@ import json
 import os
 import socket
 import time
-from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
 from ..core import addrclass, auditfmt, http1, tlshello
 from ..core.hostcanon import CanonHost, HostError, canon_host, split_authority
 from ..core.http1 import ATTRIBUTION_HEADERS, HOP_BY_HOP, HttpError
 from ..core.policy import HTTP_REQUEST, NETWORK_CONNECT, Policy, Request
+from ..core.record import record, field
 from ..errors import SidecarError
 from . import netio
 from .audit_writer import AuditWriter, load_or_create_key
@@ -31,7 +31,7 @@ HEALTH_PATH = "/__firma/health"
 DNS_TYPES = {1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 15: "MX", 16: "TXT", 28: "AAAA", 33: "SRV", 64: "SVCB", 65: "HTTPS", 255: "ANY"}
 
 
-@dataclass(frozen=True)
+@record
 class SidecarLimits:
     max_head_bytes: int = http1.MAX_HEAD
     max_body_bytes: int = 1 << 30  # plain-HTTP request bodies; tunnels are bounded by time
@@ -43,7 +43,7 @@ class SidecarLimits:
     dns_burst: int = 200
 
 
-@dataclass(frozen=True)
+@record
 class SidecarConfig:
     allow_hosts: tuple[str, ...]
     policy_path: str | None
@@ -65,7 +65,7 @@ async def system_resolver(host: str, port: int) -> list[str]:
     return out
 
 
-@dataclass
+@record(frozen=False)
 class _Ctx:
     sandbox_id: str = ""
     session_id: str = ""
@@ -73,7 +73,7 @@ class _Ctx:
     profile: str = ""
 
 
-@dataclass
+@record(frozen=False)
 class _Verdict:
     allowed: bool
     reason: str = ""
