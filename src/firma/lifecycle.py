@@ -8,10 +8,10 @@ error; teardown always runs, in reverse start order."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import shutil
 import sys
-import tempfile
 import time
 from typing import Any, Awaitable, Callable, TextIO
 
@@ -197,6 +197,15 @@ class _Run:
         self.proof_path = path
         if self.plan.proof_file:
             statedir.write_private(self.plan.proof_file, text)
+
+
+def startup_done() -> None:
+    """The agent runs: when the `firma` entry point disabled garbage collection for start-up,
+    keep the start-up heap (modules, plan) out of future collections and collect again, since
+    the services now run as long as the agent does."""
+    if not gc.isenabled():
+        gc.freeze()
+        gc.enable()
 
 
 def _seccomp_for(plan: RunPlan, host: Host, backend: Any):
@@ -405,6 +414,7 @@ async def _execute(plan: RunPlan, host: Host, backend: Any, kit: ServiceKit | No
             if not sidecar_task.done():
                 sidecar_task.cancel()
         sup.attach(child)
+        startup_done()
         if sup.early_signal is not None:
             child.forward_signal(sup.early_signal)
         run.write_proof(envelope.invariants, ended=False, exit_status=None)
@@ -437,6 +447,8 @@ def _sidecar_listen(run: _Run) -> str:
     attribution headers and write them into the signed audit."""
     path = os.path.join(run.dirs.run_dir, "sidecar.sock")
     if len(os.fsencode(path)) > _SUN_PATH_MAX:
+        import tempfile  # noqa: PLC0415 - rare path; tempfile costs a launch ~2 ms
+
         run.socket_dir = tempfile.mkdtemp(prefix="firma-sidecar-")  # 0700, short path
         path = os.path.join(run.socket_dir, "sidecar.sock")
     return f"unix://{path}"

@@ -17,7 +17,6 @@ import json
 import os
 import stat
 import sys
-import tempfile
 
 from .core.model import SeccompPolicyRef
 from .core.record import record
@@ -48,9 +47,39 @@ ARCHES = {
 }  # asm-generic ioctl numbers, clone flags in arg 0, little-endian (the exec gate's BPF needs it)
 
 
-def _pyseccomp():
+# The sonames pyseccomp needs on glibc Linux. pyseccomp finds them with ctypes.util.find_library,
+# which runs `ldconfig -p` once per library (~6 ms of every launch); a soname that dlopen accepts
+# directly is the same library the loader would pick, and anything else falls back to the lookup.
+_SONAMES = {"c": "libc.so.6", "seccomp": "libseccomp.so.2"}
+
+
+def _import_pyseccomp():
+    import ctypes
+    import ctypes.util
+
+    lookup = ctypes.util.find_library
+
+    def find_library(name: str) -> str | None:
+        soname = _SONAMES.get(name)
+        if soname is not None:
+            try:
+                ctypes.CDLL(soname)
+                return soname
+            except OSError:
+                pass
+        return lookup(name)
+
+    ctypes.util.find_library = find_library
     try:
         import pyseccomp
+    finally:
+        ctypes.util.find_library = lookup
+    return pyseccomp
+
+
+def _pyseccomp():
+    try:
+        pyseccomp = _import_pyseccomp()
     except (ImportError, OSError) as exc:  # libseccomp.so missing or unloadable
         raise SeccompError(
             f"seccomp: libseccomp is not available ({exc}); install it with: apt-get install "
@@ -140,7 +169,7 @@ def compile_bpf(policy: SeccompPolicy, machine: str) -> bytes:
                     f"seccomp: compiling policy {policy.policy_id}/{policy.policy_version} failed "
                     f"at syscall '{rule.syscall}': {exc.strerror}"
                 ) from None
-        with tempfile.TemporaryFile() as out:
+        with os.fdopen(os.memfd_create("firma-bpf", os.MFD_CLOEXEC), "w+b") as out:
             filt.export_bpf(out)
             out.seek(0)
             data = out.read()

@@ -95,9 +95,11 @@ def test_profile_choice():
 
 
 def test_uuid7_and_identity():
-    u = uuid7(1_700_000_000_000, R)
-    assert u.version == 7 and u.variant == uuid.RFC_4122
+    text = uuid7(1_700_000_000_000, R)
+    u = uuid.UUID(text)  # the stdlib parses it and agrees on version, variant and spelling
+    assert u.version == 7 and u.variant == uuid.RFC_4122 and str(u) == text
     assert int(u.hex[:12], 16) == 1_700_000_000_000
+    assert uuid7(1_700_000_000_000, bytes(10)) != uuid7(1_700_000_000_000, b"\xff" * 10)
     ident = build_identity(environ={"USER": "bob"}, profile="codex", agent_id=None, unix_ms=1, rand=R)
     assert re.fullmatch(r"sbx_[0-9a-f]{32}", ident.sandbox_id)
     assert ident.agent_id == "codex" and ident.user == "bob"

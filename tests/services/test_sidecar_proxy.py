@@ -229,6 +229,37 @@ def test_bad_policy_or_key_refuses_construction(tmp_path):
         Sidecar(SidecarConfig((), None, str(tmp_path / "a"), str(key)))
 
 
+def test_key_of_the_wrong_type_refuses_traffic(tmp_path):
+    """A well-formed PEM that is not a P-256 key passes the cheap checks at construction; the
+    key is parsed before the first request goes out, and that request is refused (503
+    audit_unavailable) without reaching the upstream: no unaudited egress. A good key lets the
+    same request through (control)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "audit.key").write_bytes(ed25519.Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (bad / "audit.key").chmod(0o600)
+    good = tmp_path / "good"
+    good.mkdir()
+
+    async def attempt(tmp):
+        up = await HttpUpstream(body=b"seen").start()
+        async with Stack(tmp, allow=[f"127.0.0.1:{up.port}"], bridge=False) as s:
+            r = await send_raw(s.sidecar_port, get(f"http://127.0.0.1:{up.port}/"))
+            failed = s.sidecar.audit.failed
+        await up.aclose()
+        return r, up.rec.requests, failed
+
+    r, reached, failed = run(attempt(bad))
+    assert r.startswith(b"HTTP/1.1 503") and b"audit_unavailable" in r
+    assert reached == [] and "P-256" in failed
+    r, reached, failed = run(attempt(good))
+    assert r.startswith(b"HTTP/1.1 200") and len(reached) == 1 and failed is None
+
+
 def test_probe_endpoint(tmp_path):
     async def main():
         async with Stack(tmp_path, bridge=False) as s:

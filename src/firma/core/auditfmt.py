@@ -11,11 +11,16 @@ import hashlib
 import json
 import os
 import time
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from . import identity
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+# cryptography is imported where a key is used, not here: the sidecar loads its key off the
+# event loop's thread while the sandbox is being built (launch latency), and the bridge, which
+# only formats events, never needs it.
 
 FIELDS = (
     "event_id",
@@ -47,10 +52,7 @@ PROVENANCE = "firma-sidecar"
 
 def uuid7(now_ns: int | None = None) -> str:
     ms = (now_ns if now_ns is not None else time.time_ns()) // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big")
-    value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | ((rand >> 62) & 0xFFF) << 64 | 0b10 << 62 | (rand & ((1 << 62) - 1))
-    h = f"{value:032x}"
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    return identity.uuid7(ms, os.urandom(10))
 
 
 def _clean(text: str) -> str:
@@ -98,8 +100,15 @@ def digest(event: Mapping[str, Any]) -> bytes:
     return hashlib.sha256(canonical_bytes(event)).digest()
 
 
+def _ecdsa_sha256():
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return ec.ECDSA(hashes.SHA256())
+
+
 def sign(event: Mapping[str, Any], key: ec.EllipticCurvePrivateKey) -> str:
-    return base64.b64encode(key.sign(digest(event), ec.ECDSA(hashes.SHA256()))).decode("ascii")
+    return base64.b64encode(key.sign(digest(event), _ecdsa_sha256())).decode("ascii")
 
 
 def signed_line(event: Mapping[str, Any], key: ec.EllipticCurvePrivateKey) -> str:
@@ -125,23 +134,32 @@ def verify_line(line: str, public_key: ec.EllipticCurvePublicKey) -> tuple[bool,
     for f in FIELDS:
         if isinstance(obj[f], str) and "\n" in obj[f]:
             return False, f"newline in field {f}"
+    from cryptography.exceptions import InvalidSignature
+
     try:
         sig = base64.b64decode(obj["signature"], validate=True)
-        public_key.verify(sig, digest(obj), ec.ECDSA(hashes.SHA256()))
+        public_key.verify(sig, digest(obj), _ecdsa_sha256())
     except (InvalidSignature, ValueError, TypeError):
         return False, "bad signature"
     return True, ""
 
 
 def generate_key() -> ec.EllipticCurvePrivateKey:
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     return ec.generate_private_key(ec.SECP256R1())
 
 
 def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
 
 
 def load_private_pem(data: bytes) -> ec.EllipticCurvePrivateKey:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     key = serialization.load_pem_private_key(data, password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
         raise ValueError("audit key must be an ECDSA P-256 private key")
@@ -152,6 +170,9 @@ def load_public_pem(data: bytes) -> ec.EllipticCurvePublicKey:
     """A public key PEM, or the private key PEM (its public half)."""
     if b"PRIVATE KEY" in data:
         return load_private_pem(data).public_key()
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
     key = serialization.load_pem_public_key(data)
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise ValueError("audit public key must be ECDSA P-256")

@@ -1,20 +1,29 @@
 """Signed audit log writer: requests hand events over without waiting; one thread signs and
-appends them (file 0600), `close()` flushes everything queued."""
+appends them (file 0600), `close()` flushes everything queued.
+
+Given a key path, the writer checks the key file at once (no link, regular, 0600, PEM armour;
+a missing key is created then) and parses it on its own thread when it is first needed: the first
+event, or `ready()`, which the sidecar awaits before it lets any request out. Importing
+cryptography and parsing the key costs ~10–20 ms; a launch whose agent sends nothing never pays
+it, and one that does pays it once, on the first request. A key that then fails to parse sets
+`failed`, so the sidecar refuses traffic (no unaudited egress)."""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import queue
 import stat
-import tempfile
 import threading
 from typing import Any
 
 from ..core import auditfmt
 from ..errors import AuditError
+from ..statedir import private_temp
 
+_LOAD_KEY = object()  # queue marker: load the key now (see ready)
 MAX_QUEUE = 100_000  # beyond this, events are counted as dropped rather than blocking a request
 
 
@@ -28,7 +37,7 @@ def load_or_create_key(path: str):
         return key
     directory = os.path.dirname(os.path.abspath(path))
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".audit.key.", dir=directory)  # 0600
+        fd, tmp = private_temp(directory, ".audit.key.", "")
     except OSError as exc:
         raise AuditError(f"cannot create audit key {path}: {exc.strerror}; fix the state directory permissions") from None
     try:
@@ -54,6 +63,19 @@ def load_or_create_key(path: str):
 
 def _load_key(path: str):
     """The existing key at path, None when there is none; refuses links and loose modes."""
+    pem = read_key_file(path)
+    return None if pem is None else parse_key(pem, path)
+
+
+def parse_key(pem: bytes, path: str):
+    try:
+        return auditfmt.load_private_pem(pem)
+    except ValueError as exc:
+        raise AuditError(f"cannot load audit key {path}: {exc}; remove it to generate a new one") from None
+
+
+def read_key_file(path: str) -> bytes | None:
+    """The key file's bytes, None when there is none; refuses links and loose modes."""
     try:
         kfd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except FileNotFoundError:
@@ -66,16 +88,31 @@ def _load_key(path: str):
             raise AuditError(f"audit key {path} is not a regular file; remove it")
         if st.st_mode & 0o077:
             raise AuditError(f"audit key {path} is readable by group/others (mode {st.st_mode & 0o777:o}); chmod 600 it")
-        try:
-            return auditfmt.load_private_pem(f.read())
-        except ValueError as exc:
-            raise AuditError(f"cannot load audit key {path}: {exc}; remove it to generate a new one") from None
+        pem = f.read()
+    # The armour is checked here so a wrong file fails at once; the key type when it is parsed.
+    if not pem.lstrip().startswith(b"-----BEGIN PRIVATE KEY-----") or b"-----END PRIVATE KEY-----" not in pem:
+        raise AuditError(f"cannot load audit key {path}: not a PEM PKCS#8 private key; remove it to generate a new one")
+    return pem
 
 
 class AuditWriter:
-    def __init__(self, path: str, key) -> None:
+    def __init__(self, path: str, key=None, *, key_path: str | None = None) -> None:
+        """`key`: a loaded key; or `key_path`: checked now, parsed or created on the writer's
+        thread (see `ready`)."""
+        if (key is None) == (key_path is None):
+            raise ValueError("AuditWriter needs exactly one of key and key_path")
         self.path = path
+        self._key_ready: concurrent.futures.Future = concurrent.futures.Future()
+        self._key_requested = False
+        self._key_path = key_path
+        self._key_pem = None
+        if key_path is not None:
+            self._key_pem = read_key_file(key_path)  # AuditError now, not later
+            if self._key_pem is None:  # a new state dir: the key is made now, once
+                key = load_or_create_key(key_path)
         self._key = key
+        if key is not None:
+            self._key_ready.set_result(key)
         self.dropped = 0
         self.written = 0
         self.failed: str | None = None  # set once a write fails; the sidecar then refuses traffic
@@ -103,7 +140,35 @@ class AuditWriter:
             self._pending += 1
         self._q.put(auditfmt.make_event(**values))
 
+    async def ready(self) -> None:
+        """Returns once the signing key is loaded (asking the writer's thread to load it now);
+        raises its AuditError otherwise."""
+        if not self._key_ready.done():
+            with self._lock:
+                request = not self._key_requested and not self._closed
+                self._key_requested = True
+            if request:
+                self._q.put(_LOAD_KEY)
+            elif self._closed and not self._key_ready.done():
+                raise AuditError(f"audit log {self.path} is closed")
+            await asyncio.wrap_future(self._key_ready)
+        self._key_ready.result()  # raises the load error
+
+    def _load(self) -> bool:
+        if self._key_ready.done():
+            return True
+        try:
+            path = self._key_path
+            self._key = parse_key(self._key_pem, path) if self._key_pem is not None else load_or_create_key(path)
+            self._key_ready.set_result(self._key)
+            return True
+        except BaseException as exc:  # noqa: BLE001 - reported through ready()
+            self.failed = str(exc)
+            self._key_ready.set_exception(exc)
+            return False
+
     def _run(self) -> None:
+        signing: bool | None = None  # unknown until the first event or key request
         while True:
             item = self._q.get()
             batch = [item]
@@ -114,11 +179,19 @@ class AuditWriter:
                 pass
             stop = False
             lines = []
+            if signing is None and any(ev is not None for ev in batch):
+                signing = self._load()
             for ev in batch:
                 if ev is None:
                     stop = True
-                    continue
-                lines.append(auditfmt.signed_line(ev, self._key) + "\n")
+                elif ev is _LOAD_KEY:
+                    pass
+                elif signing:
+                    lines.append(auditfmt.signed_line(ev, self._key) + "\n")
+                else:  # no key: nothing can be signed (the sidecar refuses traffic already)
+                    self.dropped += 1
+                    with self._lock:
+                        self._pending -= 1
             if lines:
                 try:
                     self._file.write("".join(lines))
@@ -131,6 +204,8 @@ class AuditWriter:
                 self._pending -= len(lines)
             if stop:
                 break
+        if not self._key_ready.done():  # closed before anything needed the key
+            self._key_ready.set_exception(AuditError(f"audit log {self.path} is closed"))
 
     def close(self) -> None:
         with self._lock:

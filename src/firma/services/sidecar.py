@@ -22,7 +22,7 @@ from ..core.policy import HTTP_REQUEST, NETWORK_CONNECT, Policy, Request
 from ..core.record import record, field
 from ..errors import SidecarError
 from . import netio
-from .audit_writer import AuditWriter, load_or_create_key
+from .audit_writer import AuditWriter
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 REPORT_METHOD = "FIRMA-REPORT"  # bridge → sidecar: a malformed agent request to audit
@@ -120,8 +120,7 @@ class Sidecar:
         self.config = config
         self.limits = config.limits
         self.policy = Policy.load(config.allow_hosts, config.policy_path)  # PolicyError
-        key = load_or_create_key(config.key_path)  # AuditError
-        self.audit = AuditWriter(config.audit_path, key)  # AuditError
+        self.audit = AuditWriter(config.audit_path, key_path=config.key_path)  # AuditError
         self._resolve = config.resolver or system_resolver
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -212,6 +211,10 @@ class Sidecar:
     async def authorize(self, action: str, authority_host: CanonHost, port: int, method: str, path: str, agent_id: str) -> _Verdict:
         """Name decision, then resolution and address checks. Never resolves a denied name."""
         host = authority_host.host
+        try:
+            await self.audit.ready()  # the signing key, loaded on the first request
+        except Exception:  # noqa: BLE001 - recorded in audit.failed, refused just below
+            pass
         if self.audit.failed:
             # No unaudited egress: once the log cannot be written, nothing more goes out.
             return _Verdict(False, "audit_unavailable", "the audit log cannot be written; traffic refused", 503, host=authority_host, port=port)
