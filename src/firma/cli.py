@@ -62,12 +62,15 @@ def entry() -> int:
     """The `firma` executable (console script and `python -m firma`): process-wide settings that a
     library caller of `main` should not inherit, then `main`.
 
-    - firma never speaks TLS itself (SNI is read from raw bytes), so the `ssl` module is kept out
-      of the process: asyncio imports it only if present, and it is ~6 ms of every launch.
+    - firma never speaks TLS itself (SNI is read from raw bytes), so OpenSSL's Python modules are
+      kept out of the process: asyncio imports `ssl` only if present, and hashlib serves the
+      few SHA-256 digests firma computes from its builtin code without `_hashlib` (~9 ms of
+      every launch together). cryptography (audit signatures) brings its own OpenSSL.
     - No garbage collection while starting: a launch allocates only long-lived objects (modules,
       the plan), and collecting during imports is ~5 ms; the lifecycle freezes the startup heap
       and re-enables collection once the agent runs (`lifecycle.startup_done`)."""
     sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
+    sys.modules.setdefault("_hashlib", None)  # type: ignore[arg-type]
     gc.disable()
     return main()
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
-import shutil
 import sys
 import time
 from typing import Any, Awaitable, Callable, TextIO
@@ -101,7 +100,7 @@ class RunLog:
 
     def add_file(self, path: str) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        self._files.append(os.fdopen(fd, "a", buffering=1))
+        self._files.append(os.fdopen(fd, "a", buffering=1, encoding="utf-8"))
 
     def __call__(self, msg: str, level: str = "info") -> None:
         n = LEVELS.get(level, 20)
@@ -508,7 +507,7 @@ async def _teardown(run: _Run, child: Any, envelope: ExecutionEnvelope | None, s
         except Exception as exc:  # noqa: BLE001
             log(f"teardown: sidecar: {exc}", "error")
     if run.socket_dir is not None:
-        shutil.rmtree(run.socket_dir, ignore_errors=True)
+        statedir.remove_tree(run.socket_dir)
     invariants = envelope.invariants if envelope is not None else DEFAULT_INVARIANTS
     try:
         run.write_proof(invariants, ended=True, exit_status=status)

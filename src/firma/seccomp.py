@@ -47,17 +47,19 @@ ARCHES = {
 }  # asm-generic ioctl numbers, clone flags in arg 0, little-endian (the exec gate's BPF needs it)
 
 
-# The sonames pyseccomp needs on glibc Linux. pyseccomp finds them with ctypes.util.find_library,
-# which runs `ldconfig -p` once per library (~6 ms of every launch); a soname that dlopen accepts
-# directly is the same library the loader would pick, and anything else falls back to the lookup.
+# The sonames pyseccomp needs on glibc Linux. pyseccomp finds them with ctypes.util.find_library
+# at import, which runs `ldconfig -p` once per library, and importing ctypes.util pulls in
+# tempfile, shutil and re: ~8 ms of every launch. A soname that dlopen accepts directly is the
+# library the loader would pick; anything else goes to the real lookup.
 _SONAMES = {"c": "libc.so.6", "seccomp": "libseccomp.so.2"}
 
 
 def _import_pyseccomp():
     import ctypes
-    import ctypes.util
+    import types
 
-    lookup = ctypes.util.find_library
+    if "pyseccomp" in sys.modules:
+        return sys.modules["pyseccomp"]
 
     def find_library(name: str) -> str | None:
         soname = _SONAMES.get(name)
@@ -67,13 +69,29 @@ def _import_pyseccomp():
                 return soname
             except OSError:
                 pass
-        return lookup(name)
+        import ctypes.util as real  # noqa: PLC0415 - only for a library dlopen did not find
 
-    ctypes.util.find_library = find_library
+        return real.find_library(name)
+
+    # pyseccomp reads ctypes.util.find_library only while it is imported: for that moment it
+    # sees this stand-in (unless the real module is loaded already; then it is patched).
+    real_util = sys.modules.get("ctypes.util")
+    stand_in = real_util or types.ModuleType("ctypes.util")
+    saved = getattr(stand_in, "find_library", None)
+    stand_in.find_library = find_library  # type: ignore[attr-defined]
+    if real_util is None:
+        sys.modules["ctypes.util"] = stand_in
+        ctypes.util = stand_in  # type: ignore[attr-defined]
     try:
         import pyseccomp
     finally:
-        ctypes.util.find_library = lookup
+        if real_util is None:
+            if sys.modules.get("ctypes.util") is stand_in:
+                del sys.modules["ctypes.util"]
+            if getattr(ctypes, "util", None) is stand_in:
+                del ctypes.util
+        else:
+            real_util.find_library = saved  # type: ignore[attr-defined]
     return pyseccomp
 
 

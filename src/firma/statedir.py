@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import stat
 
 from .core.record import record
@@ -102,7 +101,7 @@ def sweep_stale(root: str, now: float) -> list[str]:
         except OSError:
             continue
         if stale:
-            shutil.rmtree(d, ignore_errors=True)
+            remove_tree(d)
             removed.append(name)
     return removed
 
@@ -119,6 +118,36 @@ def create(root: str, sandbox_id: str) -> RunDirs:
         raise PlanError(f"run directory {run_dir} already exists; sandbox ids must be unique") from None
     write_private(os.path.join(run_dir, OWNER), owner_record(os.getpid()))
     return RunDirs(root=root, run_dir=run_dir, proofs_dir=proofs)
+
+
+def remove_tree(path: str) -> None:
+    """Remove a run directory. Run directories hold only files, which are unlinked through a
+    descriptor of the directory (no path re-resolution, symlinks removed, never followed);
+    anything else there falls back to shutil.rmtree (imported only then: ~3 ms of a launch)."""
+    try:
+        dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return
+    nested = False
+    try:
+        for entry in os.scandir(dfd):
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    nested = True
+                else:
+                    os.unlink(entry.name, dir_fd=dfd)
+            except OSError:
+                nested = True
+    finally:
+        os.close(dfd)
+    try:
+        os.rmdir(path)
+    except OSError:
+        nested = True
+    if nested:
+        import shutil  # noqa: PLC0415 - rare
+
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def private_temp(directory: str, prefix: str, suffix: str) -> tuple[int, str]:
@@ -139,7 +168,7 @@ def write_private(path: str, data: str) -> None:
     d = os.path.dirname(path) or "."
     fd, tmp = private_temp(d, ".tmp-", ".part")
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -156,9 +185,11 @@ def write_private(path: str, data: str) -> None:
 def remove_run_dir(dirs: RunDirs, *, keep_log_as: str | None) -> None:
     """Remove the per-run dir; first copy run.log next to the proof when the run failed."""
     if keep_log_as and os.path.exists(dirs.run_log):
+        import shutil  # noqa: PLC0415 - failed runs only
+
         try:
             shutil.copyfile(dirs.run_log, keep_log_as)
             os.chmod(keep_log_as, 0o600)
         except OSError:
             pass
-    shutil.rmtree(dirs.run_dir, ignore_errors=True)
+    remove_tree(dirs.run_dir)

@@ -2,6 +2,6 @@
 
 import sys
 
-from firma.cli import main
+from firma.cli import entry
 
-sys.exit(main(sys.argv[1:]))
+sys.exit(entry())

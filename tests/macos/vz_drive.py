@@ -7,7 +7,7 @@ import os
 import sys
 
 import firma.cli_run as cli_run
-from firma.cli import main
+from firma.cli import entry
 from firma.core.record import replace
 from firma.host import detect_host as real_detect_host
 
@@ -21,4 +21,4 @@ def macos_host(environ=None):
 
 
 cli_run.detect_host = macos_host
-sys.exit(main(sys.argv[1:]))
+sys.exit(entry())

@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import re
-import shutil
 import signal
 import stat
 import subprocess
@@ -27,7 +26,7 @@ from ..core.model import (
 )
 from ..core.record import record, field
 from ..errors import LaunchError, SeccompError
-from ..host import Host, detect_host
+from ..host import Host, detect_host, which
 from ..planting import netns_interfaces, plant
 from ..preflight import bwrap_preflight
 from .base import LaunchHooks, RoutingMode, RoutingPlan
@@ -298,7 +297,7 @@ def require_command(plan: RunPlan, host: Host) -> None:
         if os.path.isfile(path) and os.access(path, os.X_OK):
             return
         raise LaunchError(f"command not found or not executable: {exe}; check the path")
-    if shutil.which(exe, path=launch_path) is None:
+    if which(exe, launch_path) is None:
         raise LaunchError(
             f"command not found: {exe} (searched the sandbox PATH {launch_path or '(empty)'}); "
             "install it or give its absolute path"
@@ -384,7 +383,7 @@ class BwrapBackend:
             hooks.add_check(Check("seccomp_filter", True, f"bwrap --seccomp with {envelope.seccomp_filter_path}"))
         for f in plan.files:
             fd = os.open(f.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-            with os.fdopen(fd, "w") as fh:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 fh.write(f.content)
         args_fd = _options_fd(plan)
         passed = [info_w, block_r, args_fd] + ([seccomp_fd] if seccomp_fd is not None else [])

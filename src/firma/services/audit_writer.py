@@ -225,4 +225,9 @@ class AuditWriter:
             pass
 
     async def aclose(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self.close)
+        with self._lock:
+            idle = self._pending == 0 and (not self._key_requested or self._key_ready.done())
+        if idle:  # nothing to sign or write: closing is immediate, no worker thread needed
+            self.close()
+        else:
+            await asyncio.get_running_loop().run_in_executor(None, self.close)

@@ -1,0 +1,117 @@
+"""The stand-ins firma uses on the launch path instead of heavier stdlib imports behave like the
+originals they replace: host.which like shutil.which, statedir.remove_tree like shutil.rmtree
+(without following links), the pyseccomp import without ctypes.util leaving no trace, and the
+`firma` executable keeping OpenSSL's Python modules out while a run still signs its audit."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from firma import seccomp, statedir
+from firma.host import which
+from linux_support import base_env
+
+
+@pytest.fixture
+def bindirs(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "tool").write_text("#!/bin/sh\n")  # not executable: skipped
+    (b / "tool").write_text("#!/bin/sh\n")
+    (b / "tool").chmod(0o755)
+    (a / "dir").mkdir()  # a directory is never a match
+    (b / "only").write_text("")
+    (b / "only").chmod(0o755)
+    return a, b
+
+
+@pytest.mark.parametrize("name", ["tool", "dir", "only", "missing", "sh"])
+@pytest.mark.parametrize("path_kind", ["both", "reversed", "empty", "with-empty-entry"])
+def test_which_matches_shutil_which(bindirs, name, path_kind, monkeypatch, tmp_path):
+    a, b = bindirs
+    path = {
+        "both": f"{a}{os.pathsep}{b}",
+        "reversed": f"{b}{os.pathsep}{a}",
+        "empty": "",
+        "with-empty-entry": f"{a}{os.pathsep}{os.pathsep}/usr/bin",
+    }[path_kind]
+    monkeypatch.chdir(b)  # an empty entry means the current directory
+    assert which(name, path) == shutil.which(name, path=path)
+    assert which(str(b / "tool"), "") == shutil.which(str(b / "tool"), path="") == str(b / "tool")
+
+
+def test_remove_tree_unlinks_files_and_never_follows_links(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("precious")
+    run = tmp_path / "run"
+    run.mkdir()
+    for n in ("owner", "run.log", "resolv.conf"):
+        (run / n).write_text(n)
+    (run / "link-to-dir").symlink_to(outside)
+    (run / "link-to-file").symlink_to(outside / "keep")
+    statedir.remove_tree(str(run))
+    assert not run.exists()
+    assert (outside / "keep").read_text() == "precious"  # control: the link targets survive
+
+
+def test_remove_tree_falls_back_for_nested_dirs(tmp_path):
+    run = tmp_path / "run"
+    (run / "sub" / "deeper").mkdir(parents=True)
+    (run / "sub" / "deeper" / "f").write_text("x")
+    (run / "f").write_text("x")
+    statedir.remove_tree(str(run))
+    assert not run.exists()
+    statedir.remove_tree(str(run))  # already gone: no error
+
+
+def test_pyseccomp_imports_without_ctypes_util():
+    code = (
+        "import sys\n"
+        "from firma import seccomp\n"
+        "m = seccomp._import_pyseccomp()\n"
+        "import ctypes\n"
+        "print(m._libseccomp_path, 'ctypes.util' in sys.modules, hasattr(ctypes, 'util'), 'tempfile' in sys.modules)\n"
+        "import ctypes.util\n"
+        "print(ctypes.util.find_library.__module__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == "libseccomp.so.2 False False False"  # loaded by soname, no stand-in left behind
+    assert out[1] == "ctypes.util"  # the real module imports normally afterwards
+    # the compiled filter is the same as with the regular lookup (the artifact tests compare bytes)
+    assert seccomp._import_pyseccomp().system_arch() is not None
+
+
+def test_firma_executable_keeps_openssl_modules_out_and_still_signs(ws, tmp_path):
+    """`python -m firma` (cli.entry) runs an agent that sends a request: the audit line is signed
+    and verifies, and the launcher never imported ssl or _hashlib (checked from a sitecustomize
+    hook that reports the launcher's modules at exit)."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    report = tmp_path / "modules.json"
+    (hook / "sitecustomize.py").write_text(
+        "import atexit, json, sys\n"
+        f"atexit.register(lambda: open({str(report)!r}, 'w').write(json.dumps(sorted(k for k, v in sys.modules.items() if v is not None))))\n"
+    )
+    env = base_env(tmp_path, PYTHONPATH=str(hook))
+    p = subprocess.run(
+        [sys.executable, "-m", "firma", "run", "--", "bash", "-c", "exec 3<>/dev/tcp/127.0.0.1/18080; "
+         "printf 'GET http://denied.invalid/ HTTP/1.1\\r\\nHost: denied.invalid\\r\\n\\r\\n' >&3; head -c 12 <&3"],
+        cwd=ws, env=env, capture_output=True, text=True, timeout=60,
+    )
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("HTTP/1.1 403")
+    modules = json.loads(report.read_text())
+    assert "firma.lifecycle" in modules and "asyncio" in modules  # the hook saw the launcher
+    assert "ssl" not in modules and "_hashlib" not in modules
+    audit = os.path.join(env["FIRMA_STATE_DIR"], "audit.jsonl")
+    v = subprocess.run([sys.executable, "-m", "firma", "audit", "verify", audit], env=env, capture_output=True, text=True)
+    assert v.returncode == 0, v.stdout + v.stderr
+    with open(audit) as f:
+        assert any(json.loads(line)["deny_reason"] for line in f)
