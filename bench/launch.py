@@ -3,7 +3,13 @@ same namespaces and, when available, Anthropic's sandbox runtime `srt -c true`, 
 ratios; plus the launcher's peak RSS. Goal: firma ≤ 120 ms median and ≤ 0.25 × srt.
 
 srt is looked up on PATH, then in $FIRMA_BENCH_SRT_DIR (default /tmp/firma-bench-srt); with
---install-srt it is installed there with `npm install @anthropic-ai/sandbox-runtime`."""
+--install-srt it is installed there with `npm install @anthropic-ai/sandbox-runtime`.
+
+Runs are interleaved (one of each command per round), so a machine that slows down mid-run
+slows every row alike. Two reference rows show the floor under any Python launcher built on
+asyncio: the interpreter starting, and the interpreter importing asyncio. firma's bytecode is
+compiled first, as an installed package's is (an editable install under
+PYTHONDONTWRITEBYTECODE would otherwise recompile firma on every launch)."""
 
 from __future__ import annotations
 
@@ -20,20 +26,28 @@ GOAL_MS = 120.0
 GOAL_RATIO_SRT = 0.25
 
 
-def measure(argv: list[str], cwd: str, env: dict[str, str], n: int) -> tuple[list[float], int]:
-    """Wall times (ms) of n runs and the peak RSS (KiB) of the process tree seen by wait4."""
-    times, peak = [], 0
+def measure_once(argv: list[str], cwd: str, env: dict[str, str]) -> tuple[float, int]:
+    """Wall time (ms) of one run and the peak RSS (KiB) of its process tree seen by wait4."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, ru = os.wait4(p.pid, 0)
+    dt = (time.perf_counter() - t0) * 1000
+    p.returncode = os.waitstatus_to_exitcode(status)
+    if p.returncode != 0:
+        raise SystemExit(f"{argv[:3]}… failed with {p.returncode}: {p.stderr.read().decode()[-500:]}")
+    return dt, ru.ru_maxrss
+
+
+def measure(cases: list[tuple[str, list[str]]], cwd: str, env: dict[str, str], n: int) -> dict[str, tuple[list[float], int]]:
+    """n interleaved rounds: each round runs every case once."""
+    out: dict[str, tuple[list[float], int]] = {name: ([], 0) for name, _ in cases}
     for _ in range(n):
-        t0 = time.perf_counter()
-        p = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        _, status, ru = os.wait4(p.pid, 0)
-        dt = (time.perf_counter() - t0) * 1000
-        p.returncode = os.waitstatus_to_exitcode(status)
-        if p.returncode != 0:
-            raise SystemExit(f"{argv[:3]}… failed with {p.returncode}: {p.stderr.read().decode()[-500:]}")
-        times.append(dt)
-        peak = max(peak, ru.ru_maxrss)
-    return times, peak
+        for name, argv in cases:
+            dt, rss = measure_once(argv, cwd, env)
+            times, peak = out[name]
+            times.append(dt)
+            out[name] = (times, max(peak, rss))
+    return out
 
 
 def find_srt(install: bool) -> str | None:
@@ -72,15 +86,25 @@ def main() -> int:
     bare = [bwrap, "--unshare-user", *uid, "--disable-userns", "--unshare-net", "--unshare-pid", "--unshare-ipc",
             "--unshare-uts", "--die-with-parent", "--new-session", "--ro-bind", "/", "/", "--proc", "/proc",
             "--dev", "/dev", "--tmpfs", "/tmp", "--", "true"]
-    rows = []
+    import compileall  # noqa: PLC0415
+
+    import firma as firma_pkg  # noqa: PLC0415 - the package the firma command runs
+
+    compileall.compile_dir(os.path.dirname(firma_pkg.__file__), quiet=1)
+    py = os.path.join(os.path.dirname(sys.executable), "python")
+    floors = [("python -c pass (interpreter start)", [py, "-c", "pass"]),
+              ("python: import asyncio (floor; as firma: no ssl/GC)",
+               [py, "-c", "import sys, gc; sys.modules['ssl'] = None; gc.disable(); import asyncio"])]
     cases = [("bare bwrap … true (same namespaces)", bare), ("firma run -- true", firma + ["run", "--", "true"])]
     srt = find_srt(args.install_srt)
+    srt_name = "srt -c true (@anthropic-ai/sandbox-runtime)"
     if srt:
-        cases.append(("srt -c true (@anthropic-ai/sandbox-runtime)", [srt, "-c", "true"]))
+        cases.append((srt_name, [srt, "-c", "true"]))
+    cases += floors
     # warm-up (page cache, seccomp artifact compiled once)
     for name, argv in list(cases):
         try:
-            measure(argv, ws, env, 2)
+            measure([(name, argv)], ws, env, 2)
         except SystemExit as exc:
             if argv[0] != srt:
                 raise
@@ -88,12 +112,11 @@ def main() -> int:
             cases.remove((name, argv))
             srt = None
     results = {}
-    for name, argv in cases:
-        times, peak = measure(argv, ws, env, args.n)
+    for name, (times, peak) in measure(cases, ws, env, args.n).items():
         results[name] = (statistics.median(times), min(times), max(times), peak)
     base = results[cases[0][0]][0]
-    srt_med = results[cases[2][0]][0] if srt else None
-    print(f"launch benchmark: n={args.n} per row, uid={os.getuid()}, {os.cpu_count()} CPUs")
+    srt_med = results[srt_name][0] if srt else None
+    print(f"launch benchmark: {args.n} interleaved rounds, uid={os.getuid()}, {os.cpu_count()} CPUs")
     hdr = f"{'command':<48} {'median ms':>10} {'min':>7} {'max':>7} {'× bare':>7} {'× srt':>7} {'peak RSS MiB':>13}"
     print(hdr)
     print("-" * len(hdr))
