@@ -2,17 +2,36 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
 import sys
 import time
 
+from .cli import APPEND, FLAG, VALUE, Opt, add_options
 from .core import config as cfgmod
 from .core.planner import RunArgs, build_plan, plan_to_json
 from .errors import ConfigError, PlanError
 from .host import detect_host
+
+
+# `run`'s options, described once: add_parser builds the argparse subparser from them and
+# cli.fast_parse parses the plain forms of `firma run` with them, without argparse.
+OPTIONS = (
+    Opt("--profile", VALUE, "profile", help="generic | claude-code (claude) | codex"),
+    Opt("--backend", VALUE, "backend", help="bwrap | vz | runner"),
+    Opt("--identity-mode", VALUE, "identity_mode", help="sandbox-user | host-user"),
+    Opt("--preserve-host-user", FLAG, "preserve_host_user", help="same as --identity-mode host-user"),
+    Opt("--allow-host", APPEND, "allow_host", metavar="PATTERN", help="allow HOST[:PORT] for this run (repeatable)"),
+    Opt("--policy", VALUE, "policy", metavar="FILE", help="Cedar policy file"),
+    Opt("--sidecar", VALUE, "sidecar", metavar="ENDPOINT", help="local | tcp://HOST:PORT | unix:///PATH"),
+    Opt("--no-autostart", FLAG, "no_autostart", help="never start the embedded sidecar"),
+    Opt("--sidecar-startup-timeout-secs", VALUE, "sidecar_startup_timeout_secs", float, metavar="N"),
+    Opt("--allow-non-structural", FLAG, "allow_non_structural"),
+    Opt("--print-effective-config", FLAG, "print_effective_config", help="print the resolved plan as JSON and exit"),
+    Opt("--proof-file", VALUE, "proof_file", metavar="PATH", help="also write the proof document here"),
+    Opt("--monitor", FLAG, "monitor", help="observe only: log denies, let traffic pass"),
+)
 
 
 def add_parser(sub):
@@ -22,20 +41,8 @@ def add_parser(sub):
         description="Run CMD in a sandbox whose only way out is the policy sidecar.",
         usage="firma run [options] -- CMD [ARGS...]",
     )
-    p.add_argument("--profile", help="generic | claude-code (claude) | codex")
-    p.add_argument("--backend", help="bwrap | vz | runner")
-    p.add_argument("--identity-mode", help="sandbox-user | host-user")
-    p.add_argument("--preserve-host-user", action="store_true", help="same as --identity-mode host-user")
-    p.add_argument("--allow-host", action="append", default=[], metavar="PATTERN", help="allow HOST[:PORT] for this run (repeatable)")
-    p.add_argument("--policy", metavar="FILE", help="Cedar policy file")
-    p.add_argument("--sidecar", metavar="ENDPOINT", help="local | tcp://HOST:PORT | unix:///PATH")
-    p.add_argument("--no-autostart", action="store_true", help="never start the embedded sidecar")
-    p.add_argument("--sidecar-startup-timeout-secs", type=float, metavar="N")
-    p.add_argument("--allow-non-structural", action="store_true")
-    p.add_argument("--print-effective-config", action="store_true", help="print the resolved plan as JSON and exit")
-    p.add_argument("--proof-file", metavar="PATH", help="also write the proof document here")
-    p.add_argument("--monitor", action="store_true", help="observe only: log denies, let traffic pass")
-    p.add_argument("cmd", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+    add_options(p, OPTIONS)
+    p.add_argument("cmd", nargs="...", help="-- CMD [ARGS...]")  # argparse.REMAINDER
     return p
 
 
