@@ -172,6 +172,16 @@ def fast_parse(argv: list[str]) -> SimpleNamespace | None:
     return SimpleNamespace(**out, command="run", cmd=argv[j:], _module=mod)
 
 
+def _has_builtin_sha256() -> bool:
+    for name in ("_sha2", "_sha256"):  # 3.12+, 3.11
+        try:
+            __import__(name)
+            return True
+        except ImportError:
+            continue
+    return False
+
+
 def entry() -> int:
     """The `firma` executable (console script and `python -m firma`): process-wide settings that a
     library caller of `main` should not inherit, then `main`.
@@ -184,7 +194,8 @@ def entry() -> int:
       the plan), and collecting during imports is ~5 ms; the lifecycle freezes the startup heap
       and re-enables collection once the agent runs (`lifecycle.startup_done`)."""
     sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
-    sys.modules.setdefault("_hashlib", None)  # type: ignore[arg-type]
+    if _has_builtin_sha256():  # some distributions build hashlib on OpenSSL only
+        sys.modules.setdefault("_hashlib", None)  # type: ignore[arg-type]
     gc.disable()
     return main()
 
