@@ -166,42 +166,23 @@ def test_firma_run_with_the_reference_runner_end_to_end(tmp_path):
     loopback does not arrive (positive control: the same connection from the host does)."""
     import shutil
     import socket
-    import threading
+
+    from firma.conformance.listeners import TrapTcp, Upstream
 
     if shutil.which("bwrap") is None:
         raise AssertionError("bwrap is required; run scripts/install-system-deps.sh")
     runner = str(Path(sys.executable).parent / "firma-runner-linux")
 
-    upstream = socket.create_server(("127.0.0.1", 0))
-    trap = socket.create_server(("127.0.0.1", 0))
-    seen = {"upstream": [], "trap": []}
-
-    def serve(sock, key, reply):
-        while True:
-            try:
-                c, _ = sock.accept()
-            except OSError:
-                return
-            with c:
-                c.settimeout(5)
-                try:
-                    data = c.recv(4096)
-                except OSError:
-                    data = b""
-                seen[key].append(data)
-                if reply:
-                    c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nConnection: close\r\n\r\nupstream")
-
-    for sock, key, reply in ((upstream, "upstream", True), (trap, "trap", False)):
-        threading.Thread(target=serve, args=(sock, key, reply), daemon=True).start()
-    up_port, trap_port = upstream.getsockname()[1], trap.getsockname()[1]
+    upstream = Upstream("runner-e2e")
+    trap = TrapTcp()
+    up_port, trap_port = upstream.port, trap.port
 
     # Positive control from the host: the trap listener records a connection.
     with socket.create_connection(("127.0.0.1", trap_port), timeout=5) as s:
         s.sendall(b"control")
     agent = (
         "import os, socket, urllib.request\n"
-        f"print(urllib.request.urlopen('http://127.0.0.1:{up_port}/via-proxy', timeout=10).read().decode())\n"
+        f"print(urllib.request.urlopen('http://127.0.0.1:{up_port}/via-proxy', timeout=10).read().decode().strip())\n"
         "try:\n"
         f"    socket.create_connection(('127.0.0.1', {trap_port}), timeout=3).sendall(b'direct')\n"
         "    print('direct: connected')\n"
@@ -220,15 +201,17 @@ def test_firma_run_with_the_reference_runner_end_to_end(tmp_path):
          "--proof-file", str(proof_file), "--", "/usr/bin/python3", "-c", agent],
         cwd=work, env=env, capture_output=True, text=True, timeout=120,
     )
+    trapped = trap.barrier()  # everything that reached the trap, the host's control included
+    arrived = upstream.rec.snapshot()
     upstream.close()
     trap.close()
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0] == "upstream"
+    assert lines[0] == upstream.body.decode().strip()
     assert lines[1].startswith("direct: blocked")
     assert lines[2] == "proxy http://127.0.0.1:18080"
-    assert any(b"/via-proxy" in d for d in seen["upstream"])
-    assert seen["trap"] == [b"control"]
+    assert any(b"/via-proxy" in a.data for a in arrived)
+    assert [a.data for a in trapped] == [b"control"]
     proof = json.loads(proof_file.read_text())
     assert proof["backend"] == "runner" and proof["network_confinement"] == "external_runner"
     assert proof["detail"] == "external runner enforces the launch contract invariants"
