@@ -18,9 +18,9 @@ from . import identity
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec
 
-# cryptography is imported where a key is used, not here: the sidecar loads its key off the
-# event loop's thread while the sandbox is being built (launch latency), and the bridge, which
-# only formats events, never needs it.
+# cryptography is imported where a key is used, not here: the sidecar parses its key only when
+# the first request needs it (launch latency), and the bridge, which only formats events,
+# never needs it.
 
 FIELDS = (
     "event_id",

@@ -8,7 +8,7 @@ machines firma targets. The launch path defines ~50 such classes, so `dataclasse
 methods driven by the class's field table instead: defining one costs microseconds, building
 one costs a few microseconds more than a dataclass, which no hot path notices.
 
-Semantics kept from `dataclasses` (tested in tests/test_record.py): fields in annotation order
+Semantics kept from `dataclasses` (tested in tests/services/test_core_record.py): fields in annotation order
 (bases first), defaults and `field(default_factory=…)`, positional or keyword construction with
 the same TypeErrors, mutable defaults refused, non-default after default refused, `ClassVar`
 skipped, frozen instances raise `FrozenInstanceError` (an AttributeError) on assignment,

@@ -158,8 +158,7 @@ class AuditWriter:
         if self._key_ready.done():
             return True
         try:
-            path = self._key_path
-            self._key = parse_key(self._key_pem, path) if self._key_pem is not None else load_or_create_key(path)
+            self._key = parse_key(self._key_pem, self._key_path)  # a new key was made (and set) in __init__
             self._key_ready.set_result(self._key)
             return True
         except BaseException as exc:  # noqa: BLE001 - reported through ready()

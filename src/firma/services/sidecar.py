@@ -213,9 +213,10 @@ class Sidecar:
         host = authority_host.host
         try:
             await self.audit.ready()  # the signing key, loaded on the first request
-        except Exception:  # noqa: BLE001 - recorded in audit.failed, refused just below
-            pass
-        if self.audit.failed:
+            audit_ok = not self.audit.failed
+        except Exception:  # noqa: BLE001 - no key (or a closed log): refused just below
+            audit_ok = False
+        if not audit_ok:
             # No unaudited egress: once the log cannot be written, nothing more goes out.
             return _Verdict(False, "audit_unavailable", "the audit log cannot be written; traffic refused", 503, host=authority_host, port=port)
         d = self.policy.decide(Request(action, host, port, method, path, agent_id))
