@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
-import sys
 import time
 
 from .cli import APPEND, FLAG, VALUE, Opt, add_options
@@ -96,13 +94,17 @@ def run(args) -> int:
         # Print and exit: nothing is started (the reference launched anyway).
         print(json.dumps(plan_to_json(plan), indent=2))
         return 0
+    from .backends import backend_for
+
+    backend = backend_for(plan.backend)
+    log_level, log_file = getattr(args, "log_filter", None), getattr(args, "log_file", None)
+    if hasattr(backend, "build"):
+        # Planted sockets (bwrap): the synchronous launcher and a services process.
+        from .planted_run import run as run_planted
+
+        return run_planted(plan, host, backend=backend, log_level=log_level, log_file=log_file)
+    import asyncio
+
     from .lifecycle import execute
 
-    return asyncio.run(
-        execute(
-            plan,
-            host,
-            log_level=getattr(args, "log_filter", None),
-            log_file=getattr(args, "log_file", None),
-        )
-    )
+    return asyncio.run(execute(plan, host, backend=backend, log_level=log_level, log_file=log_file))

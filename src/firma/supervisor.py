@@ -4,7 +4,6 @@ exit status kept (128+N for a signal)."""
 
 from __future__ import annotations
 
-import asyncio
 import signal
 from typing import Callable
 
@@ -26,9 +25,11 @@ class Supervisor:
         self._terminations = 0
         self.early_signal: int | None = None
         self.escalated = False
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop = None  # the running asyncio loop, once installed
 
     def install(self) -> None:
+        import asyncio  # noqa: PLC0415 - the constants above serve the synchronous launcher too
+
         self._loop = asyncio.get_running_loop()
         for s in FORWARDED:
             self._loop.add_signal_handler(s, self._on_signal, s)

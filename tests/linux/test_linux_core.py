@@ -250,11 +250,11 @@ def test_mask_verification_reads_the_mount_table_and_refuses_gaps():
     hooks = types.SimpleNamespace(add_check=checks.append)
     child = types.SimpleNamespace(init_pid=os.getpid())
     ok_plan = types.SimpleNamespace(masked=("/proc",))
-    BwrapBackend()._verify_masks(child, ok_plan, hooks)
+    BwrapBackend()._verify_masks(child, ok_plan, hooks.add_check)
     assert checks[-1].ok
     bad_plan = types.SimpleNamespace(masked=("/proc", "/definitely/not/a/mount"))
     with pytest.raises(LaunchError, match="not masked as planned: /definitely/not/a/mount"):
-        BwrapBackend()._verify_masks(child, bad_plan, hooks)
+        BwrapBackend()._verify_masks(child, bad_plan, hooks.add_check)
     assert not checks[-1].ok
     assert _unescape(r"/a\040b\012c\134d") == "/a b\nc\\d"
 

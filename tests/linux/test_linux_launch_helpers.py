@@ -90,14 +90,23 @@ def test_pyseccomp_imports_without_ctypes_util():
 
 def test_firma_executable_keeps_openssl_modules_out_and_still_signs(ws, tmp_path):
     """`python -m firma` (cli.entry) runs an agent that sends a request: the audit line is signed
-    and verifies, and the launcher never imported ssl or _hashlib (checked from a sitecustomize
-    hook that reports the launcher's modules at exit)."""
+    and verifies; neither the launcher nor the services process it forks ever imported ssl or
+    _hashlib, and the launcher never imported asyncio (checked from a sitecustomize hook that
+    reports each process's modules as it exits, by atexit or os._exit)."""
     hook = tmp_path / "hook"
     hook.mkdir()
-    report = tmp_path / "modules.json"
+    reports = tmp_path / "modules"
+    reports.mkdir()
     (hook / "sitecustomize.py").write_text(
-        "import atexit, json, sys\n"
-        f"atexit.register(lambda: open({str(report)!r}, 'w').write(json.dumps(sorted(k for k, v in sys.modules.items() if v is not None))))\n"
+        "import atexit, json, os, sys\n"
+        "def dump():\n"
+        f"    open(os.path.join({str(reports)!r}, str(os.getpid())), 'w').write(json.dumps(sorted(k for k, v in sys.modules.items() if v is not None)))\n"
+        "atexit.register(dump)\n"
+        "_exit = os._exit\n"
+        "def exit_reporting(code):\n"
+        "    dump()\n"
+        "    _exit(code)\n"
+        "os._exit = exit_reporting\n"
     )
     env = base_env(tmp_path, PYTHONPATH=str(hook))
     p = subprocess.run(
@@ -107,9 +116,14 @@ def test_firma_executable_keeps_openssl_modules_out_and_still_signs(ws, tmp_path
     )
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith("HTTP/1.1 403")
-    modules = json.loads(report.read_text())
-    assert "firma.lifecycle" in modules and "asyncio" in modules  # the hook saw the launcher
-    assert "ssl" not in modules and "_hashlib" not in modules
+    seen = [set(json.loads(f.read_text())) for f in reports.iterdir()]
+    launchers = [m for m in seen if "firma.planted_run" in m and "firma.services.sidecar" not in m]
+    services = [m for m in seen if "firma.services.sidecar" in m]
+    # the hook saw the launcher (and its planting helper, a fork of it) and the services process
+    assert launchers and len(services) == 1, [len(m) for m in seen]
+    assert all("asyncio" not in m for m in launchers) and "asyncio" in services[0]
+    for modules in seen:
+        assert "ssl" not in modules and "_hashlib" not in modules
     audit = os.path.join(env["FIRMA_STATE_DIR"], "audit.jsonl")
     v = subprocess.run([sys.executable, "-m", "firma", "audit", "verify", audit], env=env, capture_output=True, text=True)
     assert v.returncode == 0, v.stdout + v.stderr

@@ -262,8 +262,8 @@ def test_killing_the_launcher_leaves_no_sandbox_process(ws, tmp_path):
 
 def test_agent_with_capabilities_is_refused_and_killed(ws, tmp_path, monkeypatch):
     """If the outside read of /proc/<agent>/status shows a capability, the launch is refused and
-    the sandbox killed (the reading is faked to simulate a bwrap that failed to drop them)."""
-    import asyncio
+    the sandbox killed (the reading is faked to simulate a bwrap that failed to drop them).
+    Driven in-process through the launcher `firma run` uses (firma.planted_run)."""
     import io
 
     import firma.backends.bwrap as bw
@@ -271,7 +271,8 @@ def test_agent_with_capabilities_is_refused_and_killed(ws, tmp_path, monkeypatch
     from firma.core.planner import RunArgs, build_plan
     from firma.errors import LaunchError
     from firma.host import detect_host
-    from firma.lifecycle import default_kit, execute
+    from firma import planted_run
+    from firma.backends.bwrap import BwrapBackend
 
     real = bw._status
 
@@ -286,7 +287,7 @@ def test_agent_with_capabilities_is_refused_and_killed(ws, tmp_path, monkeypatch
     plan = build_plan(RunArgs(command=("sh", "-c", f"sleep {n}.5")), cfgmod.EMPTY, host, cwd=str(ws),
                       unix_ms=int(time.time() * 1000), rand=os.urandom(20))
     with pytest.raises(LaunchError, match="holds privileges"):
-        asyncio.run(execute(plan, host, kit=default_kit(), terminal=io.StringIO()))
+        planted_run.run(plan, host, backend=BwrapBackend(), terminal=io.StringIO())
     assert processes_with(f"sleep {n}.5") == []
     doc = json.loads((tmp_path / "state" / "proofs" / f"{plan.identity.sandbox_id}.json").read_text())
     checks = {c["name"]: c for c in doc["checks"]}

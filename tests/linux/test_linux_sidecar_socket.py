@@ -25,7 +25,7 @@ def _run_and_inspect(ws: Path, env: dict[str, str]) -> tuple[str, os.stat_result
         wait_for(ready, proc, limit=30)
         run_logs = list(Path(env["FIRMA_STATE_DIR"]).glob("run/sbx_*/run.log"))
         assert len(run_logs) == 1
-        m = re.search(r"embedded sidecar answered at unix://(\S+)", run_logs[0].read_text())
+        m = re.search(r"embedded sidecar ready: .* listening at unix://(\S+)", run_logs[0].read_text())
         assert m, run_logs[0].read_text()
         sock = m.group(1)
         dir_stat = os.stat(os.path.dirname(sock))

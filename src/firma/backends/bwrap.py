@@ -1,19 +1,23 @@
 """bubblewrap backend (SPEC §5): structural network confinement on Linux.
 
 The sandbox gets its own user, network, PID, IPC and UTS namespaces; the only endpoints in its
-network namespace are the sockets planted by the launcher. `launch()` knows nothing about the
-sidecar: it spawns bwrap blocked, plants, awaits `hooks.serve_planted`, measures, releases, and
-verifies the agent's credentials from outside. The reference Linux runner reuses it as is."""
+network namespace are the sockets planted by the launcher. The backend knows nothing about the
+sidecar. A launch is two synchronous steps around the services: `build` spawns bwrap blocked,
+reads where the sandbox is and plants; `release` measures, releases the agent and verifies its
+credentials from outside. `firma run` calls them from its synchronous launcher (firma.planted_run);
+the asyncio `launch` wraps them around `hooks.serve_planted` for the reference Linux runner.
+Waits go through a `Waits` value so the launcher can wake on signals while it waits."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
+import select
 import signal
 import stat
 import subprocess
+import time
 
 from ..core import bwrap_plan
 from ..core.model import (
@@ -29,7 +33,7 @@ from ..errors import LaunchError, SeccompError
 from ..host import Host, detect_host, which
 from ..planting import netns_interfaces, plant
 from ..preflight import bwrap_preflight
-from .base import LaunchHooks, RoutingMode, RoutingPlan
+from .base import LaunchHooks, PlantedSockets, RoutingMode, RoutingPlan
 
 DETAIL = (
     "network namespace isolation enabled with sandbox-local proxy bridge and DNS stub paths"
@@ -210,6 +214,8 @@ class BwrapChild:
 
     async def wait(self) -> int:
         if self.proc.returncode is None:
+            import asyncio  # noqa: PLC0415 - only asyncio callers wait this way; firma run does not
+
             loop = asyncio.get_running_loop()
             done: asyncio.Future[None] = loop.create_future()
             loop.add_reader(self.proc_pidfd, lambda: done.done() or done.set_result(None))
@@ -217,6 +223,10 @@ class BwrapChild:
                 await done
             finally:
                 loop.remove_reader(self.proc_pidfd)
+        return self.status()
+
+    def status(self) -> int:
+        """bwrap's exit status (it has exited): the agent's code, or 128+N for signal N."""
         rc = self.proc.wait()
         return rc if rc >= 0 else 128 - rc
 
@@ -244,38 +254,57 @@ class BwrapChild:
                 os.close(fd)
 
 
-async def _read_info(fd: int, timeout: float) -> dict:
-    loop = asyncio.get_running_loop()
+class Waits:
+    """How the launch waits: plain blocking waits. The synchronous launcher passes a subclass
+    that also wakes on its signal pipe and raises when a termination signal arrived."""
+
+    def readable(self, fd: int, timeout: float) -> bool:
+        return bool(select.select([fd], [], [], max(timeout, 0))[0])
+
+    def pause(self, secs: float) -> None:
+        time.sleep(secs)
+
+
+BLOCKING = Waits()
+
+
+def _read_info(fd: int, timeout: float, waits: Waits) -> dict:
     buf = bytearray()
-    done: asyncio.Future[None] = loop.create_future()
-
-    def on_readable() -> None:
-        try:
-            chunk = os.read(fd, 4096)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            if not done.done():
-                done.set_exception(exc)
-            return
+    deadline = time.monotonic() + timeout
+    while True:
+        if not waits.readable(fd, deadline - time.monotonic()):
+            raise LaunchError("bwrap did not report its sandbox in time")
+        chunk = os.read(fd, 4096)
         if not chunk:
-            if not done.done():
-                done.set_result(None)
-            return
+            break
         buf.extend(chunk)
-        if buf.rstrip().endswith(b"}") and not done.done():
-            done.set_result(None)
-
-    os.set_blocking(fd, False)
-    loop.add_reader(fd, on_readable)
-    try:
-        await asyncio.wait_for(done, timeout)
-    finally:
-        loop.remove_reader(fd)
+        if buf.rstrip().endswith(b"}"):
+            break
     try:
         return json.loads(bytes(buf))
     except ValueError:
         raise LaunchError("bwrap failed before the sandbox started (see its message above)") from None
+
+
+@record(frozen=False)
+class HeldSandbox:
+    """A sandbox bwrap has built, holding the agent until `BwrapBackend.release`."""
+
+    child: BwrapChild
+    plan: bwrap_plan.BwrapPlan
+    socks: PlantedSockets
+    block_w: int  # the release pipe: one byte execs the agent
+
+
+def _kill_and_reap(proc: subprocess.Popen, proc_pidfd: int, child: BwrapChild | None) -> None:
+    if child is not None:
+        child.kill_tree()
+        proc.wait()
+        child.close()
+    else:
+        _send(proc_pidfd, signal.SIGKILL)
+        proc.wait()
+        os.close(proc_pidfd)
 
 
 def _within(path: str, root: str) -> bool:
@@ -364,7 +393,12 @@ class BwrapBackend:
         if links:
             raise bwrap_plan.symlink_error(links[0])
 
-    async def launch(self, envelope: ExecutionEnvelope, hooks: LaunchHooks) -> BwrapChild:
+    def build(
+        self, envelope: ExecutionEnvelope, add_check, log=lambda _m: None, waits: Waits = BLOCKING
+    ) -> HeldSandbox:
+        """Spawn bwrap holding the agent, read where the sandbox is, check that its network
+        namespace has only `lo`, and plant the proxy and DNS sockets in it. On failure nothing
+        of the sandbox is left."""
         if self._host is None:
             self._host = detect_host()
         bwrap_preflight(self._host)
@@ -380,7 +414,7 @@ class BwrapBackend:
                     os.close(fd)
             raise
         if seccomp_fd is not None:
-            hooks.add_check(Check("seccomp_filter", True, f"bwrap --seccomp with {envelope.seccomp_filter_path}"))
+            add_check(Check("seccomp_filter", True, f"bwrap --seccomp with {envelope.seccomp_filter_path}"))
         for f in plan.files:
             fd = os.open(f.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
@@ -389,7 +423,7 @@ class BwrapBackend:
         passed = [info_w, block_r, args_fd] + ([seccomp_fd] if seccomp_fd is not None else [])
         try:
             # Own process group: a terminal's ^C reaches firma only, which forwards it. Plain
-            # Popen + pidfd: asyncio's child watcher would start a thread before the planting fork.
+            # Popen + pidfd: no child-watcher thread exists before the planting fork.
             proc = subprocess.Popen(
                 bwrap_plan.exec_argv(plan, args_fd), pass_fds=passed, start_new_session=True
             )
@@ -402,27 +436,18 @@ class BwrapBackend:
             os.close(fd)
         child: BwrapChild | None = None
         try:
-            try:
-                info = await _read_info(info_r, _INFO_TIMEOUT)
-            except asyncio.TimeoutError:
-                raise LaunchError("bwrap did not report its sandbox in time") from None
+            info = _read_info(info_r, _INFO_TIMEOUT, waits)
             init_pid = int(info["child-pid"])
             child = BwrapChild(proc=proc, proc_pidfd=proc_pidfd, init_pid=init_pid, init_pidfd=_pidfd(init_pid))
-            hooks.log(f"sandbox init pid {init_pid}")
+            log(f"sandbox init pid {init_pid}")
 
             ifaces = netns_interfaces(init_pid)
             ok = ifaces == ["lo"]
-            hooks.add_check(Check("netns_only_loopback", ok, "interfaces: " + ",".join(ifaces)))
+            add_check(Check("netns_only_loopback", ok, "interfaces: " + ",".join(ifaces)))
             if not ok:
                 raise LaunchError(f"sandbox network namespace has unexpected interfaces: {ifaces}")
-
             socks = plant(init_pid)
-            try:
-                await hooks.serve_planted(socks)
-            except BaseException:
-                socks.close()
-                raise
-            hooks.add_check(
+            add_check(
                 Check(
                     "planted_sockets",
                     True,
@@ -430,35 +455,56 @@ class BwrapBackend:
                     % PLANTED_DNS_ADDR,
                 )
             )
-            await self._verify_resolv_conf(child, hooks)
-            self._verify_masks(child, plan, hooks)
-            self._verify_protected(child, plan, hooks)
-            os.write(block_w, b"1")  # release: bwrap execs the agent
-            os.close(block_w)
-            block_w = -1
-            await self._verify_agent(child, plan, hooks)
-            return child
+            return HeldSandbox(child=child, plan=plan, socks=socks, block_w=block_w)
         except BaseException:
-            if child is not None:
-                child.kill_tree()
-            else:
-                _send(proc_pidfd, signal.SIGKILL)
-            proc.wait()
-            if child is not None:
-                child.close()
-            else:
-                os.close(proc_pidfd)
+            os.close(block_w)
+            _kill_and_reap(proc, proc_pidfd, child)
             raise
         finally:
             os.close(info_r)
-            if block_w >= 0:
-                os.close(block_w)
 
-    async def _verify_resolv_conf(self, child: BwrapChild, hooks: LaunchHooks) -> None:
+    def release(self, held: HeldSandbox, add_check, waits: Waits = BLOCKING) -> BwrapChild:
+        """Measure the built sandbox from outside (resolv.conf, masks, protected paths), release
+        the agent, and read its credentials. On failure the sandbox is killed and reaped; the
+        planted sockets stay the caller's to close."""
+        child = held.child
+        try:
+            self._verify_resolv_conf(child, add_check, waits)
+            self._verify_masks(child, held.plan, add_check)
+            self._verify_protected(child, held.plan, add_check)
+            os.write(held.block_w, b"1")  # release: bwrap execs the agent
+            os.close(held.block_w)
+            held.block_w = -1
+            self._verify_agent(child, held.plan, add_check, waits)
+            return child
+        except BaseException:
+            self.abort(held)
+            raise
+
+    @staticmethod
+    def abort(held: HeldSandbox) -> None:
+        """Kill and reap a sandbox that will not be released (idempotent)."""
+        if held.block_w >= 0:
+            os.close(held.block_w)
+            held.block_w = -1
+        _kill_and_reap(held.child.proc, held.child.proc_pidfd, held.child)
+
+    async def launch(self, envelope: ExecutionEnvelope, hooks: LaunchHooks) -> BwrapChild:
+        """`build`, await `hooks.serve_planted`, `release`. The waits of build and release block
+        the event loop; they are bounded and last a few milliseconds."""
+        held = self.build(envelope, hooks.add_check, hooks.log)
+        try:
+            await hooks.serve_planted(held.socks)
+        except BaseException:
+            held.socks.close()
+            self.abort(held)
+            raise
+        return self.release(held, hooks.add_check)
+
+    def _verify_resolv_conf(self, child: BwrapChild, add_check, waits: Waits) -> None:
         """Before release: /etc/resolv.conf as the sandbox sees it (through its root), must be
         ours. bwrap builds the mount namespace before it blocks, so we wait for that."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + _CRED_TIMEOUT
+        deadline = time.monotonic() + _CRED_TIMEOUT
         seen = ""
         while True:
             try:
@@ -466,11 +512,11 @@ class BwrapBackend:
                     seen = f.read()
             except OSError as exc:
                 seen = f"unreadable: {exc.strerror}"
-            if seen == bwrap_plan.RESOLV_CONF or loop.time() > deadline or child.proc.poll() is not None:
+            if seen == bwrap_plan.RESOLV_CONF or time.monotonic() > deadline or child.proc.poll() is not None:
                 break
-            await asyncio.sleep(0.001)
+            waits.pause(0.001)
         ok = seen == bwrap_plan.RESOLV_CONF
-        hooks.add_check(Check("resolv_conf_points_at_stub", ok, " ".join(seen.split())[:200]))
+        add_check(Check("resolv_conf_points_at_stub", ok, " ".join(seen.split())[:200]))
         if not ok and child.proc.poll() is not None:
             # bwrap gave up while building the mount namespace (e.g. a mount target it cannot
             # create); its own one-line reason is already on stderr.
@@ -481,7 +527,7 @@ class BwrapBackend:
         if not ok:
             raise LaunchError("sandbox /etc/resolv.conf does not point at the planted DNS stub; refusing to start the agent")
 
-    def _verify_masks(self, child: BwrapChild, plan: bwrap_plan.BwrapPlan, hooks: LaunchHooks) -> None:
+    def _verify_masks(self, child: BwrapChild, plan: bwrap_plan.BwrapPlan, add_check) -> None:
         """Before release: every masked path is a mount point in the sandbox's final mount table
         (read from outside), so no later mount hid a mask and none was skipped."""
         try:
@@ -490,7 +536,7 @@ class BwrapBackend:
         except OSError as exc:
             raise LaunchError(f"cannot read the sandbox mount table: {exc.strerror}") from None
         missing = [p for p in plan.masked if p not in points]
-        hooks.add_check(
+        add_check(
             Check(
                 "masked_paths",
                 not missing,
@@ -501,7 +547,7 @@ class BwrapBackend:
         if missing:
             raise LaunchError(f"sandbox paths not masked as planned: {', '.join(missing)}; refusing to start the agent")
 
-    def _verify_protected(self, child: BwrapChild, plan: bwrap_plan.BwrapPlan, hooks: LaunchHooks) -> None:
+    def _verify_protected(self, child: BwrapChild, plan: bwrap_plan.BwrapPlan, add_check) -> None:
         """Before release: each protected path is, in the final mount table, a read-only mount
         point at exactly that path (a bind through a link swapped in meanwhile would land
         elsewhere), and each pinned parent is a mount point (so it cannot be renamed away)."""
@@ -528,22 +574,21 @@ class BwrapBackend:
             detail += "; absent, not protected: " + ", ".join(prot.absent)
         if bad:
             detail += "; NOT protected: " + ", ".join(bad)
-        hooks.add_check(Check("workspace_protected_paths", not bad, detail))
+        add_check(Check("workspace_protected_paths", not bad, detail))
         if bad:
             raise LaunchError(
                 f"protected workspace paths not mounted read-only as planned: {', '.join(bad)}; "
                 "refusing to start the agent"
             )
 
-    async def _verify_agent(
-        self, child: BwrapChild, plan: bwrap_plan.BwrapPlan, hooks: LaunchHooks
+    def _verify_agent(
+        self, child: BwrapChild, plan: bwrap_plan.BwrapPlan, add_check, waits: Waits
     ) -> None:
-        """Read the agent's credentials and resolv.conf from outside; refuse if not confined."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + _CRED_TIMEOUT
+        """Read the agent's credentials from outside; refuse if not confined."""
+        deadline = time.monotonic() + _CRED_TIMEOUT
         subject = None
         status: dict[str, str] | None = None
-        while loop.time() < deadline:
+        while time.monotonic() < deadline:
             kids = _children(child.init_pid)
             if kids:
                 pid = kids[0]
@@ -560,7 +605,7 @@ class BwrapBackend:
                     break
             if child.proc.poll() is not None or not os.path.exists(f"/proc/{child.init_pid}"):
                 break
-            await asyncio.sleep(0.001)
+            waits.pause(0.001)
         if status is None:
             # The agent already finished: bwrap's init dropped privileges before forking it and
             # NoNewPrivs is irreversible, so init's credentials bound the agent's.
@@ -571,15 +616,15 @@ class BwrapBackend:
             except OSError:
                 pass
         if status is None:
-            hooks.add_check(Check("agent_no_capabilities", False, "agent exited before its credentials could be read"))
+            add_check(Check("agent_no_capabilities", False, "agent exited before its credentials could be read"))
             return
         capeff = status.get("CapEff", "?")
         nnp = status.get("NoNewPrivs", "?")
         cap_ok = capeff == "0000000000000000"
         nnp_ok = nnp == "1"
-        hooks.add_check(Check("agent_no_capabilities", cap_ok, f"{subject} CapEff={capeff}"))
-        hooks.add_check(Check("agent_no_new_privs", nnp_ok, f"{subject} NoNewPrivs={nnp}"))
-        hooks.add_check(
+        add_check(Check("agent_no_capabilities", cap_ok, f"{subject} CapEff={capeff}"))
+        add_check(Check("agent_no_new_privs", nnp_ok, f"{subject} NoNewPrivs={nnp}"))
+        add_check(
             Check("agent_uid", True, f"inside uid {plan.inside_uid} gid {plan.inside_gid}")
         )
         if not (cap_ok and nnp_ok):

@@ -12,87 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import os
 import queue
-import stat
 import threading
 from typing import Any
 
+from ..auditkey import load_or_create_key, parse_key, read_key_file  # noqa: F401 - re-exported
 from ..core import auditfmt
 from ..errors import AuditError
-from ..statedir import private_temp
 
 _LOAD_KEY = object()  # queue marker: load the key now (see ready)
 MAX_QUEUE = 100_000  # beyond this, events are counted as dropped rather than blocking a request
-
-
-def load_or_create_key(path: str):
-    """The signing key at path (PEM PKCS#8, P-256), created 0600 when absent.
-
-    A new key is written to a private temp file and linked into place, so a concurrent launcher
-    sharing the state dir sees either no key or a complete one, never a half-written file."""
-    key = _load_key(path)
-    if key is not None:
-        return key
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        fd, tmp = private_temp(directory, ".audit.key.", "")
-    except OSError as exc:
-        raise AuditError(f"cannot create audit key {path}: {exc.strerror}; fix the state directory permissions") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            key = auditfmt.generate_key()
-            f.write(auditfmt.key_pem(key))
-            f.flush()
-            os.fsync(f.fileno())
-        os.link(tmp, path)
-        return key
-    except FileExistsError:
-        pass  # a concurrent launcher linked its key first: use that one
-    except OSError as exc:
-        raise AuditError(f"cannot create audit key {path}: {exc.strerror}; fix the state directory permissions") from None
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-    key = _load_key(path)
-    if key is None:
-        raise AuditError(f"audit key {path} vanished while it was being created; retry")
-    return key
-
-
-def _load_key(path: str):
-    """The existing key at path, None when there is none; refuses links and loose modes."""
-    pem = read_key_file(path)
-    return None if pem is None else parse_key(pem, path)
-
-
-def parse_key(pem: bytes, path: str):
-    try:
-        return auditfmt.load_private_pem(pem)
-    except ValueError as exc:
-        raise AuditError(f"cannot load audit key {path}: {exc}; remove it to generate a new one") from None
-
-
-def read_key_file(path: str) -> bytes | None:
-    """The key file's bytes, None when there is none; refuses links and loose modes."""
-    try:
-        kfd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise AuditError(f"cannot load audit key {path}: {exc.strerror}; remove it to generate a new one") from None
-    with os.fdopen(kfd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise AuditError(f"audit key {path} is not a regular file; remove it")
-        if st.st_mode & 0o077:
-            raise AuditError(f"audit key {path} is readable by group/others (mode {st.st_mode & 0o777:o}); chmod 600 it")
-        pem = f.read()
-    # The armour is checked here so a wrong file fails at once; the key type when it is parsed.
-    if not pem.lstrip().startswith(b"-----BEGIN PRIVATE KEY-----") or b"-----END PRIVATE KEY-----" not in pem:
-        raise AuditError(f"cannot load audit key {path}: not a PEM PKCS#8 private key; remove it to generate a new one")
-    return pem
 
 
 class AuditWriter:

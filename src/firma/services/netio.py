@@ -3,34 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import time
 
+from ..core.endpoint import parse_endpoint  # noqa: F401 - used here and by the services
 from ..core.http1 import HttpError, head_end, plausible_request_start
-from ..errors import SidecarError
 
 READ_CHUNK = 1024 * 1024
 STREAM_LIMIT = 4 * 1024 * 1024
-
-
-def parse_endpoint(endpoint: str) -> tuple[str, str | tuple[str, int]]:
-    """`tcp://H:P` → ("tcp", (H, P)); `unix:///P` → ("unix", P)."""
-    if endpoint.startswith("unix://"):
-        path = endpoint[len("unix://") :]
-        if not path.startswith("/"):
-            raise SidecarError(f"invalid endpoint {endpoint!r}: unix:// needs an absolute path (unix:///run/x.sock)")
-        return "unix", path
-    if endpoint.startswith("tcp://"):
-        hp = endpoint[len("tcp://") :].rstrip("/")
-        if hp.startswith("["):
-            host, _, port = hp[1:].partition("]:")
-        else:
-            host, _, port = hp.rpartition(":")
-        if not host or not port.isdigit() or int(port) > 65535:
-            raise SidecarError(f"invalid endpoint {endpoint!r}: expected tcp://HOST:PORT")
-        return "tcp", (host, int(port))
-    raise SidecarError(f"invalid endpoint {endpoint!r}: expected tcp://HOST:PORT or unix:///PATH")
 
 
 async def open_endpoint(endpoint: str, timeout: float = 10.0):
@@ -265,10 +245,6 @@ async def relay(a: Stream, b: Stream, idle: float, lifetime: float, act: Activit
         for t in (ta, tb):
             t.close()
     return why
-
-
-def chmod_socket(path: str) -> None:
-    os.chmod(path, 0o600)
 
 
 class _Counted(asyncio.Protocol):

@@ -16,18 +16,19 @@ import time
 from typing import Awaitable, Callable
 
 from ..core import addrclass, auditfmt, http1, tlshello
+from ..core.endpoint import HEALTH_PATH
 from ..core.hostcanon import CanonHost, HostError, canon_host, split_authority
 from ..core.http1 import ATTRIBUTION_HEADERS, HOP_BY_HOP, HttpError
 from ..core.policy import HTTP_REQUEST, NETWORK_CONNECT, Policy, Request
 from ..core.record import record, field
 from ..errors import SidecarError
+from ..sidecar_ready import LISTEN_BACKLOG, bind_unix_listener
 from . import netio
 from .audit_writer import AuditWriter
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 REPORT_METHOD = "FIRMA-REPORT"  # bridge → sidecar: a malformed agent request to audit
 REPORT_REASON = "x-firma-report-reason"
-HEALTH_PATH = "/__firma/health"
 DNS_TYPES = {1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 15: "MX", 16: "TXT", 28: "AAAA", 33: "SRV", 64: "SVCB", 65: "HTTPS", 255: "ANY"}
 
 
@@ -116,10 +117,12 @@ class _Bucket:
 
 
 class Sidecar:
-    def __init__(self, config: SidecarConfig) -> None:
+    def __init__(self, config: SidecarConfig, policy: Policy | None = None) -> None:
+        """`policy`: already loaded from the config (the synchronous launcher loads it before
+        the services process starts); loaded here otherwise."""
         self.config = config
         self.limits = config.limits
-        self.policy = Policy.load(config.allow_hosts, config.policy_path)  # PolicyError
+        self.policy = policy or Policy.load(config.allow_hosts, config.policy_path)  # PolicyError
         self.audit = AuditWriter(config.audit_path, key_path=config.key_path)  # AuditError
         self._resolve = config.resolver or system_resolver
         self._server: asyncio.base_events.Server | None = None
@@ -133,29 +136,21 @@ class Sidecar:
     async def start(self, listen: str = "tcp://127.0.0.1:0") -> str:
         kind, addr = netio.parse_endpoint(listen)
         if kind == "unix":
-            path = addr
-            if os.path.exists(path) or os.path.islink(path):
-                import stat as _st
+            return await self.serve_unix_socket(bind_unix_listener(addr), addr)
+        host, port = addr
+        try:
+            self._server = await asyncio.start_server(self._client, host, port, limit=netio.STREAM_LIMIT, backlog=LISTEN_BACKLOG)
+        except OSError as exc:
+            raise SidecarError(f"cannot listen on {listen}: {exc.strerror}; choose another --listen address") from None
+        sa = self._server.sockets[0].getsockname()
+        self.endpoint = f"tcp://[{sa[0]}]:{sa[1]}" if ":" in sa[0] else f"tcp://{sa[0]}:{sa[1]}"
+        return self.endpoint
 
-                if not _st.S_ISSOCK(os.lstat(path).st_mode):
-                    raise SidecarError(f"{path} exists and is not a socket; choose another --listen path")
-                os.unlink(path)  # a stale socket from a crashed run
-            old = os.umask(0o077)
-            try:
-                self._server = await asyncio.start_unix_server(self._client, path=path, limit=netio.STREAM_LIMIT, backlog=1024)
-            finally:
-                os.umask(old)
-            netio.chmod_socket(path)
-            self._unix_path = path
-            self.endpoint = f"unix://{path}"
-        else:
-            host, port = addr
-            try:
-                self._server = await asyncio.start_server(self._client, host, port, limit=netio.STREAM_LIMIT, backlog=1024)
-            except OSError as exc:
-                raise SidecarError(f"cannot listen on {listen}: {exc.strerror}; choose another --listen address") from None
-            sa = self._server.sockets[0].getsockname()
-            self.endpoint = f"tcp://[{sa[0]}]:{sa[1]}" if ":" in sa[0] else f"tcp://{sa[0]}:{sa[1]}"
+    async def serve_unix_socket(self, sock: socket.socket, path: str) -> str:
+        """Serve a listening unix socket bound at path (removed again by `aclose`)."""
+        self._unix_path = path
+        self._server = await asyncio.start_unix_server(self._client, sock=sock, limit=netio.STREAM_LIMIT)
+        self.endpoint = f"unix://{path}"
         return self.endpoint
 
     async def aclose(self) -> None:

@@ -1,0 +1,145 @@
+"""The split launch of `firma run` with bwrap (firma.planted_run): a synchronous launcher and a
+services process forked from it. Through the real CLI: the services process dying mid-run
+stops the agent and fails closed; the launcher's death takes the services process along; a
+run whose agent sends nothing stops the services without an error; an agent that connects at
+once is served (its connection waits in the planted listener's backlog)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from linux_support import Upstream, base_env, firma_cmd, processes_with, require_tools, run_firma, wait_for
+
+pytestmark = pytest.mark.confinement
+
+
+@pytest.fixture(autouse=True)
+def _tools():
+    require_tools()
+
+
+def _services_pid(state: Path) -> int:
+    """The services process's pid, from the live run's run.log."""
+    end = time.monotonic() + 30
+    while time.monotonic() < end:
+        for log in state.glob("run/sbx_*/run.log"):
+            m = re.search(r"services process pid (\d+)", log.read_text())
+            if m:
+                return int(m.group(1))
+        time.sleep(0.02)
+    raise AssertionError("no services process pid in run.log")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_gone(pid: int, limit: float = 10) -> bool:
+    end = time.monotonic() + limit
+    while _alive(pid) and time.monotonic() < end:
+        time.sleep(0.02)
+    return not _alive(pid)
+
+
+def test_services_process_dying_stops_the_agent_and_nothing_more_gets_out(ws, tmp_path):
+    up = Upstream()
+    try:
+        n = 5000 + secrets.randbelow(4000)
+        url = f"http://127.0.0.1:{up.port}"
+        script = (
+            f"curl -s -o /dev/null -w '%{{http_code}}' {url}/before > {ws}/r1; touch {ws}/started; "
+            f"while :; do curl -s -m 2 -o /dev/null {url}/after; sleep 0.1; done & sleep {n}.3; wait"
+        )
+        p = subprocess.Popen(
+            firma_cmd("run", "--allow-host", f"127.0.0.1:{up.port}", "--", "sh", "-c", script),
+            cwd=ws, env=base_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        wait_for(ws / "started", p)
+        assert (ws / "r1").read_text() == "200"  # control: egress worked through the services
+        assert [h for h in up.hits if b"/before" in h]
+        services = _services_pid(tmp_path / "state")
+        end = time.monotonic() + 20
+        while not processes_with(f"sleep {n}.3") and time.monotonic() < end:
+            time.sleep(0.02)
+        assert _alive(services) and processes_with(f"sleep {n}.3")
+        os.kill(services, signal.SIGKILL)
+        assert p.wait(30) == 1
+        err = p.stderr.read()
+        assert err.startswith("[ERR]  the services process (sidecar, bridge, DNS stub) stopped unexpectedly (killed by signal 9)")
+        assert err.count("\n") == 1, err
+        assert processes_with(f"sleep {n}.3") == []  # the agent and its background loop are gone
+        up.reset()
+        time.sleep(0.5)
+        assert up.hits == []  # nothing arrived after the services died
+        doc = json.loads(next((tmp_path / "state" / "proofs").glob("sbx_*.json")).read_text())
+        assert doc["exit_status"] is None and doc["ended_at"]
+        assert next((tmp_path / "state" / "proofs").glob("sbx_*.run.log")).exists()  # failed: log kept
+    finally:
+        up.close()
+
+
+def test_killing_the_launcher_takes_the_services_process_along(ws, tmp_path):
+    n = 5000 + secrets.randbelow(4000)
+    p = subprocess.Popen(firma_cmd("run", "--", "sh", "-c", f"touch {ws}/started; sleep {n}.2"), cwd=ws,
+                         env=base_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for(ws / "started", p)
+        services = _services_pid(tmp_path / "state")
+        log = next((tmp_path / "state").glob("run/sbx_*/run.log"))
+        end = time.monotonic() + 30
+        while "services serving" not in log.read_text() and time.monotonic() < end:
+            time.sleep(0.02)
+        # control: it runs while the launcher does, past its start-up (whose last step, telling
+        # the launcher it serves, would fail once the launcher is gone)
+        assert "services serving" in log.read_text() and _alive(services)
+        p.kill()  # SIGKILL: no teardown runs; the death signal set by the services process must
+        p.wait(10)
+        assert _wait_gone(services)
+        end = time.monotonic() + 10
+        while processes_with(f"sleep {n}.2") and time.monotonic() < end:
+            time.sleep(0.05)
+        assert processes_with(f"sleep {n}.2") == []
+    finally:
+        if p.poll() is None:
+            p.kill()
+
+
+def test_quiet_and_busy_runs_stop_their_services_without_error(ws, tmp_path):
+    """An agent that sends nothing: teardown ends the services process (possibly before it
+    served) and says nothing of it. An agent that sends a request at once, before the services
+    process can be serving: the request waits in the backlog and is answered, audited and
+    flushed by the time firma returns."""
+    up = Upstream()
+    try:
+        log = tmp_path / "firma.log"
+        q = run_firma(["--log-file", str(log), "run", "--", "true"], cwd=ws, env=base_env(tmp_path))
+        assert q.returncode == 0, q.stderr
+        text = log.read_text()
+        assert "services process pid" in text and "proof written" in text
+        assert "teardown:" not in text and "ERROR" not in text, text
+        p = run_firma(
+            ["--log-file", str(log), "run", "--allow-host", f"127.0.0.1:{up.port}", "--", "sh", "-c",
+             f"curl -s -o /dev/null -w '%{{http_code}}' http://127.0.0.1:{up.port}/first"],
+            cwd=ws, env=base_env(tmp_path),
+        )
+        assert p.returncode == 0 and p.stdout == "200", p.stderr
+        assert [h for h in up.hits if b"/first" in h]
+        assert "teardown:" not in log.read_text() and "ERROR" not in log.read_text()
+        with open(tmp_path / "state" / "audit.jsonl") as f:
+            events = [json.loads(line) for line in f]
+        assert any(e["resource"].endswith(f"127.0.0.1:{up.port}") or f":{up.port}" in e["resource"] for e in events), events
+    finally:
+        up.close()
