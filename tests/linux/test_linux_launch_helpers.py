@@ -1,7 +1,8 @@
 """The stand-ins firma uses on the launch path instead of heavier stdlib imports behave like the
 originals they replace: host.which like shutil.which, statedir.remove_tree like shutil.rmtree
-(without following links), the pyseccomp import without ctypes.util leaving no trace, and the
-`firma` executable keeping OpenSSL's Python modules out while a run still signs its audit."""
+(without following links), the pyseccomp import without ctypes.util leaving no trace, the agent
+getting no descriptor or ignored signal from firma's caller, and the `firma` executable keeping
+OpenSSL's Python modules out while a run still signs its audit."""
 
 from __future__ import annotations
 
@@ -15,7 +16,45 @@ import pytest
 
 from firma import seccomp, statedir
 from firma.host import which
-from linux_support import base_env
+from linux_support import base_env, firma_cmd
+
+# `sh -c` probe: the shell's ignored-signal mask, then (exec'd, so exactly the descriptors the
+# shell was given, less close-on-exec ones) the open descriptors, less the listing's own.
+FD_SIG_PROBE = (
+    "grep SigIgn /proc/$$/status; exec python3 -S -c \"import os\n"
+    "def is_open(x):\n"
+    "    try:\n"
+    "        return bool(os.readlink('/proc/self/fd/' + x))\n"
+    "    except OSError:\n"
+    "        return False\n"
+    "print(*sorted(int(x) for x in os.listdir('/proc/self/fd') if is_open(x)))\""
+)
+
+
+def _fd_sig(out: str) -> tuple[set[int], int]:
+    sig, fds = out.strip().split("\n")
+    return {int(x) for x in fds.split()}, int(sig.split()[1], 16)
+
+
+def test_agent_gets_no_descriptor_firma_inherited_and_no_ignored_signal(ws, tmp_path):
+    """A descriptor left inheritable by firma's caller never reaches the agent (bwrap passes
+    along whatever it inherits), and neither does an ignored SIGPIPE. Control: the same probe
+    started the same way outside firma sees both."""
+    fd = os.open("/dev/null", os.O_RDONLY)
+    try:
+        def start(argv):
+            return subprocess.run(argv, cwd=ws, env=base_env(tmp_path), pass_fds=(fd,), restore_signals=False,
+                                  capture_output=True, text=True, timeout=60)
+
+        ctl = start(["sh", "-c", FD_SIG_PROBE])
+        cfds, cignored = _fd_sig(ctl.stdout)
+        assert fd in cfds and cignored & (1 << 12)
+        p = start(firma_cmd("run", "--", "sh", "-c", FD_SIG_PROBE))
+        assert p.returncode == 0, p.stderr
+        fds, ignored = _fd_sig(p.stdout)
+        assert fds == {0, 1, 2} and ignored == 0
+    finally:
+        os.close(fd)
 
 
 @pytest.fixture

@@ -514,7 +514,7 @@ class BwrapBackend:
                 seen = f"unreadable: {exc.strerror}"
             if seen == bwrap_plan.RESOLV_CONF or time.monotonic() > deadline or child.proc.poll() is not None:
                 break
-            waits.pause(0.001)
+            waits.pause(0.0002)
         ok = seen == bwrap_plan.RESOLV_CONF
         add_check(Check("resolv_conf_points_at_stub", ok, " ".join(seen.split())[:200]))
         if not ok and child.proc.poll() is not None:
@@ -605,7 +605,7 @@ class BwrapBackend:
                     break
             if child.proc.poll() is not None or not os.path.exists(f"/proc/{child.init_pid}"):
                 break
-            waits.pause(0.001)
+            waits.pause(0.0002)
         if status is None:
             # The agent already finished: bwrap's init dropped privileges before forking it and
             # NoNewPrivs is irreversible, so init's credentials bound the agent's.
