@@ -2,14 +2,14 @@
 
 The launcher (this process) is synchronous and never imports asyncio. It plans, gates, makes
 the embedded sidecar ready in the sense of SPEC §9 (policy loaded, audit key checked, listener
-bound), builds the sandbox and plants the proxy and DNS sockets, then forks the *services
-process*, measures the sandbox, releases the agent and supervises it. The services process
-imports asyncio and serves the sidecar, the bridge and the DNS stub on the listening sockets it
-inherited; the agent's first connections wait in those sockets' backlogs until it serves them.
+bound), builds the sandbox and plants the proxy and DNS sockets, measures the sandbox, releases
+the agent, forks the *services process* and supervises. The services process imports asyncio
+and serves the sidecar, the bridge and the DNS stub on the listening sockets it inherited; the
+agent's first connections wait in those sockets' backlogs until it serves them.
 
 Why two processes: importing asyncio and the services is ~40 ms here, more than a third of a
-launch; in the services process it runs on another CPU while the launcher builds and checks the
-sandbox, and a run whose agent never sends anything does not wait for it.
+launch; in the services process it runs alongside the agent's own start-up, and a run whose
+agent never sends anything does not wait for it.
 
 Fail closed: after the fork the launcher keeps no copy of the listeners, so if the services
 process dies the agent's connections are refused, and the launcher, which watches it, stops the
@@ -202,19 +202,23 @@ def _run(plan: RunPlan, host: Host, backend: Any, log: RunLog) -> int:
         log.quiet = True
         waits.check()
         held = backend.build(envelope, run.add_check, log, waits)
-        run.planted.append(held.socks)
-        services = _fork_services(run, embedded, held.socks)
-        # The services process now holds the only copies of the listeners (fail closed).
-        held.socks.close()
-        if embedded is not None:
-            embedded.listener.close()
-        log(f"services process pid {services.pid}", "info")
+        socks = held.socks
+        run.planted.append(socks)
         waits.check()
         child = backend.release(held, run.add_check, waits)
         held = None
         startup_done()
         run.write_proof(envelope.invariants, ended=False, exit_status=None)
-        # 3. supervise
+        # 3. services: forked only now, so their start-up (~40 ms of imports) competes with the
+        # agent's start-up rather than with the sandbox checks and the release. Until they serve,
+        # the agent's connections wait in the listeners' backlogs.
+        services = _fork_services(run, embedded, socks)
+        # The services process now holds the only copies of the listeners (fail closed).
+        socks.close()
+        if embedded is not None:
+            embedded.listener.close()
+        log(f"services process pid {services.pid}", "info")
+        # 4. supervise
         status = _supervise(child, services, signals, log)
         failed = False
         log(f"agent exited with status {status}", "info")
@@ -315,6 +319,7 @@ def _services_main(run: RunRecord, embedded: EmbeddedSidecar | None, socks: Plan
             signal.signal(s, signal.SIG_IGN if s in TERMINATION else signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
     _die_with_parent(ppid)
+    gc.disable()  # start-up allocates only long-lived objects (see cli.entry); on again in _serve
     # The agent owns the terminal: nothing of the services goes there (errors go to run.log).
     null = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):
