@@ -1,6 +1,7 @@
 """Launch benchmark: median wall time of `firma run -- true` next to a bare `bwrap … true` with the
 same namespaces and, when available, Anthropic's sandbox runtime `srt -c true`, in one run, with
-ratios; plus the launcher's peak RSS. Goal: firma ≤ 120 ms median and ≤ 0.25 × srt.
+ratios; plus peak memory: each command's, and firma's launcher and services process while the
+services serve. Goal: firma ≤ 120 ms median and ≤ 0.25 × srt.
 
 srt is looked up on PATH, then in $FIRMA_BENCH_SRT_DIR (default /tmp/firma-bench-srt); with
 --install-srt it is installed there with `npm install @anthropic-ai/sandbox-runtime`.
@@ -48,6 +49,40 @@ def measure(cases: list[tuple[str, list[str]]], cwd: str, env: dict[str, str], n
             times.append(dt)
             out[name] = (times, max(peak, rss))
     return out
+
+
+def _field_kib(path: str, name: str) -> int:
+    with open(path) as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(name))
+
+
+def _memory_kib(pid: int) -> tuple[int, int]:
+    """(peak RSS, proportional set size now): PSS splits the pages the services process still
+    shares with the launcher it was forked from, so the two PSS add up honestly."""
+    return _field_kib(f"/proc/{pid}/status", "VmHWM:"), _field_kib(f"/proc/{pid}/smaps_rollup", "Pss:")
+
+
+def serving_memory(firma: list[str], cwd: str, env: dict[str, str], state: str) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Memory of the launcher and of its services process while an agent runs and the services
+    serve: `firma run -- true` ends before the services finish starting, so its row shows the
+    launcher alone."""
+    log = os.path.join(state, "bench-memory.log")
+    p = subprocess.Popen(firma + ["--log-file", log, "run", "--", "sleep", "3"], cwd=cwd, env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        text = ""
+        while "services serving" not in text:
+            if time.monotonic() > deadline or p.poll() is not None:
+                raise SystemExit(f"the services never reported serving: {text[-500:]}")
+            time.sleep(0.05)
+            text = open(log).read() if os.path.exists(log) else ""
+        services = int(text.split("services process pid ")[1].split()[0])
+        time.sleep(0.2)
+        return _memory_kib(p.pid), _memory_kib(services)
+    finally:
+        p.terminate()
+        p.wait(30)
 
 
 def find_srt(install: bool) -> str | None:
@@ -132,7 +167,10 @@ def main() -> int:
         print(f"goal: firma ≤ {GOAL_RATIO_SRT} × srt: {'MET' if ratio <= GOAL_RATIO_SRT else 'NOT MET'} ({ratio:.2f} ×)")
     else:
         print("srt not found (run with --install-srt to fetch it with npm); ratio vs srt not measured")
-    print("peak RSS is the launcher process tree as reported by wait4 (ru_maxrss)")
+    print("peak RSS is the largest process of the command's tree as reported by wait4 (ru_maxrss)")
+    (l_hwm, l_pss), (s_hwm, s_pss) = serving_memory(firma, ws, env, state)
+    print(f"firma while its services serve (`firma run -- sleep 3`): peak RSS launcher {l_hwm / 1024:.1f} MiB, "
+          f"services process {s_hwm / 1024:.1f} MiB; PSS together {(l_pss + s_pss) / 1024:.1f} MiB")
     shutil.rmtree(ws, ignore_errors=True)
     shutil.rmtree(state, ignore_errors=True)
     return 0

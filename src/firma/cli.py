@@ -192,7 +192,7 @@ def entry() -> int:
       every launch together). cryptography (audit signatures) brings its own OpenSSL.
     - No garbage collection while starting: a launch allocates only long-lived objects (modules,
       the plan), and collecting during imports is ~5 ms; the lifecycle freezes the startup heap
-      and re-enables collection once the agent runs (`lifecycle.startup_done`)."""
+      and re-enables collection once the agent runs (`runparts.startup_done`)."""
     sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
     if _has_builtin_sha256():  # some distributions build hashlib on OpenSSL only
         sys.modules.setdefault("_hashlib", None)  # type: ignore[arg-type]

@@ -2,7 +2,8 @@
 services process forked from it. Through the real CLI: the services process dying mid-run
 stops the agent and fails closed; the launcher's death takes the services process along; a
 run whose agent sends nothing stops the services without an error; an agent that connects at
-once is served (its connection waits in the planted listener's backlog)."""
+once is served (its connection waits in the planted listener's backlog); a termination signal
+while bwrap builds the sandbox stops the launch."""
 
 from __future__ import annotations
 
@@ -143,3 +144,53 @@ def test_quiet_and_busy_runs_stop_their_services_without_error(ws, tmp_path):
         assert any(e["resource"].endswith(f"127.0.0.1:{up.port}") or f":{up.port}" in e["resource"] for e in events), events
     finally:
         up.close()
+
+
+def test_termination_signal_while_the_sandbox_is_being_built_stops_the_launch(ws, tmp_path):
+    """A bwrap that stalls before building the sandbox: SIGTERM to firma interrupts the wait,
+    kills the stalled bwrap and ends with 128+15 and no agent. Control: the same wrapper without
+    the stall runs the agent."""
+    real = subprocess.run(["sh", "-c", "command -v bwrap"], capture_output=True, text=True, check=True).stdout.strip()
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    n = 5000 + secrets.randbelow(4000)
+    (bindir / "bwrap").write_text(
+        "#!/bin/sh\n"
+        f'[ "$1" = --version ] && exec {real} --version\n'
+        f"touch {ws}/wrapper-ran\n"
+        f'[ -e {ws}/stall ] && exec sleep {n}.6\n'  # the stalled "bwrap" is this one process
+        f'exec {real} "$@"\n'
+    )
+    (bindir / "bwrap").chmod(0o755)
+    env = base_env(tmp_path, PATH=f"{bindir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    ctl = run_firma(["run", "--", "sh", "-c", f"touch {ws}/agent-ran"], cwd=ws, env=env)
+    assert ctl.returncode == 0 and (ws / "agent-ran").exists(), ctl.stderr  # control
+    (ws / "agent-ran").unlink()
+    (ws / "wrapper-ran").unlink()
+    (ws / "stall").touch()
+    p = subprocess.Popen(firma_cmd("run", "--", "sh", "-c", f"touch {ws}/agent-ran"), cwd=ws, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(ws / "wrapper-ran", p)
+        end = time.monotonic() + 20
+        while not processes_with(f"sleep {n}.6") and time.monotonic() < end:
+            time.sleep(0.02)
+        assert processes_with(f"sleep {n}.6")
+        p.send_signal(signal.SIGTERM)
+        # The signal ends the wait itself: firma is back before the 10 s after which the wait for
+        # bwrap's report would have given up on its own (and said so with exit 1).
+        assert p.wait(8) == 128 + signal.SIGTERM, p.stderr.read()
+        assert not (ws / "agent-ran").exists()
+        assert _wait_gone_all(f"sleep {n}.6")  # the stalled bwrap was killed
+        doc = json.loads(next((tmp_path / "state" / "proofs").glob("sbx_*.json")).read_text())
+        assert doc["exit_status"] == 128 + signal.SIGTERM
+    finally:
+        if p.poll() is None:
+            p.kill()
+
+
+def _wait_gone_all(marker: str, limit: float = 10) -> bool:
+    end = time.monotonic() + limit
+    while processes_with(marker) and time.monotonic() < end:
+        time.sleep(0.02)
+    return processes_with(marker) == []

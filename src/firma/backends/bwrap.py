@@ -245,6 +245,10 @@ class BwrapChild:
         if self.proc.poll() is None:
             _send(self.proc_pidfd, signal.SIGKILL)
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
         if self._closed:
             return
@@ -487,7 +491,8 @@ class BwrapBackend:
         if held.block_w >= 0:
             os.close(held.block_w)
             held.block_w = -1
-        _kill_and_reap(held.child.proc, held.child.proc_pidfd, held.child)
+        if not held.child.closed:
+            _kill_and_reap(held.child.proc, held.child.proc_pidfd, held.child)
 
     async def launch(self, envelope: ExecutionEnvelope, hooks: LaunchHooks) -> BwrapChild:
         """`build`, await `hooks.serve_planted`, `release`. The waits of build and release block
