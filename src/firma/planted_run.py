@@ -381,6 +381,8 @@ async def _serve(run: RunRecord, embedded: EmbeddedSidecar | None, socks: Plante
         services.append(stub)
         await stub.serve_sockets(socks.dns_udp, socks.dns_tcp)
         os.write(serving_w, b"1")
+        if sidecar is not None:
+            sidecar.audit.load_soon()  # parsed on the audit thread while the agent starts
         # Long-lived from here: keep the start-up heap out of collections, collect again.
         gc.freeze()
         gc.enable()

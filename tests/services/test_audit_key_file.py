@@ -71,3 +71,37 @@ def test_garbage_key_is_refused(tmp_path):
     os.close(fd)
     with pytest.raises(AuditError, match="remove it to generate a new one"):
         load_or_create_key(str(path))
+
+
+def test_load_soon_parses_the_key_on_the_writer_thread_before_any_event(tmp_path):
+    """`load_soon` (the services process calls it once serving) loads the key with no event and
+    no waiter; a key that does not parse sets `failed` the same way. Control: without it, the
+    key stays unparsed."""
+    from firma.services.audit_writer import AuditWriter
+
+    key = tmp_path / "audit.key"
+    load_or_create_key(str(key))
+    idle = AuditWriter(str(tmp_path / "a.jsonl"), key_path=str(key))
+    eager = AuditWriter(str(tmp_path / "b.jsonl"), key_path=str(key))
+    try:
+        assert eager.load_soon()
+        eager._key_ready.result(timeout=10)  # the thread loaded it
+        assert not idle._key_ready.done()  # control: nothing asked for it
+    finally:
+        idle.close()
+        eager.close()
+    assert not eager.load_soon()  # closed: nothing more is loaded
+
+    wrong = tmp_path / "wrong.key"
+    pem = b"-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA\n-----END PRIVATE KEY-----\n"
+    fd = os.open(wrong, os.O_WRONLY | os.O_CREAT, 0o600)
+    os.write(fd, pem)
+    os.close(fd)
+    broken = AuditWriter(str(tmp_path / "c.jsonl"), key_path=str(wrong))
+    try:
+        broken.load_soon()
+        with pytest.raises(AuditError):
+            broken._key_ready.result(timeout=10)
+        assert broken.failed
+    finally:
+        broken.close()

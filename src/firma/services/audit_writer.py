@@ -3,9 +3,9 @@ appends them (file 0600), `close()` flushes everything queued.
 
 Given a key path, the writer checks the key file at once (no link, regular, 0600, PEM armour;
 a missing key is created then) and parses it on its own thread when it is first needed: the first
-event, or `ready()`, which the sidecar awaits before it lets any request out. Importing
-cryptography and parsing the key costs ~10–20 ms; a launch whose agent sends nothing never pays
-it, and one that does pays it once, on the first request. A key that then fails to parse sets
+event, `ready()` (which the sidecar awaits before it lets any request out), or `load_soon()`.
+Importing cryptography and parsing the key costs ~10–20 ms: `firma run`'s services process asks
+for it as soon as it serves, while the agent starts, so the first request does not wait for it. A key that then fails to parse sets
 `failed`, so the sidecar refuses traffic (no unaudited egress)."""
 
 from __future__ import annotations
@@ -70,16 +70,23 @@ class AuditWriter:
             self._pending += 1
         self._q.put(auditfmt.make_event(**values))
 
+    def load_soon(self) -> bool:
+        """Ask the writer's thread to load the key now, without waiting (the services process
+        does so once it serves, so the agent's first request finds the key ready). False once
+        the writer is closed."""
+        with self._lock:
+            request = not self._key_requested and not self._closed
+            self._key_requested = True
+            closed = self._closed
+        if request:
+            self._q.put(_LOAD_KEY)
+        return not closed
+
     async def ready(self) -> None:
         """Returns once the signing key is loaded (asking the writer's thread to load it now);
         raises its AuditError otherwise."""
         if not self._key_ready.done():
-            with self._lock:
-                request = not self._key_requested and not self._closed
-                self._key_requested = True
-            if request:
-                self._q.put(_LOAD_KEY)
-            elif self._closed and not self._key_ready.done():
+            if not self.load_soon() and not self._key_ready.done():
                 raise AuditError(f"audit log {self.path} is closed")
             await asyncio.wrap_future(self._key_ready)
         self._key_ready.result()  # raises the load error
