@@ -188,6 +188,15 @@ def processes_with(marker: str) -> list[int]:
             found.append(pid)
     return found
 
+def wait_for_processes(marker: str, *, present: bool, limit: float = 20) -> list[int]:
+    """Poll until processes whose argv contains marker exist (present) or are all gone; return
+    what is there at the end (the caller asserts on it)."""
+    end = time.monotonic() + limit
+    while bool(processes_with(marker)) != present and time.monotonic() < end:
+        time.sleep(0.02)
+    return processes_with(marker)
+
+
 @pytest.fixture
 def ws(tmp_path: Path) -> Path:
     d = tmp_path / "ws"

@@ -18,7 +18,6 @@ import pytest
 
 from linux_support import (
     HERE,
-    SYSTEM_PYTHON,
     Upstream,
     base_env,
     firma_cmd,
@@ -26,6 +25,7 @@ from linux_support import (
     require_tools,
     run_firma,
     wait_for,
+    wait_for_processes,
 )
 
 pytestmark = pytest.mark.confinement
@@ -130,10 +130,7 @@ def test_sigint_gives_130(ws, tmp_path):
     wait_for(ws / "started", p)
     # Signal only once `sleep` runs: a shell that sees its child (touch) exit normally after a
     # SIGINT carries on by design (wait-and-cooperative-exit), which would test sh, not firma.
-    end = time.monotonic() + 20
-    while not processes_with(f"sleep {n}.4") and time.monotonic() < end:
-        time.sleep(0.02)
-    assert processes_with(f"sleep {n}.4")
+    assert wait_for_processes(f"sleep {n}.4", present=True)
     p.send_signal(signal.SIGINT)
     assert p.wait(30) == 130
 
@@ -246,10 +243,7 @@ def test_killing_the_launcher_leaves_no_sandbox_process(ws, tmp_path):
     assert processes_with(f"sleep {n}.4")
     p.kill()  # SIGKILL: no teardown code runs; --die-with-parent and the PID namespace must do it
     p.wait(10)
-    end = time.monotonic() + 10
-    while processes_with(f"sleep {n}.4") and time.monotonic() < end:
-        time.sleep(0.05)
-    assert processes_with(f"sleep {n}.4") == []
+    assert wait_for_processes(f"sleep {n}.4", present=False) == []
     # its run dir is stale (owner dead): the next run removes it, nothing is reused
     run_root = tmp_path / "state" / "run"
     stale = [d.name for d in run_root.iterdir()]

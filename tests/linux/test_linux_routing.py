@@ -8,12 +8,8 @@ import asyncio
 import io
 import json
 import os
-import signal
 import socket
-import struct
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 

@@ -18,7 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from linux_support import Upstream, base_env, firma_cmd, processes_with, require_tools, run_firma, wait_for
+from linux_support import (
+    Upstream,
+    base_env,
+    firma_cmd,
+    require_tools,
+    run_firma,
+    wait_for,
+    wait_for_processes,
+)
 
 pytestmark = pytest.mark.confinement
 
@@ -72,16 +80,13 @@ def test_services_process_dying_stops_the_agent_and_nothing_more_gets_out(ws, tm
         assert (ws / "r1").read_text() == "200"  # control: egress worked through the services
         assert [h for h in up.hits if b"/before" in h]
         services = _services_pid(tmp_path / "state")
-        end = time.monotonic() + 20
-        while not processes_with(f"sleep {n}.3") and time.monotonic() < end:
-            time.sleep(0.02)
-        assert _alive(services) and processes_with(f"sleep {n}.3")
+        assert wait_for_processes(f"sleep {n}.3", present=True) and _alive(services)
         os.kill(services, signal.SIGKILL)
         assert p.wait(30) == 1
         err = p.stderr.read()
         assert err.startswith("[ERR]  the services process (sidecar, bridge, DNS stub) stopped unexpectedly (killed by signal 9)")
         assert err.count("\n") == 1, err
-        assert processes_with(f"sleep {n}.3") == []  # the agent and its background loop are gone
+        assert wait_for_processes(f"sleep {n}.3", present=False) == []  # the agent and its background loop are gone
         up.reset()
         time.sleep(0.5)
         assert up.hits == []  # nothing arrived after the services died
@@ -109,10 +114,7 @@ def test_killing_the_launcher_takes_the_services_process_along(ws, tmp_path):
         p.kill()  # SIGKILL: no teardown runs; the death signal set by the services process must
         p.wait(10)
         assert _wait_gone(services)
-        end = time.monotonic() + 10
-        while processes_with(f"sleep {n}.2") and time.monotonic() < end:
-            time.sleep(0.05)
-        assert processes_with(f"sleep {n}.2") == []
+        assert wait_for_processes(f"sleep {n}.2", present=False) == []
     finally:
         if p.poll() is None:
             p.kill()
@@ -174,25 +176,16 @@ def test_termination_signal_while_the_sandbox_is_being_built_stops_the_launch(ws
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(ws / "wrapper-ran", p)
-        end = time.monotonic() + 20
-        while not processes_with(f"sleep {n}.6") and time.monotonic() < end:
-            time.sleep(0.02)
-        assert processes_with(f"sleep {n}.6")
+        assert wait_for_processes(f"sleep {n}.6", present=True)
         p.send_signal(signal.SIGTERM)
         # The signal ends the wait itself: firma is back before the 10 s after which the wait for
         # bwrap's report would have given up on its own (and said so with exit 1).
         assert p.wait(8) == 128 + signal.SIGTERM, p.stderr.read()
         assert not (ws / "agent-ran").exists()
-        assert _wait_gone_all(f"sleep {n}.6")  # the stalled bwrap was killed
+        assert wait_for_processes(f"sleep {n}.6", present=False) == []  # the stalled bwrap was killed
         (proof,) = set(proofs.glob("sbx_*.json")) - control_proofs
         assert json.loads(proof.read_text())["exit_status"] == 128 + signal.SIGTERM
     finally:
         if p.poll() is None:
             p.kill()
 
-
-def _wait_gone_all(marker: str, limit: float = 10) -> bool:
-    end = time.monotonic() + limit
-    while processes_with(marker) and time.monotonic() < end:
-        time.sleep(0.02)
-    return processes_with(marker) == []
