@@ -189,3 +189,40 @@ def test_termination_signal_while_the_sandbox_is_being_built_stops_the_launch(ws
         if p.poll() is None:
             p.kill()
 
+
+
+def _curl_codes(urls: list[str]) -> str:
+    return "; ".join(f"curl -s -o /dev/null -w '%{{http_code}} ' {u}" for u in urls)
+
+
+def test_policy_and_monitor_reach_the_services_process(ws, tmp_path):
+    """The launcher loads the policy and the services process decides with it: a Cedar forbid
+    refuses one path of an allowed upstream while another path gets through; --monitor lets a
+    request out that the same run without it refuses, and audits the deny it let pass. The
+    upstream records what reached it."""
+    up = Upstream()
+    try:
+        base = f"http://127.0.0.1:{up.port}"
+        allow = ["--allow-host", f"127.0.0.1:{up.port}"]
+        policy = tmp_path / "policy.cedar"
+        policy.write_text('forbid(principal, action, resource) when { resource.path like "/admin*" };\n')
+        p = run_firma(["run", *allow, "--policy", str(policy), "--", "sh", "-c", _curl_codes([f"{base}/ok", f"{base}/admin/x"])],
+                      cwd=ws, env=base_env(tmp_path))
+        assert p.returncode == 0 and p.stdout.split() == ["200", "403"], p.stdout + p.stderr
+        assert [h for h in up.hits if b"/ok" in h] and not [h for h in up.hits if b"/admin" in h]
+
+        ctl = run_firma(["run", "--", "sh", "-c", _curl_codes([f"{base}/watched"])], cwd=ws, env=base_env(tmp_path))
+        assert ctl.stdout.split() == ["403"] and not [h for h in up.hits if b"/watched" in h]  # control
+        m = run_firma(["run", "--monitor", "--", "sh", "-c", _curl_codes([f"{base}/watched"])], cwd=ws, env=base_env(tmp_path))
+        assert m.stdout.split() == ["200"], m.stdout + m.stderr
+        assert [h for h in up.hits if b"/watched" in h]
+        with open(tmp_path / "state" / "audit.jsonl") as f:
+            seen = [(e["resource"].split(str(up.port))[-1], e["decision"], e["deny_reason"]) for e in map(json.loads, f)]
+        assert seen == [
+            ("/ok", 1, ""),
+            ("/admin/x", 2, "policy_forbid"),
+            ("/watched", 2, "host_not_allowed"),  # the control
+            ("/watched", 1, "monitor_mode:host_not_allowed"),  # let through, and said so
+        ]
+    finally:
+        up.close()
