@@ -173,6 +173,17 @@ def _run(plan: RunPlan, host: Host, backend: Any, log: RunLog) -> int:
         except FirmaError as exc:
             raise unreachable_external(plan, exc) from None
     artifact = seccomp_for(plan, host, backend)
+    # From here a termination signal is recorded and acted on at the launch's next wait (so the
+    # run dir made next is always torn down), not raised as KeyboardInterrupt anywhere.
+    signals = Signals()
+    signals.install()
+    try:
+        return _launch(plan, backend, log, proof, artifact, signals)
+    finally:
+        signals.uninstall()
+
+
+def _launch(plan: RunPlan, backend: Any, log: RunLog, proof, artifact, signals: Signals) -> int:
     run = open_run(plan, proof, log, artifact)
     embedded = None
     if plan.sidecar.embedded:
@@ -181,9 +192,6 @@ def _run(plan: RunPlan, host: Host, backend: Any, log: RunLog) -> int:
         except BaseException:
             abandon_run(run)
             raise
-
-    signals = Signals()
-    signals.install()
     waits = LaunchWaits(signals)
     held = child = services = envelope = None
     status: int | None = None
@@ -232,11 +240,8 @@ def _run(plan: RunPlan, host: Host, backend: Any, log: RunLog) -> int:
         raise
     finally:
         log.quiet = False
-        try:
-            # Signals during teardown are recorded and ignored: teardown always completes.
-            _teardown(run, backend, held, child, services, embedded, envelope, status, failed)
-        finally:
-            signals.uninstall()
+        # Signals during teardown are recorded and ignored: teardown always completes.
+        _teardown(run, backend, held, child, services, embedded, envelope, status, failed)
 
 
 def _ready_embedded(run: RunRecord) -> EmbeddedSidecar:

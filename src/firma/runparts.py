@@ -187,6 +187,8 @@ def open_run(plan: RunPlan, proof: EnforcementProof, log: RunLog, artifact) -> R
 def abandon_run(run: RunRecord) -> None:
     """Nothing was started (bad policy, unreadable key): leave no run dir behind."""
     run.log.close()
+    if run.socket_dir is not None:
+        statedir.remove_tree(run.socket_dir)
     statedir.remove_run_dir(run.dirs, keep_log_as=None)
 
 
