@@ -150,7 +150,10 @@ def run(
     log_level: str | None = None,
     log_file: str | None = None,
 ) -> int:
-    """Run `plan` to completion with a planting backend; return the agent's exit status."""
+    """Run `plan` to completion with a planting backend; return the agent's exit status.
+
+    Forks the services process from the calling process, so call it from a single-threaded one
+    (the `firma` executable is): a thread holding a lock at the fork would leave it held there."""
     log = RunLog(terminal or sys.stderr, log_level)
     if log_file:
         log.add_file(log_file)
