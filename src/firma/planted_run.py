@@ -24,6 +24,7 @@ import os
 import select
 import signal
 import sys
+import time
 from typing import Any, TextIO
 
 from .backends.base import PlantedSockets
@@ -230,7 +231,7 @@ def _launch(plan: RunPlan, backend: Any, log: RunLog, proof, artifact, signals: 
             embedded.listener.close()
         log(f"services process pid {services.pid}", "info")
         # 4. supervise
-        status = _supervise(child, services, signals, log)
+        status = _supervise(child, services, signals, log, plan.sidecar.startup_timeout_secs)
         failed = False
         log(f"agent exited with status {status}", "info")
         return status
@@ -412,15 +413,19 @@ async def _serve(run: RunRecord, embedded: EmbeddedSidecar | None, socks: Plante
 # --- supervision and teardown --------------------------------------------------------------
 
 
-def _supervise(child: Any, services: ServicesProcess, signals: Signals, log: RunLog) -> int:
+def _supervise(child: Any, services: ServicesProcess, signals: Signals, log: RunLog, startup_timeout: float) -> int:
     """Wait for the agent while forwarding signals (a second termination signal kills the whole
-    sandbox) and watching the services process."""
+    sandbox) and watching the services process, which must serve within the sidecar start-up
+    timeout (SPEC §9) or the run stops: an agent whose connections would wait forever is
+    stopped rather than left hanging."""
     terminations = 0
+    deadline = time.monotonic() + startup_timeout
     while True:
         watch = [child.proc_pidfd, signals.r, services.pidfd]
-        if not (services.serving or services.serving_eof):
+        waiting = not (services.serving or services.serving_eof)
+        if waiting:
             watch.append(services.serving_r)
-        ready = select.select(watch, [], [])[0]
+        ready = select.select(watch, [], [], max(deadline - time.monotonic(), 0) if waiting else None)[0]
         for signum in signals.take():
             if signum in TERMINATION:
                 terminations += 1
@@ -442,6 +447,11 @@ def _supervise(child: Any, services: ServicesProcess, signals: Signals, log: Run
             raise SidecarError(
                 f"the services process (sidecar, bridge, DNS stub) stopped unexpectedly ({_describe(services.status)}); "
                 "the agent had no egress and was stopped; see run.log in the proof directory"
+            )
+        if not ready and not (services.serving or services.serving_eof):
+            raise SidecarError(
+                f"the services process (sidecar, bridge, DNS stub) did not serve within {startup_timeout:g}s; "
+                "the agent was stopped; raise --sidecar-startup-timeout-secs on a slow machine"
             )
 
 

@@ -226,3 +226,34 @@ def test_policy_and_monitor_reach_the_services_process(ws, tmp_path):
         ]
     finally:
         up.close()
+
+
+def test_services_that_never_serve_stop_the_run_at_the_startup_timeout(ws, tmp_path):
+    """A services process stuck before serving (here: a sitecustomize hook makes any process but
+    the launcher hang in `import asyncio`) would leave the agent's connections waiting forever:
+    at --sidecar-startup-timeout-secs the launcher stops the agent and says why in one line.
+    Control: the same run without the hook serves and ends normally."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os, sys, time\n"
+        "LAUNCHER = os.getpid()\n"
+        "class Stall:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'asyncio' and os.getpid() != LAUNCHER:\n"
+        "            time.sleep(3600)\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, Stall())\n"
+    )
+    n = 5000 + secrets.randbelow(4000)
+    argv = ["run", "--sidecar-startup-timeout-secs", "1", "--", "sh", "-c", f"sleep 1.5; : {n}.7"]
+    ctl = run_firma(argv, cwd=ws, env=base_env(tmp_path))
+    assert ctl.returncode == 0, ctl.stderr  # control: served within the timeout, ended normally
+    p = run_firma(argv, cwd=ws, env=base_env(tmp_path, PYTHONPATH=str(hook)))
+    assert p.returncode == 1
+    assert p.stderr.startswith("[ERR]  the services process (sidecar, bridge, DNS stub) did not serve within 1s")
+    assert p.stderr.count("\n") == 1, p.stderr
+    assert wait_for_processes(f"{n}.7", present=False) == []
+    log = next((tmp_path / "state" / "proofs").glob("sbx_*.run.log")).read_text()
+    services = int(re.search(r"services process pid (\d+)", log).group(1))
+    assert _wait_gone(services)
