@@ -45,7 +45,7 @@ from .runparts import (
     startup_done,
     unreachable_external,
 )
-from .supervisor import FORWARDED, TERMINATION
+from .supervisor import FORWARDED, TERMINATION, handled_signals
 
 _STOP_TIMEOUT = 10.0  # the services drain and flush the audit log within this after SIGTERM
 _REAP_TIMEOUT = 5.0
@@ -70,7 +70,7 @@ class Signals:
         self._old_wakeup = -1
 
     def install(self) -> None:
-        for s in FORWARDED:
+        for s in handled_signals():
             self._old[s] = signal.signal(s, self._record)
         self._old_wakeup = signal.set_wakeup_fd(self.w, warn_on_full_buffer=False)
 

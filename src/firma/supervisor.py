@@ -13,6 +13,13 @@ TERMINATION = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 FORWARDED = TERMINATION + (signal.SIGWINCH,)
 
 
+def handled_signals() -> tuple[int, ...]:
+    """The FORWARDED signals firma takes over: those its caller did not ignore. `nohup firma run`
+    or a background job of a script ignores SIGHUP or SIGINT; firma then neither handles nor
+    forwards them, and the agent inherits them ignored, as from any other launcher."""
+    return tuple(s for s in FORWARDED if signal.getsignal(s) != signal.SIG_IGN)
+
+
 class Supervisor:
     """Owns the launcher's signal handlers for one run.
 
@@ -31,7 +38,7 @@ class Supervisor:
         import asyncio  # noqa: PLC0415 - the constants above serve the synchronous launcher too
 
         self._loop = asyncio.get_running_loop()
-        for s in FORWARDED:
+        for s in handled_signals():
             self._loop.add_signal_handler(s, self._on_signal, s)
 
     def uninstall(self) -> None:

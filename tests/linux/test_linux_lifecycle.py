@@ -150,6 +150,37 @@ def test_sigterm_ends_agent_and_background_grandchildren(ws, tmp_path):
     assert processes_with(marker1) == [] and processes_with(marker2) == []
 
 
+def test_a_signal_the_caller_ignores_stays_ignored(ws, tmp_path):
+    """`nohup firma run …`: a SIGHUP its caller ignores is neither handled nor forwarded by
+    firma, and the agent inherits it ignored, so a hang-up does not end the run. Control: the
+    same run without the ignore ends with 128+SIGHUP when firma gets one."""
+    n = 5000 + secrets.randbelow(4000)
+
+    def start(ignore_hup: bool, tag: str):
+        script = f"grep SigIgn /proc/$$/status > {ws}/{tag}; sleep {n}.{tag[-1]}"
+        hup = (lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if ignore_hup else None
+        p = subprocess.Popen(firma_cmd("run", "--", "sh", "-c", script), cwd=ws, env=base_env(tmp_path),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=hup)
+        wait_for(ws / tag, p)
+        assert wait_for_processes(f"sleep {n}.{tag[-1]}", present=True)
+        return p, int((ws / tag).read_text().split()[1], 16) & (1 << (signal.SIGHUP - 1))
+
+    ctl, ctl_ignored = start(False, "run1")
+    ctl.send_signal(signal.SIGHUP)
+    assert ctl.wait(30) == 128 + signal.SIGHUP and not ctl_ignored  # control
+    p, ignored = start(True, "run2")
+    try:
+        assert ignored  # the agent inherited the caller's ignore
+        p.send_signal(signal.SIGHUP)
+        time.sleep(0.5)
+        assert p.poll() is None and wait_for_processes(f"sleep {n}.2", present=True)  # still running
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(30) == 128 + signal.SIGTERM
+    finally:
+        if p.poll() is None:
+            p.kill()
+
+
 def test_second_signal_escalates_to_kill(ws, tmp_path):
     n = 5000 + secrets.randbelow(4000)
     p = _start(ws, tmp_path, f"trap '' TERM INT; sleep {n}.3 & touch {ws}/started; while :; do wait; done")
