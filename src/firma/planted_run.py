@@ -52,7 +52,7 @@ _REAP_TIMEOUT = 5.0
 
 
 class Interrupted(Exception):
-    """A termination signal arrived before the agent was released."""
+    """A termination signal arrived before the launch completed (the sandbox is then killed)."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
@@ -67,12 +67,12 @@ class Signals:
         self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.pending: list[int] = []
         self._old: dict[int, Any] = {}
-        self._old_wakeup = -1
+        self._old_wakeup: int | None = None  # set while installed
 
     def install(self) -> None:
+        self._old_wakeup = signal.set_wakeup_fd(self.w, warn_on_full_buffer=False)
         for s in handled_signals():
             self._old[s] = signal.signal(s, self._record)
-        self._old_wakeup = signal.set_wakeup_fd(self.w, warn_on_full_buffer=False)
 
     def _record(self, signum: int, _frame) -> None:
         self.pending.append(signum)
@@ -87,11 +87,12 @@ class Signals:
         return got
 
     def uninstall(self) -> None:
-        if self._old:
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        self._old.clear()
+        if self._old_wakeup is not None:
             signal.set_wakeup_fd(self._old_wakeup)
-            for s, old in self._old.items():
-                signal.signal(s, old)
-            self._old.clear()
+            self._old_wakeup = None
         for fd in (self.r, self.w):
             os.close(fd)
         self.r = self.w = -1
