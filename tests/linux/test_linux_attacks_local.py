@@ -1,0 +1,133 @@
+"""ATTACKS.md cases on the sandbox's own files and privileges, and on relay failures, run for
+real through the CLI, each next to a positive control run outside the sandbox (as root):
+#37 a hardlink to /etc/passwd and mknod fail inside while a FIFO works; #43 a setuid-root binary
+does not elevate; #45 /proc cannot be unmounted; #56 an allowed destination with nothing
+listening gives exactly one `upstream_unreachable` event per attempt, with this sandbox's id."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from linux_support import Upstream, base_env, require_tools, run_firma
+
+pytestmark = pytest.mark.confinement
+
+
+@pytest.fixture(autouse=True)
+def _tools():
+    require_tools()
+
+
+@pytest.fixture
+def etc_fs_ws():
+    """A world-readable workspace on the filesystem that holds /etc, so that outside the sandbox a
+    hardlink to /etc/passwd works (the control) and inside only the sandbox can stop it."""
+    if os.geteuid() != 0:
+        pytest.fail("these positive controls (hardlink to /etc/passwd, mknod, setuid, umount) need root")
+    etc_dev = os.stat("/etc").st_dev
+    for parent in ("/var/lib", "/var/tmp", "/root", "/"):
+        if os.path.isdir(parent) and os.stat(parent).st_dev == etc_dev:
+            break
+    else:
+        pytest.fail("no directory on the filesystem of /etc to hold the workspace (needed for the hardlink control)")
+    d = Path(tempfile.mkdtemp(prefix="firma-test-local-", dir=parent))
+    d.chmod(0o755)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+FS_PROBE = (
+    "ln /etc/passwd hl 2>/dev/null && echo hardlink=ok || echo hardlink=fail; "
+    "mknod nod c 1 3 2>/dev/null && echo mknod=ok || echo mknod=fail; "
+    "mkfifo fifo 2>/dev/null && echo fifo=ok || echo fifo=fail; "
+    "rm -f hl nod fifo"
+)
+
+
+def _results(out: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in out.split() if "=" in line)
+
+
+def test_hardlink_to_etc_and_mknod_fail_inside_a_fifo_works(etc_fs_ws, tmp_path):
+    """ATTACKS #37."""
+    ctl = subprocess.run(["sh", "-c", FS_PROBE], cwd=etc_fs_ws, capture_output=True, text=True)
+    assert _results(ctl.stdout) == {"hardlink": "ok", "mknod": "ok", "fifo": "ok"}, ctl.stdout + ctl.stderr
+    p = run_firma(["run", "--", "sh", "-c", FS_PROBE], cwd=etc_fs_ws, env=base_env(tmp_path))
+    assert p.returncode == 0, p.stderr
+    assert _results(p.stdout) == {"hardlink": "fail", "mknod": "fail", "fifo": "ok"}, p.stdout
+    assert sorted(x.name for x in etc_fs_ws.iterdir()) == []  # nothing left behind either way
+
+
+def test_setuid_root_binary_does_not_elevate(etc_fs_ws, tmp_path):
+    """ATTACKS #43 (NoNewPrivs and CapEff are read from outside for every run; see the proof
+    tests). Control: outside, the same setuid-root copy of `id` run as nobody has euid 0."""
+    suid = etc_fs_ws / "suid-id"
+    shutil.copy2(shutil.which("id"), suid)
+    os.chown(suid, 0, 0)
+    suid.chmod(0o4755)
+    ctl = subprocess.run(["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", str(suid), "-u"],
+                         capture_output=True, text=True)
+    assert ctl.returncode == 0 and ctl.stdout.strip() == "0", ctl.stdout + ctl.stderr  # control: it elevates
+    p = run_firma(["run", "--", "sh", "-c", "./suid-id -u; ./suid-id -ru"], cwd=etc_fs_ws, env=base_env(tmp_path))
+    assert p.returncode == 0, p.stderr
+    euid, ruid = p.stdout.split()
+    assert euid == ruid and euid != "0"
+
+
+def test_proc_cannot_be_unmounted(etc_fs_ws, tmp_path):
+    """ATTACKS #45 (new network namespaces and `unshare` are refused in test_linux_attacks).
+    Control: root outside, in a mount namespace of its own, can unmount /proc there."""
+    probe = "umount -l /proc 2>/dev/null && echo umount=ok || echo umount=fail; test -r /proc/self/status && echo proc=there"
+    ctl = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", probe], capture_output=True, text=True)
+    assert _results(ctl.stdout).get("umount") == "ok", ctl.stdout + ctl.stderr
+    p = run_firma(["run", "--", "sh", "-c", probe], cwd=etc_fs_ws, env=base_env(tmp_path))
+    assert p.returncode == 0, p.stderr
+    assert _results(p.stdout) == {"umount": "fail", "proc": "there"}, p.stdout
+
+
+def _sandbox_ids(state: Path) -> set[str]:
+    return {json.loads(f.read_text())["sandbox_id"] for f in (state / "proofs").glob("sbx_*.json")}
+
+
+def test_relay_failure_to_an_allowed_destination_is_one_event_per_attempt(etc_fs_ws, tmp_path):
+    """ATTACKS #56. Control: while the upstream listens, the same allowed request gets 200 and one
+    allow event. Then, with nothing listening on that port, a plain request (502) and a CONNECT
+    tunnel (curl -p) each produce exactly one `upstream_unreachable` event of this sandbox."""
+    state = tmp_path / "state"
+    up = Upstream()
+    port = up.port
+    allow = ["run", "--allow-host", f"127.0.0.1:{port}", "--"]
+    try:
+        ctl = run_firma(allow + ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", f"http://127.0.0.1:{port}/ctl"],
+                        cwd=etc_fs_ws, env=base_env(tmp_path))
+        assert ctl.stdout == "200" and [h for h in up.hits if b"/ctl" in h], ctl.stdout + ctl.stderr
+    finally:
+        up.close()
+    first = _sandbox_ids(state)
+    tag = secrets.token_hex(3)
+    script = (
+        f"curl -s -o /dev/null -w 'plain=%{{http_code}} ' http://127.0.0.1:{port}/{tag}; "
+        f"curl -s -p -o /dev/null -w 'tunnel=%{{http_connect}}' http://127.0.0.1:{port}/{tag}"
+    )
+    p = run_firma(allow + ["sh", "-c", script], cwd=etc_fs_ws, env=base_env(tmp_path))
+    assert _results(p.stdout) == {"plain": "502", "tunnel": "200"}, p.stdout + p.stderr  # tunnel: CONNECT answered, then the dial fails
+    (second,) = _sandbox_ids(state) - first
+    with open(state / "audit.jsonl") as f:
+        events = [json.loads(line) for line in f]
+    ctl_events = [e for e in events if e["sandbox_id"] in first]
+    assert [(e["resource"], e["deny_reason"]) for e in ctl_events] == [(f"http://127.0.0.1:{port}/ctl", "")]
+    mine = [(e["action"], e["resource"], e["deny_reason"]) for e in events if e["sandbox_id"] == second]
+    assert mine == [
+        ("http.request", f"http://127.0.0.1:{port}/{tag}", "upstream_unreachable"),
+        ("network.connect", f"127.0.0.1:{port}", "upstream_unreachable"),
+    ]
