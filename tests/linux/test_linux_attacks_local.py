@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from linux_support import Upstream, base_env, require_tools, run_firma
+from linux_support import SYSTEM_PYTHON, Upstream, base_env, require_tools, run_firma
 
 pytestmark = pytest.mark.confinement
 
@@ -131,3 +131,23 @@ def test_relay_failure_to_an_allowed_destination_is_one_event_per_attempt(etc_fs
         ("http.request", f"http://127.0.0.1:{port}/{tag}", "upstream_unreachable"),
         ("network.connect", f"127.0.0.1:{port}", "upstream_unreachable"),
     ]
+
+
+HASH_ARGS = "import hashlib, os, sys; print(len(sys.argv) - 1, hashlib.sha256(b'\\0'.join(map(os.fsencode, sys.argv[1:]))).hexdigest(), len(os.environ.get('ANTHROPIC_API_KEY', '')))"
+
+
+def test_near_limit_arguments_and_environment_reach_the_agent_intact(etc_fs_ws, tmp_path):
+    """ATTACKS #41, over-long argv: arguments totalling ~1.8 MB (18 of 100 KiB, under the kernel's
+    128 KiB per string) and a 100 KiB API key reach the agent whole, not truncated and without
+    E2BIG (bwrap's options travel in a memfd; the agent's environment is built from empty).
+    Control: the same interpreter outside sees the same arguments."""
+    args = [f"{i:02d}" + secrets.token_hex(50 * 1024)[: 100 * 1024 - 2] for i in range(18)]
+    key = "k" * (100 * 1024)
+    py = SYSTEM_PYTHON  # not a shim under /root, which the sandbox hides from a root caller
+    ctl = subprocess.run([py, "-S", "-c", HASH_ARGS, *args], capture_output=True, text=True, env={"ANTHROPIC_API_KEY": key})
+    n, digest, keylen = ctl.stdout.split()
+    assert (n, keylen) == ("18", str(len(key))), ctl.stderr
+    p = run_firma(["run", "--profile", "claude", "--", py, "-S", "-c", HASH_ARGS, *args], cwd=etc_fs_ws,
+                  env=base_env(tmp_path, ANTHROPIC_API_KEY=key))
+    assert p.returncode == 0, p.stderr[-500:]
+    assert p.stdout.split() == [n, digest, keylen]

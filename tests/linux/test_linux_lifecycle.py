@@ -72,6 +72,29 @@ def test_missing_command_is_one_line_error_not_the_agents_status(ws, tmp_path):
     assert len(list((state / "proofs").glob("*.json"))) == 1  # only the control run's proof
 
 
+def test_command_the_sandbox_hides_is_refused_in_one_line(ws, tmp_path):
+    """A command under a directory the sandbox shows empty (/tmp outside the workspace here; a
+    root caller's /root, masked home paths) would only fail at bwrap's execvp: refused before
+    anything starts, by path and by PATH lookup. Control: the same script in the workspace runs."""
+    hidden = tmp_path / "bin"  # under /tmp, not in the workspace: a fresh tmpfs inside
+    hidden.mkdir()
+    for d in (hidden, ws):
+        (d / "firma-test-tool").write_text("#!/bin/sh\necho tool-ran\n")
+        (d / "firma-test-tool").chmod(0o755)
+    ok = run_firma(["run", "--", "./firma-test-tool"], cwd=ws, env=base_env(tmp_path))
+    assert ok.returncode == 0 and ok.stdout == "tool-ran\n", ok.stderr  # control
+    p = run_firma(["run", "--", str(hidden / "firma-test-tool")], cwd=ws, env=base_env(tmp_path))
+    assert p.returncode == 1 and p.stdout == ""
+    assert p.stderr == (f"[ERR]  command {hidden / 'firma-test-tool'} is under /tmp, which the sandbox does not show; "
+                        "install it elsewhere (e.g. /usr/local/bin) or put it in the workspace\n")
+    env = base_env(tmp_path)
+    env["PATH"] = f"{hidden}:{env['PATH']}"
+    q = run_firma(["run", "--", "firma-test-tool"], cwd=ws, env=env)
+    assert q.returncode == 1 and q.stderr.startswith("[ERR]  command not found: firma-test-tool (searched the sandbox PATH ")
+    assert str(hidden) not in q.stderr  # the hidden entry is not searched
+    assert len(list((tmp_path / "state" / "proofs").glob("*.json"))) == 1  # only the control ran
+
+
 def test_nested_run_inside_a_sandbox_refuses(ws, tmp_path):
     # the sandbox's own environment carries FIRMA_RUN_SANDBOX_ID: a nested run must refuse
     p = run_firma(["run", "--", "sh", "-c", "echo $FIRMA_RUN_SANDBOX_ID"], cwd=ws, env=base_env(tmp_path))

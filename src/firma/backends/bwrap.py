@@ -319,21 +319,46 @@ def require_command(plan: RunPlan, host: Host) -> None:
     """Refuse before anything starts when the command cannot be found: inside, bwrap would only
     say `execvp` failed and exit 1, which reads like the agent's own status. The sandbox sees the
     host's root read-only, so the host lookup with the launch PATH is the sandbox's lookup, less
-    /root, which is masked when the caller is root."""
+    what the sandbox hides (fresh tmpfs dirs, /root when the caller is root, masked home paths)
+    unless the workspace or a mount shows it again."""
+    xdg = host.environ.get("XDG_RUNTIME_DIR", "").strip() or None
+    hidden = bwrap_plan.hidden_dirs(
+        home=plan.home, mask_home_paths=plan.mask_home_paths, caller_is_root=host.is_root,
+        xdg_runtime_dir=xdg if xdg and xdg.startswith("/") else None, state_root=plan.state_root,
+    )
+    shown = (plan.cwd,) + tuple(m.target for m in plan.mounts) + tuple(
+        os.path.join(plan.home, rel) for rel in plan.writable_home_paths
+    )
+
+    def hider(path: str) -> str | None:
+        """The hidden directory `path` (or what it links to) is under, None if visible inside."""
+        for p in dict.fromkeys((path, os.path.realpath(path))):
+            if not any(_within(p, s) for s in shown):
+                for h in hidden:
+                    if _within(p, h):
+                        return h
+        return None
+
     exe = plan.argv[0]
-    entries = plan.base_env.get("PATH", "").split(os.pathsep)
-    if host.is_root:
-        entries = [e for e in entries if not _within(e, "/root") or _within(e, plan.cwd)]
-    launch_path = os.pathsep.join(entries)
+    launch_path = os.pathsep.join(
+        e for e in plan.base_env.get("PATH", "").split(os.pathsep) if not (e.startswith("/") and hider(e))
+    )
     if "/" in exe:
         path = exe if os.path.isabs(exe) else os.path.join(plan.cwd, exe)
-        if os.path.isfile(path) and os.access(path, os.X_OK):
-            return
-        raise LaunchError(f"command not found or not executable: {exe}; check the path")
-    if which(exe, launch_path) is None:
+        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+            raise LaunchError(f"command not found or not executable: {exe}; check the path")
+    else:
+        path = which(exe, launch_path)
+        if path is None:
+            raise LaunchError(
+                f"command not found: {exe} (searched the sandbox PATH {launch_path or '(empty)'}); "
+                "install it or give its absolute path"
+            )
+    h = hider(os.path.abspath(os.path.join(plan.cwd, path)))
+    if h is not None:
         raise LaunchError(
-            f"command not found: {exe} (searched the sandbox PATH {launch_path or '(empty)'}); "
-            "install it or give its absolute path"
+            f"command {exe} is under {h}, which the sandbox does not show; "
+            "install it elsewhere (e.g. /usr/local/bin) or put it in the workspace"
         )
 
 

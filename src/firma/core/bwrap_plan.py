@@ -235,6 +235,19 @@ def symlink_error(link: str) -> LaunchError:
     )
 
 
+def hidden_dirs(
+    *, home: str, mask_home_paths, caller_is_root: bool, xdg_runtime_dir: str | None, state_root: str | None
+) -> tuple[str, ...]:
+    """Directories whose host content the sandbox does not show: the fresh tmpfs dirs, /root
+    when the caller is root, and the masked home paths. The workspace and the mounts, bound
+    after them, show through again."""
+    d = list(SYSTEM_TMPFS) + [p for p in (xdg_runtime_dir, state_root) if p]
+    if caller_is_root:
+        d.append("/root")
+    d += [posixpath.join(home, p) for p in mask_home_paths]
+    return tuple(d)
+
+
 def candidate_paths(
     envelope: ExecutionEnvelope, xdg_runtime_dir: str | None, protected_extra: tuple[str, ...] = ()
 ) -> tuple[str, ...]:
