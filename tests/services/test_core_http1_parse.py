@@ -137,3 +137,22 @@ def test_plausible_request_start():
     assert http1.plausible_request_start(b"CONNECT a:443 HTTP/1.1\r\n")
     for bad in (b"\x05\x01\x00", b"\x16\x03\x01\x02\x00", b" GET", b"G\x00", b"A" * 40, b"\x04\x01\x00\x50"):
         assert not http1.plausible_request_start(bad)
+
+
+@pytest.mark.parametrize(
+    "buf, want",
+    [
+        (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", True),
+        (b"\r\nPOST http://a/b HTTP/1.0\n", True),
+        (b"GET / HT", None),  # could still become a request line
+        (b"GET", None),
+        (b"", None),
+        (b"SSH-2.0-OpenSSH_9.6\r\n", False),  # a whole line that is not a request line
+        (b"PING\r\n", False),
+        (b"SET k v\r\n", False),
+        (b"\x16\x03\x01\x02\x00", False),  # TLS
+        (b"A" * 40, False),  # no method is that long
+    ],
+)
+def test_tunnel_carries_http(buf, want):
+    assert http1.tunnel_carries_http(buf) is want

@@ -82,6 +82,48 @@ def test_sni_matching_host_passes_and_mismatch_never_reaches_upstream(tmp_path, 
     assert {e["sandbox_id"] for e in evs} == {ATTR["x-firma-sandbox-id"]}
 
 
+def test_plain_http_inside_a_hostname_tunnel_is_refused(tmp_path):
+    """Plain-text domain fronting (ATTACKS #3/#16): CONNECT allowed.test:P, then `GET /` with
+    `Host: evil.test` in the tunnel would let the Host header pick another site behind the
+    allowed address. A plain HTTP request in a tunnel to a hostname is refused (http_in_tunnel)
+    and dials nothing, also when its request line arrives in pieces. Controls: other protocols to
+    the same hostname tunnel pass (a banner-like line, and silence for server-speaks-first), and a
+    tunnel to an allowed IP literal may carry HTTP (the rule names that address itself)."""
+
+    async def tunnel(s, target: str, *chunks: bytes) -> bytes:
+        r, w, line = await open_tunnel(s.bridge_port, target)
+        assert line.startswith(b"HTTP/1.1 200")
+        for c in chunks:
+            w.write(c)
+            await w.drain()
+            await asyncio.sleep(0.05)
+        try:
+            return await asyncio.wait_for(r.read(4096), 5)
+        finally:
+            w.close()
+
+    async def main():
+        srv = await RawUpstream(echo=True).start()
+        res = fake_resolver({"allowed.test": ["127.0.0.1"]})
+        host = f"allowed.test:{srv.port}"
+        async with Stack(tmp_path, allow=[host, f"127.0.0.1:{srv.port}"], resolver=res) as s:
+            fronted = b"GET / HTTP/1.1\r\nHost: evil.test\r\n\r\n"
+            assert await tunnel(s, host, fronted) == b""
+            assert await tunnel(s, host, b"GET / HT", b"TP/1.1\r\nHost: evil.test\r\n\r\n") == b""
+            assert srv.connections == 0  # neither dialed
+            assert await tunnel(s, host, b"SSH-2.0-firma_probe\r\n") == b"SSH-2.0-firma_probe\r\n"
+            assert await tunnel(s, f"127.0.0.1:{srv.port}", fronted) == fronted
+            await asyncio.sleep(0.2)
+            dialed = srv.connections
+        await srv.aclose()
+        return dialed, host, s
+
+    dialed, host, s = run(main())
+    assert dialed == 2  # the two controls
+    denied = [(e["resource"], e["deny_reason"]) for e in s.events() if e["decision"] == 2]
+    assert denied == [(host, "http_in_tunnel")] * 2
+
+
 def test_tunnel_64mib_upload_byte_identical(tmp_path):
     payload = os.urandom(64 * 1024 * 1024)
     want = hashlib.sha256(payload).hexdigest().encode()

@@ -125,6 +125,19 @@ def plausible_request_start(buf: bytes | bytearray) -> bool:
     return len(buf) - start < 33
 
 
+_REQUEST_LINE = re.compile(rb"^(?:\r\n)*[!#$%&'*+\-.^_`|~0-9A-Za-z]+ [^ \r\n]+ HTTP/\d\.\d\r?\n")
+
+
+def tunnel_carries_http(buf: bytes | bytearray) -> bool | None:
+    """Whether the first bytes a client sent into a CONNECT tunnel are a plain HTTP/1.x request:
+    True (a whole request line), False (cannot be one), None (could still become one)."""
+    if _REQUEST_LINE.match(bytes(buf[:8192])):
+        return True
+    if b"\n" in buf or len(buf) >= 8192 or not plausible_request_start(buf):
+        return False
+    return None
+
+
 def _parse_fields(lines: list[str]) -> Headers:
     if len(lines) > MAX_HEADERS:
         raise HttpError("malformed_request", f"more than {MAX_HEADERS} header fields")

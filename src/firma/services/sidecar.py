@@ -580,29 +580,48 @@ class Sidecar:
         )
 
     async def _check_hello(self, s: netio.Stream, host: CanonHost, port: int) -> str:
-        """'' when the tunnel may open, else the deny reason (SNI rules of SPEC §9)."""
+        """'' when the tunnel may open, else the deny reason: the SNI rules of SPEC §9, and no
+        plain HTTP request inside a tunnel to a hostname. There its `Host:` could name another
+        site behind the same address (plain-text domain fronting on a CDN), which the sidecar
+        decides on for plain proxy requests but cannot see request by request in a tunnel."""
         must_tls = port == 443 and not host.is_ip
         wait = self.limits.setup_timeout if port == 443 else 0.25  # server-speaks-first protocols
         deadline = time.monotonic() + wait
+
+        def undecided_at_deadline() -> str:
+            if must_tls:
+                return "tls_required"
+            if not s.buf:
+                return ""
+            if not host.is_ip and http1.tunnel_carries_http(s.buf) is not False:
+                return "http_in_tunnel"
+            return "tls_incomplete" if s.buf[:1] == b"\x16" else ""
+
         while True:
             try:
                 hello = tlshello.parse_client_hello(bytes(s.buf))
                 break
-            except tlshello.NeedMore:
+            except (tlshello.NeedMore, tlshello.NotTls) as exc:
+                if isinstance(exc, tlshello.NotTls):
+                    if must_tls:
+                        return "tls_required"
+                    if host.is_ip:
+                        return ""
+                    carries = http1.tunnel_carries_http(s.buf)
+                    if carries is not None:
+                        return "http_in_tunnel" if carries else ""
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    return "tls_required" if must_tls else ("" if not s.buf else "tls_incomplete")
+                    return undecided_at_deadline()
                 try:
                     chunk = await asyncio.wait_for(s.r.read(65536), left)
                 except asyncio.TimeoutError:
-                    return "tls_required" if must_tls else ("" if not s.buf else "tls_incomplete")
+                    return undecided_at_deadline()
                 if not chunk:
                     return "client_closed"
                 s.buf += chunk
                 if len(s.buf) > tlshello.MAX_HELLO + 4096:
                     return "bad_client_hello"
-            except tlshello.NotTls:
-                return "tls_required" if must_tls else ""
             except tlshello.BadHello:
                 return "bad_client_hello"
         if hello.ech:
