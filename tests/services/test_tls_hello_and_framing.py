@@ -10,7 +10,7 @@ from firma.core import auditfmt, tlshello
 from firma.services.audit_writer import AuditWriter, load_or_create_key
 from firma.services.bridge import Bridge
 
-from upstreams import ATTR, HttpUpstream, RawUpstream, Stack, audit_events, run, send_raw, split_responses
+from upstreams import ATTR, HttpUpstream, RawUpstream, Stack, audit_events, fake_resolver, run, send_raw, split_responses
 
 
 def client_hello(server_hostname):
@@ -38,13 +38,9 @@ def test_real_client_hellos():
         tlshello.parse_client_hello(b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00")  # ServerHello type
 
 
-def test_client_hello_split_over_records_and_ech_flag():
-    hello = client_hello("split.example.com")
-    body = hello[5:]
-    recs = b"".join(b"\x16\x03\x01" + len(part).to_bytes(2, "big") + part for part in (body[:50], body[50:]))
-    assert tlshello.parse_client_hello(recs).sni == "split.example.com"
-    # append an ECH extension (0xfe0d) to the extension block and fix lengths
-    hs = bytearray(body)
+def with_ech(hello: bytes) -> bytes:
+    """The ClientHello record with an ECH extension (0xfe0d) appended, lengths fixed."""
+    hs = bytearray(hello[5:])
     ext = b"\xfe\x0d\x00\x01\x00"
     p = 4 + 2 + 32
     p += 1 + hs[p]
@@ -54,9 +50,58 @@ def test_client_hello_split_over_records_and_ech_flag():
     hs[p : p + 2] = ext_len.to_bytes(2, "big")
     hs += ext
     hs[1:4] = (len(hs) - 4).to_bytes(3, "big")
-    rec = b"\x16\x03\x01" + len(hs).to_bytes(2, "big") + bytes(hs)
-    h = tlshello.parse_client_hello(rec)
+    return b"\x16\x03\x01" + len(hs).to_bytes(2, "big") + bytes(hs)
+
+
+def test_client_hello_split_over_records_and_ech_flag():
+    hello = client_hello("split.example.com")
+    body = hello[5:]
+    recs = b"".join(b"\x16\x03\x01" + len(part).to_bytes(2, "big") + part for part in (body[:50], body[50:]))
+    assert tlshello.parse_client_hello(recs).sni == "split.example.com"
+    h = tlshello.parse_client_hello(with_ech(hello))
     assert h.ech and h.sni == "split.example.com"
+
+
+def test_ech_and_missing_sni_tunnels_are_refused_before_any_dial(tmp_path):
+    """ATTACKS #17 at the sidecar: a tunnel to a hostname whose ClientHello carries ECH, or no
+    SNI, is refused (ech_not_allowed, sni_missing) and never dialed. Controls through the same
+    sidecar: the matching-SNI ClientHello to that name, and a no-SNI one to an allowed IP
+    literal, are relayed (the raw upstream echoes them)."""
+
+    async def tunnel(port: int, target: str, data: bytes, *, relayed: bool) -> bool:
+        """Send data into a tunnel; True when it comes back echoed (relayed) or the tunnel
+        closes without a byte (refused), whichever was expected."""
+        r, w = await asyncio.open_connection("127.0.0.1", port)
+        w.write(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode() + data)
+        await w.drain()
+        try:
+            assert (await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 200")
+            if relayed:
+                return await asyncio.wait_for(r.readexactly(len(data)), 5) == data
+            return await asyncio.wait_for(r.read(), 5) == b""
+        finally:
+            w.close()
+
+    async def main():
+        srv = await RawUpstream(echo=True).start()
+        res = fake_resolver({"allowed.test": ["127.0.0.1"]})
+        name, literal = f"allowed.test:{srv.port}", f"127.0.0.1:{srv.port}"
+        good = client_hello("allowed.test")
+        async with Stack(tmp_path, allow=[name, literal], resolver=res) as s:
+            assert await tunnel(s.bridge_port, name, with_ech(good), relayed=False)
+            assert await tunnel(s.bridge_port, name, client_hello(None), relayed=False)
+            assert srv.connections == 0  # neither dialed
+            assert await tunnel(s.bridge_port, name, good, relayed=True)
+            assert await tunnel(s.bridge_port, literal, client_hello(None), relayed=True)
+            await asyncio.sleep(0.2)
+            dialed = srv.connections
+        await srv.aclose()
+        return dialed, name, s
+
+    dialed, name, s = run(main())
+    assert dialed == 2
+    denied = [(e["resource"], e["deny_reason"]) for e in s.events() if e["decision"] == 2]
+    assert denied == [(name, "ech_not_allowed"), (name, "sni_missing")]
 
 
 @pytest.mark.parametrize("mode", ["chunked", "close"])
