@@ -2,7 +2,9 @@
 real through the CLI, each next to a positive control run outside the sandbox (as root):
 #37 a hardlink to /etc/passwd and mknod fail inside while a FIFO works; #43 a setuid-root binary
 does not elevate; #45 /proc cannot be unmounted; #56 an allowed destination with nothing
-listening gives exactly one `upstream_unreachable` event per attempt, with this sandbox's id."""
+listening gives exactly one `upstream_unreachable` event per attempt, with this sandbox's id;
+#41 near-limit arguments arrive intact; #3 name/address pairing tricks; #21/#34 the sidecar's
+socket is out of the sandbox's and other users' reach."""
 
 from __future__ import annotations
 
@@ -10,13 +12,15 @@ import json
 import os
 import secrets
 import shutil
+import signal
+import socket
 import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
 
-from linux_support import SYSTEM_PYTHON, Upstream, base_env, require_tools, run_firma
+from linux_support import SYSTEM_PYTHON, Upstream, base_env, firma_cmd, require_tools, run_firma, wait_for
 
 pytestmark = pytest.mark.confinement
 
@@ -190,3 +194,50 @@ def test_name_to_address_pairing_tricks_do_not_reach_an_allowed_address(etc_fs_w
         ]
     finally:
         up.close()
+
+
+def test_the_sidecar_socket_answers_only_the_launchers_user_and_not_the_sandbox(tmp_path):
+    """ATTACKS #21/#34: the embedded sidecar's unix socket lives in a 0700 run dir under the state
+    root. Inside the sandbox the state root is an empty tmpfs: the socket is not there, and a
+    `sidecar.sock` forged there never reaches the host. Outside, another user cannot connect.
+    Control: the launcher's own user (root) connects and gets the health answer."""
+    from unprivileged_support import ensure_user
+
+    user = ensure_user()
+    state = Path(tempfile.mkdtemp(prefix="firma-test-state-", dir="/var/lib"))  # not under /tmp
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    n = 5000 + secrets.randbelow(4000)
+    agent = (
+        f"ls -A {state}/run > {ws}/inside-listing 2>&1; "
+        f"mkdir -p {state}/run/forged && : > {state}/run/forged/sidecar.sock && echo forged > {ws}/forged; "
+        f"touch {ws}/started; sleep {n}.5"
+    )
+    p = subprocess.Popen(firma_cmd("run", "--", "sh", "-c", agent), cwd=ws,
+                         env=base_env(tmp_path, FIRMA_STATE_DIR=str(state)),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(ws / "started", p)
+        (sock,) = state.glob("run/sbx_*/sidecar.sock")
+        health = "GET /__firma/health HTTP/1.1\r\nhost: firma\r\n\r\n"
+        with socket.socket(socket.AF_UNIX) as c:  # control: the launcher's user
+            c.settimeout(10)
+            c.connect(str(sock))
+            c.sendall(health.encode())
+            assert c.recv(64).startswith(b"HTTP/1.1 200")
+        probe = ("import socket, sys\n"
+                 "s = socket.socket(socket.AF_UNIX)\n"
+                 "try:\n    s.connect(sys.argv[1]); print('connected')\n"
+                 "except OSError as e:\n    print(type(e).__name__)\n")
+        other = subprocess.run(["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups",
+                                SYSTEM_PYTHON, "-S", "-c", probe, str(sock)], capture_output=True, text=True)
+        assert other.stdout.strip() == "PermissionError", other.stdout + other.stderr
+        assert "No such file or directory" in (ws / "inside-listing").read_text()  # inside: an empty state root
+        assert (ws / "forged").exists()  # the forging ran (on the sandbox's tmpfs)...
+        assert not (state / "run" / "forged").exists()  # ...and never reached the host
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(30) == 128 + signal.SIGTERM
+    finally:
+        if p.poll() is None:
+            p.kill()
+        shutil.rmtree(state, ignore_errors=True)
