@@ -218,3 +218,74 @@ def test_idle_tunnel_and_silent_tls_client_are_cut(tmp_path):
     assert before == after == 1
     reasons = sorted(e["deny_reason"] for e in s.events())
     assert reasons == ["idle_timeout", "tls_required"]
+
+
+def test_long_stream_relayed_intact_and_tunnel_lifetime_enforced(tmp_path):
+    """ATTACKS #22: a server-sent-events style response (2.5 MiB in 40 chunks, written over
+    time) reaches the client through the proxy byte for byte; a tunnel that outlives
+    max_tunnel_secs is cut and its event says `lifetime_exceeded` (the same tunnel's echo worked
+    before the cut: the control)."""
+    from firma.services.sidecar import SidecarLimits
+
+    events = [os.urandom(64 * 1024) for _ in range(40)]
+    want = hashlib.sha256(b"".join(events)).hexdigest()
+
+    async def sse(r, w):
+        await r.readuntil(b"\r\n\r\n")
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for e in events:
+            w.write(b"%x\r\n" % len(e) + e + b"\r\n")
+            await w.drain()
+            await asyncio.sleep(0.005)
+        w.write(b"0\r\n\r\n")
+        await w.drain()
+        w.close()
+
+    async def main():
+        server = await asyncio.start_server(sse, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        echo = await RawUpstream(echo=True).start()
+        limits = SidecarLimits(max_tunnel_secs=0.6)
+        async with Stack(tmp_path, allow=[f"127.0.0.1:{port}", f"127.0.0.1:{echo.port}"], limits=limits) as s:
+            r, w = await asyncio.open_connection("127.0.0.1", s.bridge_port, limit=1 << 22)
+            w.write(f"GET http://127.0.0.1:{port}/stream HTTP/1.1\r\nConnection: close\r\n\r\n".encode())
+            await w.drain()
+            head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), 10)
+            body = bytearray()
+            while True:
+                size = int((await asyncio.wait_for(r.readuntil(b"\r\n"), 10)).strip(), 16)
+                if size == 0:
+                    break
+                body += await asyncio.wait_for(r.readexactly(size), 10)
+                await r.readexactly(2)
+            w.close()
+            r2, w2, line = await open_tunnel(s.bridge_port, f"127.0.0.1:{echo.port}")
+            assert line.startswith(b"HTTP/1.1 200")
+            w2.write(b"ping")
+            await w2.drain()
+            echoed = await asyncio.wait_for(r2.readexactly(4), 5)
+            t0 = asyncio.get_running_loop().time()
+            cut = False
+            while asyncio.get_running_loop().time() - t0 < 10:
+                try:
+                    w2.write(b"x")
+                    await w2.drain()
+                    if await asyncio.wait_for(r2.read(1), 0.2) == b"":
+                        cut = True
+                        break
+                except asyncio.TimeoutError:
+                    pass
+                except (ConnectionError, OSError):
+                    cut = True
+                    break
+            w2.close()
+            await asyncio.sleep(0.2)
+        server.close()
+        await echo.aclose()
+        return head, hashlib.sha256(body).hexdigest(), echoed, cut, echo.port, s
+
+    head, got, echoed, cut, echo_port, s = run(main())
+    assert head.startswith(b"HTTP/1.1 200") and got == want
+    assert echoed == b"ping" and cut
+    tunnels = [e for e in s.events() if e["resource"] == f"127.0.0.1:{echo_port}"]
+    assert [e["deny_reason"] for e in tunnels] == ["lifetime_exceeded"]
