@@ -435,3 +435,31 @@ def test_run_dir_removed_unless_keep_markers(ws, tmp_path):
     assert {"run.log", "resolv.conf", "passwd", "group", "hosts", "owner"} <= {f.name for f in kept[0].iterdir()}
     assert oct(kept[0].stat().st_mode & 0o777) == "0o700"
     assert "agent exited with status 0" in (kept[0] / "run.log").read_text()
+
+
+def test_bwrap_refused_by_the_host_is_one_line_with_the_way_out(ws, tmp_path):
+    """ATTACKS #52: where the host blocks what bwrap needs (AppArmor's userns restriction, a
+    container's seccomp), bwrap fails before building the sandbox; firma never runs the command
+    unsandboxed and its one line points at `firma doctor`. Simulated with a bwrap that fails as
+    bwrap does there. Control: the same wrapper passing through runs the agent."""
+    real = subprocess.run(["sh", "-c", "command -v bwrap"], capture_output=True, text=True, check=True).stdout.strip()
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "bwrap").write_text(
+        "#!/bin/sh\n"
+        f'[ "$1" = --version ] && exec {real} --version\n'
+        f'if [ -e {ws}/refuse ]; then echo "bwrap: setting up uid map: Permission denied" >&2; exit 1; fi\n'
+        f'exec {real} "$@"\n'
+    )
+    (bindir / "bwrap").chmod(0o755)
+    env = base_env(tmp_path, PATH=f"{bindir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    cmd = ["run", "--", "sh", "-c", f"touch {ws}/agent-ran"]
+    ctl = run_firma(cmd, cwd=ws, env=env)
+    assert ctl.returncode == 0 and (ws / "agent-ran").exists(), ctl.stderr  # control
+    (ws / "agent-ran").unlink()
+    (ws / "refuse").touch()
+    p = run_firma(cmd, cwd=ws, env=env)
+    assert p.returncode == 1 and not (ws / "agent-ran").exists()
+    bwrap_line, err = p.stderr.splitlines()
+    assert bwrap_line == "bwrap: setting up uid map: Permission denied"
+    assert err.startswith("[ERR]  bwrap failed before the sandbox started") and err.endswith("run `firma doctor` for the fix")

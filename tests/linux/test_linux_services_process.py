@@ -257,3 +257,4 @@ def test_services_that_never_serve_stop_the_run_at_the_startup_timeout(ws, tmp_p
     log = next((tmp_path / "state" / "proofs").glob("sbx_*.run.log")).read_text()
     services = int(re.search(r"services process pid (\d+)", log).group(1))
     assert _wait_gone(services)
+

@@ -287,7 +287,11 @@ def _read_info(fd: int, timeout: float, waits: Waits) -> dict:
     try:
         return json.loads(bytes(buf))
     except ValueError:
-        raise LaunchError("bwrap failed before the sandbox started (see its message above)") from None
+        raise LaunchError(
+            "bwrap failed before the sandbox started (its reason is printed above); if it names a "
+            "uid map, a namespace or a permission, this host blocks unprivileged user namespaces "
+            "(AppArmor, a container's seccomp profile): run `firma doctor` for the fix"
+        ) from None
 
 
 @record(frozen=False)
