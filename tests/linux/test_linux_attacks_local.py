@@ -241,3 +241,30 @@ def test_the_sidecar_socket_answers_only_the_launchers_user_and_not_the_sandbox(
         if p.poll() is None:
             p.kill()
         shutil.rmtree(state, ignore_errors=True)
+
+
+def test_name_service_files_inside_are_ours_and_read_only(etc_fs_ws, tmp_path):
+    """ATTACKS #28: inside, /etc/resolv.conf and /etc/hosts are firma's generated files and
+    /etc/nsswitch.conf is the host's, all read-only; writing any of them fails. Control: root
+    outside can open the same files for writing (nothing is written)."""
+    from firma.core.bwrap_plan import HOSTS, RESOLV_CONF
+
+    files = ("/etc/resolv.conf", "/etc/hosts", "/etc/nsswitch.conf")
+    probe = (
+        "import errno, sys\n"
+        "for f in sys.argv[1:]:\n"
+        "    try:\n"
+        "        open(f, 'a').close(); w = 'writable'\n"
+        "    except OSError as e:\n"
+        "        w = errno.errorcode[e.errno]\n"
+        "    print(f, w, repr(open(f).read()))\n"
+    )
+    ctl = subprocess.run([SYSTEM_PYTHON, "-S", "-c", probe, *files], capture_output=True, text=True)
+    assert [line.split(" ", 2)[1] for line in ctl.stdout.splitlines()] == ["writable"] * 3, ctl.stdout + ctl.stderr
+    p = run_firma(["run", "--", SYSTEM_PYTHON, "-S", "-c", probe, *files], cwd=etc_fs_ws, env=base_env(tmp_path))
+    assert p.returncode == 0, p.stderr
+    seen = {f: (w, eval(text)) for f, w, text in (line.split(" ", 2) for line in p.stdout.splitlines())}  # noqa: S307
+    assert {f: w for f, (w, _) in seen.items()} == dict.fromkeys(files, "EROFS"), seen  # read-only mounts
+    assert seen["/etc/resolv.conf"][1] == RESOLV_CONF and seen["/etc/hosts"][1] == HOSTS
+    with open("/etc/nsswitch.conf") as f:
+        assert seen["/etc/nsswitch.conf"][1] == f.read()  # the host's, read-only
