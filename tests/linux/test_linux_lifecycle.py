@@ -170,7 +170,7 @@ def test_sigterm_ends_agent_and_background_grandchildren(ws, tmp_path):
     assert processes_with(marker1) and processes_with(marker2)  # positive control: they run
     p.send_signal(signal.SIGTERM)
     assert p.wait(30) == 128 + signal.SIGTERM
-    assert processes_with(marker1) == [] and processes_with(marker2) == []
+    assert wait_for_processes(marker1, present=False) == [] and wait_for_processes(marker2, present=False) == []
 
 
 def test_a_signal_the_caller_ignores_stays_ignored(ws, tmp_path):
@@ -214,7 +214,7 @@ def test_second_signal_escalates_to_kill(ws, tmp_path):
     p.send_signal(signal.SIGTERM)
     rc = p.wait(30)
     assert rc == 128 + signal.SIGKILL
-    assert processes_with(f"sleep {n}.3") == []
+    assert wait_for_processes(f"sleep {n}.3", present=False) == []
 
 
 def test_firma_log_lines_stay_off_the_terminal_but_in_run_log(ws, tmp_path):
@@ -293,9 +293,12 @@ def test_external_sidecar_killed_mid_run_stops_egress(ws, tmp_path):
 def test_killing_the_launcher_leaves_no_sandbox_process(ws, tmp_path):
     n = 5000 + secrets.randbelow(4000)
     p = _start(ws, tmp_path, f"sleep {n}.4 & touch {ws}/started; wait")
-    wait_for(ws / "started", p)
-    assert processes_with(f"sleep {n}.4")
-    p.kill()  # SIGKILL: no teardown code runs; --die-with-parent and the PID namespace must do it
+    try:
+        wait_for(ws / "started", p)
+        # The background sleep may exec only after `started` appears: wait for it to show.
+        assert wait_for_processes(f"sleep {n}.4", present=True)
+    finally:
+        p.kill()  # SIGKILL: no teardown code runs; --die-with-parent and the PID namespace must do it
     p.wait(10)
     assert wait_for_processes(f"sleep {n}.4", present=False) == []
     # its run dir is stale (owner dead): the next run removes it, nothing is reused
@@ -336,7 +339,7 @@ def test_agent_with_capabilities_is_refused_and_killed(ws, tmp_path, monkeypatch
                       unix_ms=int(time.time() * 1000), rand=os.urandom(20))
     with pytest.raises(LaunchError, match="holds privileges"):
         planted_run.run(plan, host, backend=BwrapBackend(), terminal=io.StringIO())
-    assert processes_with(f"sleep {n}.5") == []
+    assert wait_for_processes(f"sleep {n}.5", present=False) == []
     doc = json.loads((tmp_path / "state" / "proofs" / f"{plan.identity.sandbox_id}.json").read_text())
     checks = {c["name"]: c for c in doc["checks"]}
     assert checks["agent_no_capabilities"]["ok"] is False and doc["exit_status"] is None
