@@ -149,7 +149,9 @@ class Sidecar:
     async def serve_unix_socket(self, sock: socket.socket, path: str) -> str:
         """Serve a listening unix socket bound at path (removed again by `aclose`)."""
         self._unix_path = path
-        self._server = await asyncio.start_unix_server(self._client, sock=sock, limit=netio.STREAM_LIMIT)
+        self._server = await asyncio.start_unix_server(
+            self._client, sock=sock, limit=netio.STREAM_LIMIT, backlog=LISTEN_BACKLOG
+        )
         self.endpoint = f"unix://{path}"
         return self.endpoint
 
