@@ -589,42 +589,39 @@ class Sidecar:
         must_tls = port == 443 and not host.is_ip
         wait = self.limits.setup_timeout if port == 443 else 0.25  # server-speaks-first protocols
         deadline = time.monotonic() + wait
-
-        def undecided_at_deadline() -> str:
-            if must_tls:
-                return "tls_required"
-            if not s.buf:
-                return ""
-            if not host.is_ip and http1.tunnel_carries_http(s.buf) is not False:
-                return "http_in_tunnel"
-            return "tls_incomplete" if s.buf[:1] == b"\x16" else ""
-
         while True:
             try:
                 hello = tlshello.parse_client_hello(bytes(s.buf))
                 break
-            except (tlshello.NeedMore, tlshello.NotTls) as exc:
-                if isinstance(exc, tlshello.NotTls):
-                    if must_tls:
-                        return "tls_required"
-                    if host.is_ip:
-                        return ""
-                    carries = http1.tunnel_carries_http(s.buf)
-                    if carries is not None:
-                        return "http_in_tunnel" if carries else ""
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return undecided_at_deadline()
+            except tlshello.BadHello:
+                return "bad_client_hello"
+            except tlshello.NotTls:
+                if must_tls:
+                    return "tls_required"
+                carries = False if host.is_ip else http1.tunnel_carries_http(s.buf)
+                if carries is not None:
+                    return "http_in_tunnel" if carries else ""
+                # a request line may still be arriving: read on
+            except tlshello.NeedMore:
+                pass
+            left = deadline - time.monotonic()
+            chunk = None
+            if left > 0:
                 try:
                     chunk = await asyncio.wait_for(s.r.read(65536), left)
                 except asyncio.TimeoutError:
-                    return undecided_at_deadline()
-                if not chunk:
-                    return "client_closed"
-                s.buf += chunk
-                if len(s.buf) > tlshello.MAX_HELLO + 4096:
-                    return "bad_client_hello"
-            except tlshello.BadHello:
+                    pass
+            if chunk is None:  # the deadline: decide on what arrived
+                if must_tls:
+                    return "tls_required"
+                if not s.buf:
+                    return ""
+                # an unfinished ClientHello, else an unfinished request line to a hostname
+                return "tls_incomplete" if s.buf[:1] == b"\x16" else "http_in_tunnel"
+            if not chunk:
+                return "client_closed"
+            s.buf += chunk
+            if len(s.buf) > tlshello.MAX_HELLO + 4096:
                 return "bad_client_hello"
         if hello.ech:
             return "ech_not_allowed"
