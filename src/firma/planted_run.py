@@ -45,7 +45,7 @@ from .runparts import (
     startup_done,
     unreachable_external,
 )
-from .supervisor import FORWARDED, TERMINATION, handled_signals
+from .supervisor import FORWARDED, TERMINATION, Supervisor, handled_signals
 
 _STOP_TIMEOUT = 10.0  # the services drain and flush the audit log within this after SIGTERM
 _REAP_TIMEOUT = 5.0
@@ -141,6 +141,11 @@ class ServicesProcess:
     serving: bool = False
     serving_eof: bool = False
     status: int | None = None  # wait status once reaped
+
+    @property
+    def starting(self) -> bool:
+        """Neither serving nor ending yet: its start-up deadline applies."""
+        return not (self.serving or self.serving_eof)
 
 
 def run(
@@ -419,25 +424,22 @@ def _supervise(child: Any, services: ServicesProcess, signals: Signals, log: Run
     sandbox) and watching the services process, which must serve within the sidecar start-up
     timeout (SPEC §9) or the run stops: an agent whose connections would wait forever is
     stopped rather than left hanging."""
-    terminations = 0
+    sup = Supervisor(on_early_signal=lambda _s: None)  # early signals ended the launch already
+    sup.attach(child)
     deadline = time.monotonic() + startup_timeout
     while True:
         watch = [child.proc_pidfd, signals.r, services.pidfd]
-        waiting = not (services.serving or services.serving_eof)
-        if waiting:
+        if services.starting:
             watch.append(services.serving_r)
-        ready = select.select(watch, [], [], max(deadline - time.monotonic(), 0) if waiting else None)[0]
+        timeout = max(deadline - time.monotonic(), 0) if services.starting else None
+        ready = select.select(watch, [], [], timeout)[0]
         for signum in signals.take():
-            if signum in TERMINATION:
-                terminations += 1
-                if terminations > 1:
-                    log(f"second termination signal ({signum}): killing the sandbox", "warn")
-                    child.kill_tree()
-                    continue
-            child.forward_signal(signum)
+            sup.handle(signum)
+            if signum in TERMINATION and sup.escalated:
+                log(f"second termination signal ({signum}): killing the sandbox", "warn")
         if child.proc_pidfd in ready:
             return child.status()
-        if services.serving_r in ready and not (services.serving or services.serving_eof):
+        if services.serving_r in ready:
             if os.read(services.serving_r, 1):
                 services.serving = True
                 log("services serving the planted sockets and the sidecar", "info")
@@ -449,7 +451,7 @@ def _supervise(child: Any, services: ServicesProcess, signals: Signals, log: Run
                 f"the services process (sidecar, bridge, DNS stub) stopped unexpectedly ({_describe(services.status)}); "
                 "the agent had no egress and was stopped; see run.log in the proof directory"
             )
-        if not ready and not (services.serving or services.serving_eof):
+        if not ready and services.starting:
             raise SidecarError(
                 f"the services process (sidecar, bridge, DNS stub) did not serve within {startup_timeout:g}s; "
                 "the agent was stopped; raise --sidecar-startup-timeout-secs on a slow machine"

@@ -39,7 +39,7 @@ class Supervisor:
 
         self._loop = asyncio.get_running_loop()
         for s in handled_signals():
-            self._loop.add_signal_handler(s, self._on_signal, s)
+            self._loop.add_signal_handler(s, self.handle, s)
 
     def uninstall(self) -> None:
         if self._loop is None:
@@ -54,7 +54,9 @@ class Supervisor:
     def attach(self, child: LaunchedChild) -> None:
         self._child = child
 
-    def _on_signal(self, signum: int) -> None:
+    def handle(self, signum: int) -> None:
+        """What a signal means for the run (the asyncio handler, or the synchronous launcher's
+        loop, calls this): forwarded once, a second termination kills the whole sandbox."""
         if signum in TERMINATION:
             self._terminations += 1
         child = self._child
