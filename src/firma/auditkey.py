@@ -1,5 +1,5 @@
-"""The audit signing key file (no asyncio: the synchronous launcher checks it before the
-services start, SPEC §9 readiness)."""
+"""The audit files on disk: the signing key and the log (no asyncio: the synchronous launcher
+checks both before the services start, SPEC §9 readiness)."""
 
 from __future__ import annotations
 
@@ -78,3 +78,19 @@ def read_key_file(path: str) -> bytes | None:
     if not pem.lstrip().startswith(b"-----BEGIN PRIVATE KEY-----") or b"-----END PRIVATE KEY-----" not in pem:
         raise AuditError(f"cannot load audit key {path}: not a PEM PKCS#8 private key; remove it to generate a new one")
     return pem
+
+
+def open_audit_log(path: str, remedy: str = "fix --audit or its directory") -> int:
+    """A descriptor appending to the audit log, created 0600 (a looser existing mode is
+    tightened); a link is refused."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            if os.fstat(fd).st_mode & 0o077:
+                os.fchmod(fd, 0o600)
+        except OSError:
+            os.close(fd)
+            raise
+    except OSError as exc:
+        raise AuditError(f"cannot open audit log {path}: {exc.strerror}; {remedy}") from None
+    return fd

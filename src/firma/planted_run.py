@@ -257,20 +257,15 @@ def _launch(plan: RunPlan, backend: Any, log: RunLog, proof, artifact, signals: 
 def _ready_embedded(run: RunRecord) -> EmbeddedSidecar:
     """SPEC §9 readiness, measured here: the policy loads, the audit key is a private PEM file
     (made now in a new state dir), the audit log opens, the listener is bound."""
-    from .auditkey import load_or_create_key, read_key_file  # noqa: PLC0415
+    from .auditkey import load_or_create_key, open_audit_log, read_key_file  # noqa: PLC0415
     from .core.policy import Policy  # noqa: PLC0415
-    from .errors import AuditError  # noqa: PLC0415
     from .sidecar_ready import bind_unix_listener  # noqa: PLC0415
 
     plan = run.plan
     policy = Policy.load(plan.allow_hosts, plan.policy_path)
     if read_key_file(run.dirs.key_path) is None:
         load_or_create_key(run.dirs.key_path)
-    try:
-        fd = os.open(run.dirs.audit_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise AuditError(f"cannot open audit log {run.dirs.audit_path}: {exc.strerror}; fix its directory") from None
-    os.close(fd)
+    os.close(open_audit_log(run.dirs.audit_path, "fix its directory"))
     endpoint = sidecar_listen(run)
     path = endpoint[len("unix://") :]
     listener = bind_unix_listener(path)

@@ -5,8 +5,9 @@ Given a key path, the writer checks the key file at once (no link, regular, 0600
 a missing key is created then) and parses it on its own thread when it is first needed: the first
 event, `ready()` (which the sidecar awaits before it lets any request out), or `load_soon()`.
 Importing cryptography and parsing the key costs ~10–20 ms: `firma run`'s services process asks
-for it as soon as it serves, while the agent starts, so the first request does not wait for it. A key that then fails to parse sets
-`failed`, so the sidecar refuses traffic (no unaudited egress)."""
+for it as soon as it serves, while the agent starts, so the first request does not wait for it.
+A key that then fails to parse sets `failed`, so the sidecar refuses traffic (no unaudited
+egress)."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import queue
 import threading
 from typing import Any
 
-from ..auditkey import load_or_create_key, parse_key, read_key_file  # noqa: F401 - re-exported
+from ..auditkey import load_or_create_key, open_audit_log, parse_key, read_key_file  # noqa: F401 - re-exported
 from ..core import auditfmt
 from ..errors import AuditError
 
@@ -46,14 +47,7 @@ class AuditWriter:
         self.dropped = 0
         self.written = 0
         self.failed: str | None = None  # set once a write fails; the sidecar then refuses traffic
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
-            st = os.fstat(fd)
-            if st.st_mode & 0o077:
-                os.fchmod(fd, 0o600)
-        except OSError as exc:
-            raise AuditError(f"cannot open audit log {path}: {exc.strerror}; fix --audit or its directory") from None
-        self._file = os.fdopen(fd, "a", encoding="utf-8")
+        self._file = os.fdopen(open_audit_log(path), "a", encoding="utf-8")
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._pending = 0
         self._lock = threading.Lock()
