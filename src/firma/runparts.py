@@ -136,7 +136,6 @@ class RunRecord:
         if self.plan.proof_file:
             statedir.write_private(self.plan.proof_file, text)
 
-
     def finish(self, envelope: ExecutionEnvelope | None, status: int | None, *, failed: bool) -> None:
         """The last steps of every teardown: the private socket dir, the final proof, the run
         dir (a failed run keeps its run.log next to the proof)."""

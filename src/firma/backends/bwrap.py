@@ -94,13 +94,17 @@ def git_refs(cwd: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(r for r in refs if r != cwd and _within(r, cwd)))
 
 
+def _xdg_runtime_dir(host: Host) -> str | None:
+    """$XDG_RUNTIME_DIR when it is an absolute path (the sandbox puts a fresh tmpfs there)."""
+    xdg = host.environ.get("XDG_RUNTIME_DIR", "").strip()
+    return xdg if xdg.startswith("/") else None
+
+
 def measure_facts(
     envelope: ExecutionEnvelope, host: Host, protected_extra: tuple[str, ...] = ()
 ) -> bwrap_plan.BwrapFacts:
     """lstat the candidate paths on the host (the plan itself stays pure)."""
-    xdg = host.environ.get("XDG_RUNTIME_DIR", "").strip() or None
-    if xdg and not xdg.startswith("/"):
-        xdg = None
+    xdg = _xdg_runtime_dir(host)
     state_root = os.path.dirname(os.path.dirname(envelope.runtime_dir.rstrip("/")))
     kinds: dict[str, str] = {}
     realpaths: dict[str, str] = {}
@@ -325,10 +329,9 @@ def require_command(plan: RunPlan, host: Host) -> None:
     host's root read-only, so the host lookup with the launch PATH is the sandbox's lookup, less
     what the sandbox hides (fresh tmpfs dirs, /root when the caller is root, masked home paths)
     unless the workspace or a mount shows it again."""
-    xdg = host.environ.get("XDG_RUNTIME_DIR", "").strip() or None
     hidden = bwrap_plan.hidden_dirs(
         home=plan.home, mask_home_paths=plan.mask_home_paths, caller_is_root=host.is_root,
-        xdg_runtime_dir=xdg if xdg and xdg.startswith("/") else None, state_root=plan.state_root,
+        xdg_runtime_dir=_xdg_runtime_dir(host), state_root=plan.state_root,
     )
     shown = (plan.cwd,) + tuple(m.target for m in plan.mounts) + tuple(
         os.path.join(plan.home, rel) for rel in plan.writable_home_paths
