@@ -151,6 +151,22 @@ def base_env(tmp: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def wrapped_bwrap_env(tmp: Path, body: str) -> dict[str, str]:
+    """base_env with a `bwrap` wrapper first on PATH: `--version` goes to the real bwrap, then
+    `body` (shell lines that may exit or exec in its place), then the call goes through."""
+    real = shutil.which("bwrap")
+    if real is None:
+        raise AssertionError("bwrap is not installed")
+    bindir = tmp / "bin"
+    bindir.mkdir(exist_ok=True)
+    wrapper = bindir / "bwrap"
+    wrapper.write_text(f'#!/bin/sh\n[ "$1" = --version ] && exec {real} --version\n{body}exec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    env = base_env(tmp)
+    env["PATH"] = f"{bindir}:{env['PATH']}"
+    return env
+
+
 def wait_for(path: Path, proc: subprocess.Popen | None = None, limit: float = 60) -> None:
     """Poll until path exists; fail early (with firma's stderr) if proc exits first."""
     end = time.monotonic() + limit

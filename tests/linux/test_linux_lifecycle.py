@@ -26,6 +26,7 @@ from linux_support import (
     run_firma,
     wait_for,
     wait_for_processes,
+    wrapped_bwrap_env,
 )
 
 pytestmark = pytest.mark.confinement
@@ -445,17 +446,9 @@ def test_bwrap_refused_by_the_host_is_one_line_with_the_way_out(ws, tmp_path):
     container's seccomp), bwrap fails before building the sandbox; firma never runs the command
     unsandboxed and its one line points at `firma doctor`. Simulated with a bwrap that fails as
     bwrap does there. Control: the same wrapper passing through runs the agent."""
-    real = subprocess.run(["sh", "-c", "command -v bwrap"], capture_output=True, text=True, check=True).stdout.strip()
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    (bindir / "bwrap").write_text(
-        "#!/bin/sh\n"
-        f'[ "$1" = --version ] && exec {real} --version\n'
-        f'if [ -e {ws}/refuse ]; then echo "bwrap: setting up uid map: Permission denied" >&2; exit 1; fi\n'
-        f'exec {real} "$@"\n'
+    env = wrapped_bwrap_env(
+        tmp_path, f'if [ -e {ws}/refuse ]; then echo "bwrap: setting up uid map: Permission denied" >&2; exit 1; fi\n'
     )
-    (bindir / "bwrap").chmod(0o755)
-    env = base_env(tmp_path, PATH=f"{bindir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
     cmd = ["run", "--", "sh", "-c", f"touch {ws}/agent-ran"]
     ctl = run_firma(cmd, cwd=ws, env=env)
     assert ctl.returncode == 0 and (ws / "agent-ran").exists(), ctl.stderr  # control

@@ -26,6 +26,7 @@ from linux_support import (
     run_firma,
     wait_for,
     wait_for_processes,
+    wrapped_bwrap_env,
 )
 
 pytestmark = pytest.mark.confinement
@@ -152,19 +153,11 @@ def test_termination_signal_while_the_sandbox_is_being_built_stops_the_launch(ws
     """A bwrap that stalls before building the sandbox: SIGTERM to firma interrupts the wait,
     kills the stalled bwrap and ends with 128+15 and no agent. Control: the same wrapper without
     the stall runs the agent."""
-    real = subprocess.run(["sh", "-c", "command -v bwrap"], capture_output=True, text=True, check=True).stdout.strip()
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
     n = 5000 + secrets.randbelow(4000)
-    (bindir / "bwrap").write_text(
-        "#!/bin/sh\n"
-        f'[ "$1" = --version ] && exec {real} --version\n'
+    env = wrapped_bwrap_env(tmp_path, (
         f"touch {ws}/wrapper-ran\n"
-        f'[ -e {ws}/stall ] && exec sleep {n}.6\n'  # the stalled "bwrap" is this one process
-        f'exec {real} "$@"\n'
-    )
-    (bindir / "bwrap").chmod(0o755)
-    env = base_env(tmp_path, PATH=f"{bindir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        f"[ -e {ws}/stall ] && exec sleep {n}.6\n"  # the stalled "bwrap" is this one process
+    ))
     ctl = run_firma(["run", "--", "sh", "-c", f"touch {ws}/agent-ran"], cwd=ws, env=env)
     assert ctl.returncode == 0 and (ws / "agent-ran").exists(), ctl.stderr  # control
     (ws / "agent-ran").unlink()
