@@ -1,5 +1,5 @@
 import sys
 
-from .cli import entry
+from .cli.main import entry
 
 sys.exit(entry())

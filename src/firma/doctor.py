@@ -18,8 +18,9 @@ import subprocess
 
 from .core.record import asdict, record
 from .errors import FirmaError
-from .host import Host, is_truthy
-from .preflight import bwrap_preflight
+from .core.hostfacts import Host
+from .core.settings import is_truthy
+from .backends.preflight import bwrap_preflight
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 MIN_BWRAP = (0, 8, 0)  # --disable-userns first appeared in bubblewrap 0.8.0
@@ -291,7 +292,7 @@ def _kernel_seccomp() -> bool:
 def _seccomp(host: Host, ref, state_root: str) -> tuple[str | None, str, bytes | None]:
     """Compile (in memory) what run would load; verify the stored artifact when there is one."""
     from .errors import SeccompError
-    from .seccomp import open_verified, plan_artifact
+    from .seccomp.store import open_verified, plan_artifact
 
     try:
         art, bpf = plan_artifact(ref, state_root, host.machine)

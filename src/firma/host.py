@@ -1,7 +1,6 @@
-"""Platform facts, gathered once, passed in as a value.
-
-Backends and the lifecycle never look at the platform or the environment themselves: they receive
-a `Host`. Tests build a `Host` by hand (for example a macOS host on Linux)."""
+"""Reads the real platform once, into a `Host` value (firma.core.hostfacts): the only module that
+inspects it. Backends and the launch sequence never look at the platform or the environment
+themselves."""
 
 from __future__ import annotations
 
@@ -9,49 +8,7 @@ import os
 import subprocess
 from typing import Mapping
 
-from .core.record import record, field
-
-TRUTHY = frozenset({"1", "true", "yes", "on"})
-
-
-def is_truthy(value: str | None) -> bool:
-    """`1|true|yes|on`, trimmed, any case (ref)."""
-    return value is not None and value.strip().lower() in TRUTHY
-
-
-@record
-class Host:
-    system: str  # "linux", "darwin", …  (platform.system().lower())
-    machine: str = "x86_64"
-    kernel_osrelease: str = ""
-    # Raw contents of the userns knobs; None when the file does not exist on this kernel.
-    unprivileged_userns_clone: str | None = None
-    max_user_namespaces: str | None = None
-    uid: int = 0
-    gid: int = 0
-    # Absolute paths of the external tools found on PATH (None when absent).
-    bwrap_path: str | None = None
-    bwrap_version: str | None = None  # first line of `bwrap --version`, None when it failed
-    sandbox_exec_path: str | None = None
-    # The user's environment, captured once; the plan reads it, backends never do.
-    environ: Mapping[str, str] = field(default_factory=dict)
-
-    @property
-    def is_linux(self) -> bool:
-        return self.system == "linux"
-
-    @property
-    def is_macos(self) -> bool:
-        return self.system == "darwin"
-
-    @property
-    def is_wsl(self) -> bool:
-        rel = self.kernel_osrelease.lower()
-        return self.is_linux and ("microsoft" in rel or "wsl" in rel)
-
-    @property
-    def is_root(self) -> bool:
-        return self.uid == 0
+from .core.hostfacts import Host
 
 
 def _read(path: str) -> str | None:

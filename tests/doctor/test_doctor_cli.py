@@ -13,8 +13,8 @@ import threading
 import pytest
 
 from firma.host import detect_host
-from firma.preflight import bwrap_preflight
-from firma.seccomp import prepare_filter
+from firma.backends.preflight import bwrap_preflight
+from firma.seccomp.store import prepare_filter
 
 
 def doctor(tmp_path, env_extra=None, path=None, args=("--json",)):

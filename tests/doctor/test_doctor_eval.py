@@ -18,8 +18,8 @@ from firma.doctor import (
     report_text,
 )
 from firma.errors import FirmaError
-from firma.host import Host
-from firma.preflight import bwrap_preflight
+from firma.core.hostfacts import Host
+from firma.backends.preflight import bwrap_preflight
 
 LINUX = Host(system="linux", machine="x86_64", kernel_osrelease="6.8.0",
              max_user_namespaces="15000", uid=1000, gid=1000, bwrap_path="/usr/bin/bwrap",

@@ -2,6 +2,6 @@
 
 import sys
 
-from firma.cli import entry
+from firma.cli.main import entry
 
 sys.exit(entry())

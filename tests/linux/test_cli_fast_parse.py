@@ -14,7 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from linux_support import base_env
 
-from firma import cli, cli_run
+from firma.cli import main as cli
+from firma.cli import run as cli_run
 
 RUN_NAMES = [o.name for o in cli_run.OPTIONS]
 GLOBAL_NAMES = [o.name for o in cli.GLOBAL_OPTIONS]
@@ -143,7 +144,7 @@ def test_fast_parse_leaves_everything_else_to_argparse():
 def test_fast_parse_does_not_import_argparse(ws, tmp_path):
     code = (
         "import sys\n"
-        "from firma import cli\n"
+        "from firma.cli import main as cli\n"
         "ns = cli.fast_parse(['--log-filter', 'info', 'run', '--profile', 'generic', '--', 'true'])\n"
         "assert ns is not None\n"
         "print('argparse' in sys.modules)\n"

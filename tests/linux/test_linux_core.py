@@ -12,7 +12,7 @@ from firma.core.identity import attribution_user, build_identity, uuid7
 from firma.core.model import ExecutionEnvelope, IdentityMode, Mount, NetworkEndpoints, frozen_map
 from firma.core.planner import RunArgs, build_plan, plan_to_json, state_root
 from firma.errors import ConfigError, PlanError, UnsupportedBackendError
-from firma.host import Host
+from firma.core.hostfacts import Host
 
 R = bytes(range(20))
 
@@ -243,7 +243,7 @@ def test_mask_verification_reads_the_mount_table_and_refuses_gaps():
     import os
     import types
 
-    from firma.backends.bwrap import BwrapBackend, _unescape
+    from firma.backends.bwrap.backend import BwrapBackend, _unescape
     from firma.errors import LaunchError
 
     checks = []

@@ -15,7 +15,8 @@ import sys
 
 import pytest
 
-from firma import seccomp, statedir
+from firma.seccomp import store as seccomp
+from firma.run import state as statedir
 from firma.host import which
 from linux_support import base_env, firma_cmd
 
@@ -116,7 +117,7 @@ def test_remove_tree_falls_back_for_nested_dirs(tmp_path):
 def test_pyseccomp_imports_without_ctypes_util():
     code = (
         "import sys\n"
-        "from firma import seccomp\n"
+        "from firma.seccomp import store as seccomp\n"
         "m = seccomp._import_pyseccomp()\n"
         "import ctypes\n"
         "print(m._libseccomp_path, 'ctypes.util' in sys.modules, hasattr(ctypes, 'util'), 'tempfile' in sys.modules)\n"
@@ -159,7 +160,7 @@ def test_firma_executable_keeps_openssl_modules_out_and_still_signs(ws, tmp_path
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith("HTTP/1.1 403")
     seen = [set(json.loads(f.read_text())) for f in reports.iterdir()]
-    launchers = [m for m in seen if "firma.planted_run" in m and "firma.services.sidecar" not in m]
+    launchers = [m for m in seen if "firma.run.forked" in m and "firma.services.sidecar" not in m]
     services = [m for m in seen if "firma.services.sidecar" in m]
     # the hook saw the launcher (and its planting helper, a fork of it) and the services process
     assert launchers and len(services) == 1, [len(m) for m in seen]

@@ -315,16 +315,16 @@ def test_killing_the_launcher_leaves_no_sandbox_process(ws, tmp_path):
 def test_agent_with_capabilities_is_refused_and_killed(ws, tmp_path, monkeypatch):
     """If the outside read of /proc/<agent>/status shows a capability, the launch is refused and
     the sandbox killed (the reading is faked to simulate a bwrap that failed to drop them).
-    Driven in-process through the launcher `firma run` uses (firma.planted_run)."""
+    Driven in-process through the launcher `firma run` uses (firma.run.forked)."""
     import io
 
-    import firma.backends.bwrap as bw
+    import firma.backends.bwrap.backend as bw
     from firma.core import config as cfgmod
     from firma.core.planner import RunArgs, build_plan
     from firma.errors import LaunchError
     from firma.host import detect_host
-    from firma import planted_run
-    from firma.backends.bwrap import BwrapBackend
+    from firma.run import forked as planted_run
+    from firma.backends.bwrap.backend import BwrapBackend
 
     real = bw._status
 

@@ -19,7 +19,7 @@ from firma.core import bwrap_plan, config as cfgmod
 from firma.core.model import ExecutionEnvelope, Identity, IdentityMode, NetworkEndpoints, RunPlan, SeccompPolicyRef, frozen_map
 from firma.core.planner import RunArgs, build_plan
 from firma.errors import ConfigError, LaunchError
-from firma.host import Host
+from firma.core.hostfacts import Host
 from linux_support import SYSTEM_PYTHON, base_env, require_tools, run_firma
 
 WS = "/work/p"
@@ -316,7 +316,7 @@ def test_launch_verification_reads_the_final_mount_table_and_refuses_gaps():
     mount point, or a pinned parent that is not a mount point, refuses the launch."""
     import types
 
-    from firma.backends.bwrap import BwrapBackend
+    from firma.backends.bwrap.backend import BwrapBackend
 
     checks = []
     hooks = types.SimpleNamespace(add_check=checks.append)

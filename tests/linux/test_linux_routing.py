@@ -20,8 +20,8 @@ from firma.core import config as cfgmod
 from firma.core.model import EnforcementProof, NetworkConfinement
 from firma.core.planner import RunArgs, build_plan
 from firma.errors import GateError
-from firma.host import Host
-from firma.lifecycle import default_kit, execute
+from firma.core.hostfacts import Host
+from firma.run.inprocess import default_kit, execute
 
 CHILD = r"""
 import json, os, socket, struct, sys, urllib.request

@@ -1,4 +1,4 @@
-"""The split launch of `firma run` with bwrap (firma.planted_run): a synchronous launcher and a
+"""The split launch of `firma run` with bwrap (firma.run.forked): a synchronous launcher and a
 services process forked from it. Through the real CLI: the services process dying mid-run
 stops the agent and fails closed; the launcher's death takes the services process along; a
 run whose agent sends nothing stops the services without an error; an agent that connects at

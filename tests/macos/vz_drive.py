@@ -6,8 +6,8 @@ vz backend, supervisor, proof — is the real code."""
 import os
 import sys
 
-import firma.cli_run as cli_run
-from firma.cli import entry
+import firma.cli.run as cli_run
+from firma.cli.main import entry
 from firma.core.record import replace
 from firma.host import detect_host as real_detect_host
 

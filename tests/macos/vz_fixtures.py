@@ -118,7 +118,7 @@ def run_plan(tmp: Path, vz=None, profile: str = "generic"):
 
 
 def mac_host(sandbox_exec: str | None = None, system: str = "darwin"):
-    from firma.host import Host
+    from firma.core.hostfacts import Host
 
     return Host(system=system, machine="arm64", sandbox_exec_path=sandbox_exec)
 

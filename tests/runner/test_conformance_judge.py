@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from firma.conformance.judge import (
+from firma.runner.conformance.judge import (
     Report,
     RunObservation,
     judge_dns_confined,

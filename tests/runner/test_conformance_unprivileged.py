@@ -23,7 +23,7 @@ def test_conformance_passes_unprivileged():
         runner.write_text(
             "#!/bin/sh\n"
             f'PYTHONPATH="{inst.pythonpath}" exec {PY} -c '
-            '"import sys; from firma.runner_linux import main; sys.exit(main())" "$@"\n'
+            '"import sys; from firma.runner.linux import main; sys.exit(main())" "$@"\n'
         )
         os.chmod(runner, 0o755)
         user = inst.user

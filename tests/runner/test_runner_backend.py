@@ -10,7 +10,7 @@ from firma.backends.base import RoutingMode
 from firma.backends.runner import DETAIL, RunnerBackend
 from firma.core.model import Identity, NetworkConfinement, RunPlan
 from firma.errors import BackendError
-from firma.host import Host
+from firma.core.hostfacts import Host
 
 
 def plan(runner_path):

@@ -119,7 +119,7 @@ def test_vz_backend_guest_launch_contract_validates_and_matches_schema(tmp_path)
     from firma.core.model import (
         ExecutionEnvelope, Identity, IdentityMode, NetworkEndpoints, RunPlan, VzInputs, frozen_map,
     )
-    from firma.host import Host
+    from firma.core.hostfacts import Host
 
     runner, out = capture_runner(tmp_path, exit_code=0)
     files = {}
@@ -167,7 +167,7 @@ def test_firma_run_with_the_reference_runner_end_to_end(tmp_path):
     import shutil
     import socket
 
-    from firma.conformance.listeners import TrapTcp, Upstream
+    from firma.runner.conformance.listeners import TrapTcp, Upstream
 
     if shutil.which("bwrap") is None:
         raise AssertionError("bwrap is required; run scripts/install-system-deps.sh")

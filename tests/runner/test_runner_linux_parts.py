@@ -15,7 +15,7 @@ import pytest
 from firma.backends.base import PlantedSockets
 from firma.core.model import IdentityMode
 from firma.errors import ContractError
-from firma.runner_linux import (
+from firma.runner.linux import (
     Relays,
     Upstreams,
     check_upstreams,
@@ -176,9 +176,9 @@ def test_relays_forward_bytes_and_close_when_the_bridge_is_gone():
 def test_runtime_dir_is_firmas_so_its_state_root_is_hidden(tmp_path):
     """With firma's own runtime_dir the bwrap plan masks <runtime_dir>/../.. — firma's state root
     with the audit key, proofs and the contract itself — wherever FIRMA_STATE_DIR points."""
-    from firma.backends.bwrap import BwrapBackend, measure_facts
+    from firma.backends.bwrap.backend import BwrapBackend, measure_facts
     from firma.host import detect_host
-    from firma.runner_linux import choose_runtime_dir
+    from firma.runner.linux import choose_runtime_dir
 
     state = tmp_path / "state"
     c = good_contract()
@@ -205,7 +205,7 @@ def test_runtime_dir_is_firmas_so_its_state_root_is_hidden(tmp_path):
 
 def test_runtime_dir_not_private_is_refused(tmp_path):
     from firma.errors import LaunchError
-    from firma.runner_linux import choose_runtime_dir
+    from firma.runner.linux import choose_runtime_dir
 
     c = good_contract()
     d = tmp_path / "rt"
@@ -217,7 +217,7 @@ def test_runtime_dir_not_private_is_refused(tmp_path):
 
 
 def test_missing_runtime_dir_gets_a_private_temp_tree(tmp_path):
-    from firma.runner_linux import choose_runtime_dir
+    from firma.runner.linux import choose_runtime_dir
 
     c = good_contract()
     c["runtime_dir"] = str(tmp_path / "absent")

@@ -12,7 +12,7 @@ from seccomp_support import write_policy
 
 from firma.core.model import SeccompPolicyRef
 from firma.errors import SeccompError
-from firma.seccomp import compile_bpf, open_verified, prepare_filter
+from firma.seccomp.store import compile_bpf, open_verified, prepare_filter
 from firma.core.seccomp_policy import DEFAULT_POLICY_VERSION, default_policy
 
 

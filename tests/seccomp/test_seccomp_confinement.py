@@ -14,7 +14,7 @@ import pytest
 from seccomp_support import HARDENING_TESTS, sandbox_argv, write_policy
 
 from firma.core.model import SeccompPolicyRef
-from firma.seccomp import open_verified, prepare_filter
+from firma.seccomp.store import open_verified, prepare_filter
 
 pytestmark = pytest.mark.confinement
 EPERM = str(errno.EPERM)

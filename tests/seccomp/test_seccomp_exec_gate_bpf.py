@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from firma.seccomp_exec import gate_program
+from firma.seccomp.exec_gate import gate_program
 
 X86_64 = 0xC000003E
 I386 = 0x40000003

@@ -9,7 +9,7 @@ from ..core.model import BACKENDS
 from ..errors import UnsupportedBackendError
 
 _REGISTRY = {
-    "bwrap": ("firma.backends.bwrap", "BwrapBackend"),
+    "bwrap": ("firma.backends.bwrap.backend", "BwrapBackend"),
     "vz": ("firma.backends.vz", "VzBackend"),
     "runner": ("firma.backends.runner", "RunnerBackend"),
 }

@@ -11,7 +11,7 @@ from typing import Awaitable, Callable, Protocol
 
 from ..core.model import Check, EnforcementProof, ExecutionEnvelope, RunPlan
 from ..core.record import record, field
-from ..host import Host
+from ..core.hostfacts import Host
 
 
 class RoutingMode(Enum):

@@ -15,7 +15,7 @@ from ..core.contract_validate import validate_contract
 from ..core.model import EnforcementProof, ExecutionEnvelope, NetworkConfinement, RunPlan
 from ..core.vzinputs import Inspect, inspect_path
 from ..errors import BackendError, ContractError
-from ..host import Host
+from ..core.hostfacts import Host
 from . import external
 from .base import LaunchedChild, LaunchHooks, RoutingMode, RoutingPlan
 

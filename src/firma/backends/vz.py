@@ -42,8 +42,8 @@ from ..core.vzinputs import (
     validate_guest_inputs,
 )
 from ..errors import BackendError, ContractError
-from ..host import Host
-from ..preflight import vz_host_check
+from ..core.hostfacts import Host
+from .preflight import vz_host_check
 from . import external
 from .base import LaunchedChild, LaunchHooks, RoutingMode, RoutingPlan
 

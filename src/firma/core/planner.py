@@ -7,7 +7,8 @@ import re
 from typing import Any, Callable, Mapping
 
 from ..errors import ConfigError, PlanError, UnsupportedBackendError
-from ..host import Host, is_truthy
+from .hostfacts import Host
+from .settings import is_truthy
 from . import config as cfgmod
 from . import launchenv, profiles
 from .identity import build_identity

@@ -1,6 +1,6 @@
 """Managed seccomp policy (SPEC §10): strict TOML parse and the rule set it compiles to.
 
-Pure: text in, frozen data out. `firma.seccomp` turns the rules into BPF with libseccomp.
+Pure: text in, frozen data out. `firma.seccomp.store` turns the rules into BPF with libseccomp.
 
 A policy denies *actions*; each action is a fixed set of syscalls answered with EPERM. The
 always-on hardening rules are added to every filter, the built-in default included, because they
@@ -29,7 +29,7 @@ ACTIONS: dict[str, tuple[str, ...]] = {
     "filesystem.delete": ("unlink", "unlinkat", "rmdir", "rename", "renameat", "renameat2"),
 }
 # Syscalls an exec-deny cannot take from the BPF artifact: bwrap applies `--seccomp` right before
-# its own final execve, so they are enforced by the exec gate (firma.seccomp_exec) instead.
+# its own final execve, so they are enforced by the exec gate (firma.seccomp.exec_gate) instead.
 EXEC_SYSCALLS = ACTIONS["system.execute"]
 
 _KEYS = ("policy_id", "policy_version", "default_action", "deny_actions")

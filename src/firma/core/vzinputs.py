@@ -16,7 +16,7 @@ from enum import StrEnum
 from typing import Callable, Mapping
 
 from ..errors import BackendError
-from ..host import is_truthy
+from .settings import is_truthy
 from .model import VzInputs
 from .record import record
 

@@ -18,7 +18,7 @@ import queue
 import threading
 from typing import Any
 
-from ..auditkey import load_or_create_key, open_audit_log, parse_key, read_key_file  # noqa: F401 - re-exported
+from .audit_files import load_or_create_key, open_audit_log, parse_key, read_key_file  # noqa: F401 - re-exported
 from ..core import auditfmt
 from ..errors import AuditError
 

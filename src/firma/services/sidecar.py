@@ -22,7 +22,7 @@ from ..core.http1 import ATTRIBUTION_HEADERS, HOP_BY_HOP, HttpError
 from ..core.policy import HTTP_REQUEST, NETWORK_CONNECT, Policy, Request
 from ..core.record import record, field
 from ..errors import SidecarError
-from ..sidecar_ready import LISTEN_BACKLOG, bind_unix_listener
+from .listen import LISTEN_BACKLOG, bind_unix_listener
 from . import netio
 from .audit_writer import AuditWriter
 

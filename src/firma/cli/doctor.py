@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import sys
 
-from .doctor import evaluate, exit_code, gather, report_json, report_text
-from .host import detect_host
+from ..doctor import evaluate, exit_code, gather, report_json, report_text
+from ..host import detect_host
 
 
 def add_parser(sub):

@@ -27,9 +27,9 @@ import tempfile
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
-from .core.contract_validate import parse_contract, parse_host_port, validate_contract_bytes
-from .core.profiles import COMMON_MASKED
-from .core.model import (
+from ..core.contract_validate import parse_contract, parse_host_port, validate_contract_bytes
+from ..core.profiles import COMMON_MASKED
+from ..core.model import (
     PLANTED_DNS_ADDR,
     PLANTED_PROXY_ADDR,
     Check,
@@ -40,8 +40,8 @@ from .core.model import (
     NetworkEndpoints,
     frozen_map,
 )
-from .core.record import record
-from .errors import ContractError, FirmaError, LaunchError
+from ..core.record import record
+from ..errors import ContractError, FirmaError, LaunchError
 
 PROG = "firma-runner-linux"
 STARTUP_PROBE_TIMEOUT = 5.0
@@ -336,7 +336,7 @@ def choose_runtime_dir(contract: Mapping[str, Any]) -> RuntimeDir:
 
 
 def load_contract(path: str) -> dict[str, Any]:
-    from .cli_contract import read_contract_file
+    from ..cli.contract import read_contract_file
 
     if not path.startswith("/"):
         path = os.path.abspath(path)
@@ -352,9 +352,9 @@ def load_contract(path: str) -> dict[str, Any]:
 
 
 async def run_contract(contract: dict[str, Any], log) -> int:
-    from .backends.base import LaunchHooks
-    from .backends.bwrap import BwrapBackend
-    from .supervisor import Supervisor
+    from ..backends.base import LaunchHooks
+    from ..backends.bwrap.backend import BwrapBackend
+    from ..run.signals import Supervisor
 
     up = upstreams_from_contract(contract)
     startup_mode = next(i["mode"] for i in contract["invariants"] if i["name"] == "fail_closed_startup")

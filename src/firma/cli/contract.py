@@ -11,8 +11,8 @@ import os
 import stat
 import sys
 
-from .core.contract_validate import contract_schema, validate_contract_bytes
-from .errors import ContractError
+from ..core.contract_validate import contract_schema, validate_contract_bytes
+from ..errors import ContractError
 
 MAX_CONTRACT_BYTES = 4 * 1024 * 1024
 

@@ -27,12 +27,12 @@ import sys
 import time
 from typing import Any, TextIO
 
-from .backends.base import PlantedSockets
-from .core.model import PLANTED_DNS_ADDR, PLANTED_PROXY_ADDR, Check, RunPlan
-from .core.record import record
-from .errors import FirmaError, SidecarError
-from .host import Host
-from .runparts import (
+from ..backends.base import PlantedSockets
+from ..core.model import PLANTED_DNS_ADDR, PLANTED_PROXY_ADDR, Check, RunPlan
+from ..core.record import record
+from ..errors import FirmaError, SidecarError
+from ..core.hostfacts import Host
+from .parts import (
     RunLog,
     RunRecord,
     abandon_run,
@@ -45,7 +45,7 @@ from .runparts import (
     startup_done,
     unreachable_external,
 )
-from .supervisor import FORWARDED, TERMINATION, Supervisor, handled_signals
+from .signals import FORWARDED, TERMINATION, Supervisor, handled_signals
 
 _STOP_TIMEOUT = 10.0  # the services drain and flush the audit log within this after SIGTERM
 _REAP_TIMEOUT = 5.0
@@ -99,7 +99,7 @@ class Signals:
 
 
 class LaunchWaits:
-    """The backend's waits during the launch (see firma.backends.bwrap.Waits), woken by
+    """The backend's waits during the launch (see firma.backends.bwrap.backend.Waits), woken by
     signals: a termination signal raises Interrupted, SIGWINCH has no agent to go to yet."""
 
     def __init__(self, signals: Signals) -> None:
@@ -176,7 +176,7 @@ def _run(plan: RunPlan, host: Host, backend: Any, log: RunLog) -> int:
     gate(proof, plan, log)
     refuse_without_sidecar(plan)
     if not plan.sidecar.embedded:
-        from .sidecar_ready import probe  # noqa: PLC0415
+        from ..services.listen import probe  # noqa: PLC0415
 
         try:
             probe(plan.sidecar.endpoint, plan.sidecar.startup_timeout_secs)
@@ -257,9 +257,9 @@ def _launch(plan: RunPlan, backend: Any, log: RunLog, proof, artifact, signals: 
 def _ready_embedded(run: RunRecord) -> EmbeddedSidecar:
     """SPEC §9 readiness, measured here: the policy loads, the audit key is a private PEM file
     (made now in a new state dir), the audit log opens, the listener is bound."""
-    from .auditkey import load_or_create_key, open_audit_log, read_key_file  # noqa: PLC0415
-    from .core.policy import Policy  # noqa: PLC0415
-    from .sidecar_ready import bind_unix_listener  # noqa: PLC0415
+    from ..services.audit_files import load_or_create_key, open_audit_log, read_key_file  # noqa: PLC0415
+    from ..core.policy import Policy  # noqa: PLC0415
+    from ..services.listen import bind_unix_listener  # noqa: PLC0415
 
     plan = run.plan
     policy = Policy.load(plan.allow_hosts, plan.policy_path)
@@ -355,9 +355,9 @@ def _die_with_parent(ppid: int) -> None:
 async def _serve(run: RunRecord, embedded: EmbeddedSidecar | None, socks: PlantedSockets, serving_w: int) -> None:
     import asyncio  # noqa: PLC0415
 
-    from .services.bridge import Bridge  # noqa: PLC0415
-    from .services.dns_stub import DnsStub  # noqa: PLC0415
-    from .services.sidecar import Sidecar, SidecarConfig  # noqa: PLC0415
+    from ..services.bridge import Bridge  # noqa: PLC0415
+    from ..services.dns_stub import DnsStub  # noqa: PLC0415
+    from ..services.sidecar import Sidecar, SidecarConfig  # noqa: PLC0415
 
     plan, log = run.plan, run.log
     loop = asyncio.get_running_loop()

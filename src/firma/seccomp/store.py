@@ -18,9 +18,9 @@ import os
 import stat
 import sys
 
-from .core.model import SeccompPolicyRef
-from .core.record import record
-from .core.seccomp_policy import (
+from ..core.model import SeccompPolicyRef
+from ..core.record import record
+from ..core.seccomp_policy import (
     EQ,
     EXEC_SYSCALLS,
     HARDENING,
@@ -29,13 +29,13 @@ from .core.seccomp_policy import (
     default_policy,
     parse_policy,
 )
-from .errors import SeccompError
+from ..errors import SeccompError
 
 BPF_NAME = "policy.bpf"
 METADATA_NAME = "policy.metadata.json"
 METADATA_FORMAT = 1
 _MAX_POLICY_BYTES = 64 * 1024
-_EXEC_GATE_SCRIPT = os.path.join(os.path.dirname(__file__), "seccomp_exec.py")  # not pathlib: launch latency
+_EXEC_GATE_SCRIPT = os.path.join(os.path.dirname(__file__), "exec_gate.py")  # not pathlib: launch latency
 # The exec gate runs inside the sandbox, where firma's own venv may be hidden (/root is masked
 # when the caller is root): prefer a system interpreter; the gate needs only the stdlib.
 _GATE_PYTHONS = ("/usr/bin/python3", "/usr/local/bin/python3", "/bin/python3")
@@ -117,7 +117,7 @@ class SeccompArtifact:
     root: str  # artifact root; every component below it is checked
     metadata: bytes  # the exact metadata file content expected on disk
     syscalls: tuple[str, ...]  # every syscall the filter and exec gate restrict
-    # Argv prefix for the agent command when the policy denies system.execute (see seccomp_exec).
+    # Argv prefix for the agent command when the policy denies system.execute (see firma.seccomp.exec_gate).
     command_prefix: tuple[str, ...] = ()
 
     @property
@@ -143,7 +143,7 @@ def _arch_token(machine: str) -> tuple[str, int]:
 
 
 def _exec_gate_prefix(machine: str) -> tuple[str, ...]:
-    """`python3 -I -S -c <gate source> ARCH NR_EXECVE NR_EXECVEAT --` (see seccomp_exec)."""
+    """`python3 -I -S -c <gate source> ARCH NR_EXECVE NR_EXECVEAT --` (see firma.seccomp.exec_gate)."""
     pyseccomp = _pyseccomp()
 
     _, arch = _arch_token(machine)

@@ -7,9 +7,9 @@ import contextlib
 import os
 import stat
 
-from .core import auditfmt
-from .errors import AuditError
-from .statedir import private_temp
+from ..core import auditfmt
+from ..errors import AuditError
+from ..run.state import private_temp
 
 
 def load_or_create_key(path: str):

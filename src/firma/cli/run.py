@@ -6,11 +6,11 @@ import json
 import os
 import time
 
-from .cli import APPEND, FLAG, VALUE, Opt, add_options
-from .core import config as cfgmod
-from .core.planner import RunArgs, build_plan, plan_to_json
-from .errors import ConfigError, PlanError
-from .host import detect_host
+from .main import APPEND, FLAG, VALUE, Opt, add_options
+from ..core import config as cfgmod
+from ..core.planner import RunArgs, build_plan, plan_to_json
+from ..errors import ConfigError, PlanError
+from ..host import detect_host
 
 
 # `run`'s options, described once: add_parser builds the argparse subparser from them and
@@ -94,17 +94,17 @@ def run(args) -> int:
         # Print and exit: nothing is started (the reference launched anyway).
         print(json.dumps(plan_to_json(plan), indent=2))
         return 0
-    from .backends import backend_for
+    from ..backends import backend_for
 
     backend = backend_for(plan.backend)
     log_level, log_file = getattr(args, "log_filter", None), getattr(args, "log_file", None)
     if hasattr(backend, "build"):
         # Planted sockets (bwrap): the synchronous launcher and a services process.
-        from .planted_run import run as run_planted
+        from ..run.forked import run as run_planted
 
         return run_planted(plan, host, backend=backend, log_level=log_level, log_file=log_file)
     import asyncio
 
-    from .lifecycle import execute
+    from ..run.inprocess import execute
 
     return asyncio.run(execute(plan, host, backend=backend, log_level=log_level, log_file=log_file))

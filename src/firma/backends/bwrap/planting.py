@@ -16,10 +16,10 @@ import fcntl
 import os
 import socket
 
-from .backends.base import PlantedSockets
-from .core.model import PLANTED_DNS_ADDR, PLANTED_PROXY_ADDR
-from .core.record import record
-from .errors import LaunchError
+from ..base import PlantedSockets
+from ...core.model import PLANTED_DNS_ADDR, PLANTED_PROXY_ADDR
+from ...core.record import record
+from ...errors import LaunchError
 
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000

@@ -16,20 +16,20 @@ import sys
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
-from .core.record import record
-from .errors import FirmaError
+from ..core.record import record
+from ..errors import FirmaError
 
 if TYPE_CHECKING:
     import argparse
 
 # command name -> module implementing add_parser/run
 COMMANDS = {
-    "run": "firma.cli_run",
-    "sidecar": "firma.cli_sidecar",
-    "doctor": "firma.cli_doctor",
-    "audit": "firma.cli_audit",
-    "contract": "firma.cli_contract",
-    "conformance": "firma.cli_conformance",
+    "run": "firma.cli.run",
+    "sidecar": "firma.cli.sidecar",
+    "doctor": "firma.cli.doctor",
+    "audit": "firma.cli.audit",
+    "contract": "firma.cli.contract",
+    "conformance": "firma.cli.conformance",
 }
 
 # Option kinds: FLAG is store_true, VALUE takes one value, APPEND takes one value per use.

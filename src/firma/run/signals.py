@@ -7,7 +7,7 @@ from __future__ import annotations
 import signal
 from typing import Callable
 
-from .backends.base import LaunchedChild
+from ..backends.base import LaunchedChild
 
 TERMINATION = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 FORWARDED = TERMINATION + (signal.SIGWINCH,)

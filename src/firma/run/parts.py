@@ -1,6 +1,6 @@
 """What both launchers of `firma run` share: firma's log lines, the SPEC §4 gates, the
 envelope, the managed seccomp filter and the run's record (checks, proof). No asyncio here: the
-synchronous launcher of planted-socket backends (firma.planted_run) imports this module too."""
+synchronous launcher of planted-socket backends (firma.run.forked) imports this module too."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import os
 import time
 from typing import Any, Callable, TextIO
 
-from .backends.base import PlantedSockets, RoutingPlan
-from .core import launchenv, proofdoc
-from .core.model import DEFAULT_INVARIANTS, Check, EnforcementProof, ExecutionEnvelope, Mount, NetworkEndpoints, RunPlan
-from .core.record import record, field
-from .errors import GateError, SidecarError
-from .host import Host
-from . import statedir
+from ..backends.base import PlantedSockets, RoutingPlan
+from ..core import launchenv, proofdoc
+from ..core.model import DEFAULT_INVARIANTS, Check, EnforcementProof, ExecutionEnvelope, Mount, NetworkEndpoints, RunPlan
+from ..core.record import record, field
+from ..errors import GateError, SidecarError
+from ..core.hostfacts import Host
+from . import state as statedir
 
 LEVELS = {"debug": 10, "info": 20, "warn": 30, "warning": 30, "error": 40, "off": 100}
 DNS_STUB_ENV = "FIRMA_DNS_STUB_ADDR"
@@ -205,7 +205,7 @@ def seccomp_for(plan: RunPlan, host: Host, backend: Any):
     Returns the artifact or None when this host has no seccomp (non-Linux)."""
     if not host.is_linux:
         return None
-    from . import seccomp  # noqa: PLC0415 - Linux only
+    from ..seccomp import store as seccomp  # noqa: PLC0415 - Linux only
 
     artifact = seccomp.prepare_filter(plan.seccomp_policy, plan.state_root, host.machine)
     if hasattr(backend, "use_seccomp_artifact"):

@@ -3,7 +3,7 @@
 stub start on 127.0.0.1:0 and their addresses go to the backend in the envelope.
 
 A backend that plants its sockets in the sandbox (bwrap, PLANTED routing) runs through
-firma.planted_run instead: a synchronous launcher and a services process. Every step fails
+firma.run.forked instead: a synchronous launcher and a services process. Every step fails
 closed with a typed error; teardown always runs, in reverse start order."""
 
 from __future__ import annotations
@@ -12,16 +12,16 @@ import asyncio
 import sys
 from typing import Any, Awaitable, Callable, TextIO
 
-from .backends.base import LaunchHooks, PlantedSockets, RoutingMode
-from .core.model import (
+from ..backends.base import LaunchHooks, PlantedSockets, RoutingMode
+from ..core.model import (
     Check,
     ExecutionEnvelope,
     RunPlan,
 )
-from .core.record import record
-from .errors import BackendError, FirmaError, SidecarError
-from .host import Host
-from .runparts import (
+from ..core.record import record
+from ..errors import BackendError, FirmaError, SidecarError
+from ..core.hostfacts import Host
+from .parts import (
     RunLog,
     RunRecord,
     abandon_run,
@@ -34,7 +34,7 @@ from .runparts import (
     startup_done,
     unreachable_external,
 )
-from .supervisor import Supervisor
+from .signals import Supervisor
 
 
 # --- host services ------------------------------------------------------------------------
@@ -52,9 +52,9 @@ class ServiceKit:
 
 def default_kit() -> ServiceKit:
     try:
-        from .services.bridge import Bridge
-        from .services.dns_stub import DnsStub
-        from .services.sidecar import Sidecar, SidecarConfig, probe_endpoint
+        from ..services.bridge import Bridge
+        from ..services.dns_stub import DnsStub
+        from ..services.sidecar import Sidecar, SidecarConfig, probe_endpoint
     except ImportError as exc:
         raise SidecarError(f"host services are not available in this install ({exc}); reinstall firma") from None
 
@@ -93,7 +93,7 @@ async def execute(
     log_file: str | None = None,
 ) -> int:
     """Run `plan` to completion; return the agent's exit status. Raises FirmaError."""
-    from .backends import backend_for
+    from ..backends import backend_for
 
     terminal = terminal or sys.stderr
     log = RunLog(terminal, log_level)
@@ -113,7 +113,7 @@ async def _execute(plan: RunPlan, host: Host, backend: Any, kit: ServiceKit | No
     if routing.mode is not RoutingMode.HOST_LOOPBACK:
         raise BackendError(
             f"backend {proof.backend} plants its sockets in the sandbox; run it with "
-            "firma.planted_run.run (as `firma run` does), not the asyncio lifecycle"
+            "firma.run.forked.run (as `firma run` does), not the asyncio lifecycle"
         )
     kit = kit or default_kit()
     sidecar = None

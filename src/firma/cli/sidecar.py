@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 
-from .errors import FirmaError, SidecarError
+from ..errors import FirmaError, SidecarError
 
 
 def add_parser(sub):
@@ -25,14 +25,14 @@ def add_parser(sub):
 
 def _default_state_root() -> str:
     # SPEC §12 order, shared with `firma run` (FIRMA_STATE_DIR → $XDG_RUNTIME_DIR/firma → /tmp/firma-$UID).
-    from .core.planner import state_root
+    from ..core.planner import state_root
 
     return state_root(os.environ, os.getuid())
 
 
 def write_startup_report(path: str, endpoint: str) -> None:
     """Atomic, written once: `protocol_version = 2`, `endpoint = "…"`."""
-    from .statedir import write_private
+    from ..run.state import write_private
 
     try:
         write_private(os.path.abspath(path), f'protocol_version = 2\nendpoint = "{endpoint}"\n')
@@ -41,11 +41,11 @@ def write_startup_report(path: str, endpoint: str) -> None:
 
 
 async def _serve(args) -> int:
-    from .services.sidecar import Sidecar, SidecarConfig
+    from ..services.sidecar import Sidecar, SidecarConfig
 
     audit = args.audit
     if not audit:
-        from .statedir import ensure_private_dir
+        from ..run.state import ensure_private_dir
 
         root = _default_state_root()
         ensure_private_dir(root)

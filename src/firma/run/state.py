@@ -9,8 +9,8 @@ import errno
 import os
 import stat
 
-from .core.record import record
-from .errors import PlanError
+from ..core.record import record
+from ..errors import PlanError
 
 
 @record

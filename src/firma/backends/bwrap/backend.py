@@ -4,7 +4,7 @@ The sandbox gets its own user, network, PID, IPC and UTS namespaces; the only en
 network namespace are the sockets planted by the launcher. The backend knows nothing about the
 sidecar. A launch is two synchronous steps around the services: `build` spawns bwrap blocked,
 reads where the sandbox is and plants; `release` measures, releases the agent and verifies its
-credentials from outside. `firma run` calls them from its synchronous launcher (firma.planted_run);
+credentials from outside. `firma run` calls them from its synchronous launcher (firma.run.forked);
 the asyncio `launch` wraps them around `hooks.serve_planted` for the reference Linux runner.
 Waits go through a `Waits` value so the launcher can wake on signals while it waits."""
 
@@ -19,8 +19,8 @@ import stat
 import subprocess
 import time
 
-from ..core import bwrap_plan
-from ..core.model import (
+from ...core import bwrap_plan
+from ...core.model import (
     PLANTED_DNS_ADDR,
     Check,
     EnforcementProof,
@@ -28,12 +28,13 @@ from ..core.model import (
     NetworkConfinement,
     RunPlan,
 )
-from ..core.record import record, field
-from ..errors import LaunchError, SeccompError
-from ..host import Host, detect_host, which
-from ..planting import netns_interfaces, plant
+from ...core.record import record, field
+from ...errors import LaunchError, SeccompError
+from ...core.hostfacts import Host
+from ...host import detect_host, which
+from .planting import netns_interfaces, plant
 from ..preflight import bwrap_preflight
-from .base import LaunchHooks, PlantedSockets, RoutingMode, RoutingPlan
+from ..base import LaunchHooks, PlantedSockets, RoutingMode, RoutingPlan
 
 DETAIL = (
     "network namespace isolation enabled with sandbox-local proxy bridge and DNS stub paths"
@@ -139,14 +140,14 @@ def measure_facts(
 def open_seccomp(path: str | None, artifact=None) -> int | None:
     """A read-only descriptor of the seccomp filter for `bwrap --seccomp FD` (SPEC §10).
 
-    With the artifact from `firma.seccomp.prepare_filter` (firma run), `open_verified` checks
+    With the artifact from `firma.seccomp.store.prepare_filter` (firma run), `open_verified` checks
     sha256, owner, mode and symlinks through the descriptor it returns. A bare path (a runner
     enforcing a contract) is opened without following links and must be a regular file owned by
     us and not writable by others. Anything else refuses the launch: a filter is never dropped."""
     if path is None:
         return None
     if artifact is not None and getattr(artifact, "path", None) == path:
-        from .. import seccomp  # noqa: PLC0415 - Linux only
+        from ...seccomp import store as seccomp  # noqa: PLC0415 - Linux only
 
         return seccomp.open_verified(artifact)
     try:

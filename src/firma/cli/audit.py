@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-from .errors import AuditError
+from ..errors import AuditError
 
 
 def add_parser(sub):
@@ -28,7 +28,7 @@ def add_parser(sub):
 
 
 def _key_for(path: str, given: str | None):
-    from .core import auditfmt
+    from ..core import auditfmt
 
     key_path = given or os.path.join(os.path.dirname(os.path.abspath(path)), "audit.key")
     try:
@@ -39,7 +39,7 @@ def _key_for(path: str, given: str | None):
 
 
 def verify_file(path: str, public_key) -> tuple[int, list[tuple[int, str]]]:
-    from .core import auditfmt
+    from ..core import auditfmt
 
     bad: list[tuple[int, str]] = []
     n = 0
@@ -114,7 +114,7 @@ def run(args) -> int:
         return 0
     path = args.file
     if not path:
-        from .cli_sidecar import _default_state_root
+        from .sidecar import _default_state_root
 
         path = os.path.join(_default_state_root(), "audit.jsonl")
     decisions = {DECISIONS[d] for d in args.decision} if args.decision else None

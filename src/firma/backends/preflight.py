@@ -4,8 +4,8 @@
 
 from __future__ import annotations
 
-from .errors import BackendError, PreflightError, UnsupportedBackendError
-from .host import Host
+from ..errors import BackendError, PreflightError, UnsupportedBackendError
+from ..core.hostfacts import Host
 
 
 def bwrap_preflight(host: Host) -> None:

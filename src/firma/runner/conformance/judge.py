@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..core.model import Check
-from ..core.record import record, field
+from ...core.model import Check
+from ...core.record import record, field
 
 
 @record

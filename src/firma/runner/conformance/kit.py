@@ -26,17 +26,17 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from ..backends.external import runner_argv
-from ..core.contract_validate import validate_contract
-from ..core.model import (
+from ...backends.external import runner_argv
+from ...core.contract_validate import validate_contract
+from ...core.model import (
     ExecutionEnvelope,
     IdentityMode,
     Mount,
     NetworkEndpoints,
     frozen_map,
 )
-from ..core.record import record
-from ..errors import FirmaError
+from ...core.record import record
+from ...errors import FirmaError
 from . import probes as probes_module
 from .judge import (
     InvariantResult,
@@ -132,9 +132,9 @@ class Kit:
 
     def _start(self) -> None:
         try:
-            from ..services.bridge import Bridge  # noqa: F401
-            from ..services.dns_stub import DnsStub
-            from ..services.sidecar import Sidecar, SidecarConfig
+            from ...services.bridge import Bridge  # noqa: F401
+            from ...services.dns_stub import DnsStub
+            from ...services.sidecar import Sidecar, SidecarConfig
         except ImportError as exc:
             raise ConformanceError(f"conformance kit needs the firma host services: {exc}") from exc
         self.work.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -198,7 +198,7 @@ class Kit:
     # --- one probe run -------------------------------------------------------------------
 
     def _start_bridge(self, sandbox_id: str, attribution):
-        from ..services.bridge import Bridge
+        from ...services.bridge import Bridge
 
         async def start():
             bridge = Bridge(sidecar_endpoint=self.sidecar_endpoint, attribution=attribution)
@@ -266,8 +266,8 @@ class Kit:
         )
 
     def _write_contract(self, env: ExecutionEnvelope) -> str:
-        from ..backends.external import write_private
-        from ..core.contract import build_contract, contract_json
+        from ...backends.external import write_private
+        from ...core.contract import build_contract, contract_json
 
         contract = build_contract(env, self.runner_path)
         problems = validate_contract(contract)

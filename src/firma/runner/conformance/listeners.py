@@ -12,7 +12,7 @@ import threading
 import uuid
 from typing import Callable
 
-from ..core.record import record
+from ...core.record import record
 
 IO_TIMEOUT = 5.0
 BARRIER_TIMEOUT = 30.0

@@ -10,7 +10,7 @@ import json
 import os
 import tempfile
 
-from .conformance.kit import run_conformance
+from ..runner.conformance.kit import run_conformance
 
 
 def add_parser(sub):

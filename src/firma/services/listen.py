@@ -1,5 +1,5 @@
 """Sidecar readiness without an event loop (SPEC §9: policy loaded, audit key open, listener
-bound), for the synchronous launcher of firma.planted_run and the asyncio sidecar alike.
+bound), for the synchronous launcher of firma.run.forked and the asyncio sidecar alike.
 
 `bind_unix_listener` makes the embedded sidecar's private socket; `probe` asks a running
 (external) sidecar for its health answer."""
@@ -10,8 +10,8 @@ import os
 import socket
 import stat
 
-from .core.endpoint import HEALTH_PATH, parse_endpoint
-from .errors import SidecarError
+from ..core.endpoint import HEALTH_PATH, parse_endpoint
+from ..errors import SidecarError
 
 LISTEN_BACKLOG = 1024
 
