@@ -103,6 +103,9 @@ def main() -> int:
     ap.add_argument("-n", type=int, default=21)
     ap.add_argument("--install-srt", action="store_true")
     ap.add_argument("--firma", default=None, help="firma command (default: the firma script next to this python)")
+    ap.add_argument("--baseline", default=None, metavar="CMD",
+                    help="a second firma command (e.g. another checkout's venv/bin/firma), measured in the same "
+                         "interleaved rounds; prints the median of the per-round ratios firma / baseline")
     args = ap.parse_args()
 
     ws = tempfile.mkdtemp(prefix="firma-bench-ws-")
@@ -131,6 +134,9 @@ def main() -> int:
               ("python: import asyncio (floor; as firma: no ssl/GC)",
                [py, "-c", "import sys, gc; sys.modules['ssl'] = None; gc.disable(); import asyncio"])]
     cases = [("bare bwrap … true (same namespaces)", bare), ("firma run -- true", firma + ["run", "--", "true"])]
+    baseline_name = "baseline firma run -- true"
+    if args.baseline:
+        cases.append((baseline_name, args.baseline.split() + ["run", "--", "true"]))
     srt = find_srt(args.install_srt)
     srt_name = "srt -c true (@anthropic-ai/sandbox-runtime)"
     if srt:
@@ -147,7 +153,8 @@ def main() -> int:
             cases.remove((name, argv))
             srt = None
     results = {}
-    for name, (times, peak) in measure(cases, ws, env, args.n).items():
+    measured = measure(cases, ws, env, args.n)
+    for name, (times, peak) in measured.items():
         results[name] = (statistics.median(times), min(times), max(times), peak)
     base = results[cases[0][0]][0]
     srt_med = results[srt_name][0] if srt else None
@@ -167,6 +174,11 @@ def main() -> int:
         print(f"goal: firma ≤ {GOAL_RATIO_SRT} × srt: {'MET' if ratio <= GOAL_RATIO_SRT else 'NOT MET'} ({ratio:.2f} ×)")
     else:
         print("srt not found (run with --install-srt to fetch it with npm); ratio vs srt not measured")
+    if args.baseline:
+        # Pair by round: both ran back to back, so a machine that drifts moves both alike.
+        ratios = [a / b for a, b in zip(measured["firma run -- true"][0], measured[baseline_name][0])]
+        print(f"firma / baseline, median of {len(ratios)} per-round ratios: {statistics.median(ratios):.3f} "
+              f"(min {min(ratios):.3f}, max {max(ratios):.3f})")
     print("peak RSS is the largest process of the command's tree as reported by wait4 (ru_maxrss)")
     (l_hwm, l_pss), (s_hwm, s_pss) = serving_memory(firma, ws, env, state)
     print(f"firma while its services serve (`firma run -- sleep 3`): peak RSS launcher {l_hwm / 1024:.1f} MiB, "
