@@ -48,7 +48,7 @@ AddCheck = Callable[[Check], None]  # records a measured launch-time fact for th
 
 @record(frozen=False)
 class LaunchHooks:
-    """Callbacks the lifecycle gives a backend for the launch.
+    """Callbacks the launch sequence gives a backend for `launch`.
 
     `serve_planted` is awaited by planting backends after the sockets exist and before the agent
     is released; it returns once the services are serving them. `add_check` records a measured

@@ -198,7 +198,7 @@ class SeccompArtifactRef:
 
 @record
 class ExecutionEnvelope:
-    """What a backend must enforce: pure data, built by the lifecycle after routing."""
+    """What a backend must enforce: pure data, built by the launch sequence after routing."""
 
     sandbox_id: str
     runtime_dir: str

@@ -25,9 +25,9 @@ import os
 import select
 import signal
 import time
-from typing import Any
+from typing import Any, cast
 
-from ..backends.base import PlantedChild, PlantedSockets, PlantingBackend, RoutingPlan
+from ..backends.base import HeldSandbox, LaunchedChild, PlantedChild, PlantedSockets, PlantingBackend, RoutingPlan
 from ..core.model import PLANTED_DNS_ADDR, PLANTED_PROXY_ADDR, Check, ExecutionEnvelope, RunPlan
 from ..core.record import record
 from ..errors import FirmaError, SidecarError
@@ -82,7 +82,7 @@ class ForkedHosting:
         self._signals: Signals | None = None
         self._waits: LaunchWaits | None = None
         self._embedded: EmbeddedSidecar | None = None
-        self._held: Any = None  # built, not yet released: aborted at teardown
+        self._held: HeldSandbox | None = None  # built, not yet released: aborted at teardown
         self._socks: PlantedSockets | None = None  # the launcher's copies until the fork
         self._services: ServicesProcess | None = None
 
@@ -136,14 +136,15 @@ class ForkedHosting:
             self._embedded.listener.close()
         run.log(f"services process pid {self._services.pid}", "info")
 
-    async def supervise(self, run: RunRecord, child: Any) -> int:
+    async def supervise(self, run: RunRecord, child: LaunchedChild) -> int:
         assert self._services is not None and self._signals is not None
-        return _supervise(child, self._services, self._signals, run.log, run.plan.sidecar.startup_timeout_secs)
+        # A planting backend's release returns a PlantedChild (see launch above).
+        return _supervise(cast(PlantedChild, child), self._services, self._signals, run.log, run.plan.sidecar.startup_timeout_secs)
 
     def interrupted(self, exc: BaseException) -> int | None:
         return exc.signum if isinstance(exc, Interrupted) else None
 
-    async def teardown(self, run: RunRecord, child: Any) -> None:
+    async def teardown(self, run: RunRecord, child: LaunchedChild | None) -> None:
         """Reverse start order: the sandbox, the services (they flush the audit log), the
         copies of the sockets this process still holds."""
         if self._held is not None:
@@ -309,7 +310,7 @@ async def _serve(run: RunRecord, embedded: EmbeddedSidecar | None, socks: Plante
 # --- supervision and teardown --------------------------------------------------------------
 
 
-def _supervise(child: Any, services: ServicesProcess, signals: Signals, log: RunLog, startup_timeout: float) -> int:
+def _supervise(child: PlantedChild, services: ServicesProcess, signals: Signals, log: RunLog, startup_timeout: float) -> int:
     """Wait for the agent while forwarding signals (a second termination signal kills the whole
     sandbox) and watching the services process, which must serve within the sidecar start-up
     timeout (SPEC §9) or the run stops: an agent whose connections would wait forever is

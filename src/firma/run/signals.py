@@ -103,7 +103,7 @@ class LaunchWaits:
 class Supervisor:
     """Owns the launcher's signal handlers for one run.
 
-    Before the child exists a termination signal calls `on_early_signal` (the lifecycle cancels
+    Before the child exists a termination signal calls `on_early_signal` (the in-process hosting cancels
     the launch and tears down); `early_signal` then holds it for the exit status."""
 
     def __init__(self, on_early_signal: Callable[[int], None]) -> None:
