@@ -6,7 +6,10 @@ sidecar. A launch is two synchronous steps around the services: `build` spawns b
 reads where the sandbox is and plants; `release` measures, releases the agent and verifies its
 credentials from outside. `firma run` calls them from its synchronous launcher (firma.run.forked);
 the asyncio `launch` wraps them around `hooks.serve_planted` for the reference Linux runner.
-Waits go through a `Waits` value so the launcher can wake on signals while it waits."""
+Waits go through a `Waits` value so the launcher can wake on signals while it waits. The checks
+from outside live in verify.py, the host facts for the pure plan in facts.py."""
+
+from __future__ import annotations
 
 import json
 import os
@@ -26,9 +29,9 @@ from ...core.model import (
 )
 from ...errors import LaunchError, SeccompError
 from ...host import detect_host
-from ..base import AddCheck, LaunchHooks, RoutingMode, RoutingPlan
+from ..base import AddCheck, LaunchHooks, RoutingMode, RoutingPlan, Waits
 from ..preflight import bwrap_preflight
-from .child import BLOCKING, BwrapChild, HeldSandbox, Waits, kill_and_reap, pidfd_of
+from .child import BLOCKING, BwrapChild, HeldSandbox, kill_and_reap, pidfd_of
 from .command import require_command
 from .facts import git_refs, kind_of, measure_facts
 from .planting import netns_interfaces, plant

@@ -1,6 +1,6 @@
 """A running bwrap sandbox seen from outside: its handle (BwrapChild), the sandbox held before
-release (HeldSandbox), how the launch waits (Waits) and the pidfd helpers that keep every signal
-on the process it was meant for."""
+release (HeldSandbox), plain blocking waits (BlockingWaits) and the pidfd helpers that keep
+every signal on the process it was meant for."""
 
 from __future__ import annotations
 
@@ -104,9 +104,9 @@ class BwrapChild:
         return True
 
 
-class Waits:
-    """How the launch waits: plain blocking waits. The synchronous launcher passes a subclass
-    that also wakes on its signal pipe and raises when a termination signal arrived."""
+class BlockingWaits:
+    """Plain blocking waits (a `firma.backends.base.Waits`). The synchronous launcher passes
+    its own, which also wake on its signal pipe and raise when a termination signal arrived."""
 
     def readable(self, fd: int, timeout: float) -> bool:
         return bool(select.select([fd], [], [], max(timeout, 0))[0])
@@ -115,7 +115,7 @@ class Waits:
         time.sleep(secs)
 
 
-BLOCKING = Waits()
+BLOCKING = BlockingWaits()
 
 
 @record(frozen=False)

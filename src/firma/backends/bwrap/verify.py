@@ -7,17 +7,15 @@ from __future__ import annotations
 import os
 import re
 import time
-from typing import Callable
 
 from ...core import bwrap_plan
 from ...core.model import Check
 from ...errors import LaunchError
-from .child import BwrapChild, Waits, pidfd_of
+from ..base import AddCheck, Waits
+from .child import BwrapChild, pidfd_of
 from .facts import within
 
 _CRED_TIMEOUT = 5.0
-
-AddCheck = Callable[[Check], None]
 
 
 def unescape(field: str) -> str:
