@@ -4,19 +4,22 @@ and the managed seccomp filter it carries."""
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from ..backends.base import RoutingPlan
 from ..core import launchenv
 from ..core.hostfacts import Host
 from ..core.model import ExecutionEnvelope, Mount, NetworkEndpoints, RunPlan, SeccompArtifactRef
 
+if TYPE_CHECKING:
+    from ..seccomp.store import SeccompArtifact
+
 DNS_STUB_ENV = "FIRMA_DNS_STUB_ADDR"
 
 
-def seccomp_for(plan: RunPlan, host: Host):
+def seccomp_for(plan: RunPlan, host: Host) -> SeccompArtifact | None:
     """Compile/verify the managed filter on Linux (the hardening list always applies).
-    Returns the artifact (firma.seccomp.store.SeccompArtifact), or None when this host has no
-    seccomp (non-Linux)."""
+    Returns the artifact, or None when this host has no seccomp (non-Linux)."""
     if not host.is_linux:
         return None
     from ..seccomp import store as seccomp  # noqa: PLC0415 - Linux only
@@ -24,7 +27,7 @@ def seccomp_for(plan: RunPlan, host: Host):
     return seccomp.prepare_filter(plan.seccomp_policy, plan.state_root, host.machine)
 
 
-def _artifact_ref(artifact) -> SeccompArtifactRef:
+def _artifact_ref(artifact: SeccompArtifact) -> SeccompArtifactRef:
     """What the backend needs to open and verify the artifact (firma.seccomp.store.open_verified)."""
     return SeccompArtifactRef(
         path=artifact.path,
@@ -44,7 +47,7 @@ def build_envelope(
     proxy_url: str,
     dns_stub_addr: str | None,
     routing: RoutingPlan,
-    artifact,
+    artifact: SeccompArtifact | None,
 ) -> ExecutionEnvelope:
     """The envelope for `plan`; `artifact` is the managed seccomp filter from `seccomp_for`
     (its exec gate, if any, prefixes the command)."""

@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import os
 import time
+from typing import TYPE_CHECKING
 
 from ..core import proofdoc
 from ..core.model import DEFAULT_INVARIANTS, Check, EnforcementProof, ExecutionEnvelope, RunPlan
 from ..core.record import field, record
 from . import state as statedir
 from .log import RunLog, now
+
+if TYPE_CHECKING:
+    from ..seccomp.store import SeccompArtifact
 
 
 @record(frozen=False)
@@ -66,7 +70,7 @@ class RunRecord:
             statedir.remove_run_dir(self.dirs, keep_log_as=keep)
 
 
-def open_run(plan: RunPlan, proof: EnforcementProof, log: RunLog, artifact) -> RunRecord:
+def open_run(plan: RunPlan, proof: EnforcementProof, log: RunLog, artifact: SeccompArtifact | None) -> RunRecord:
     """The run's directory and record, once the gates passed: run.log joins firma's log, stale
     run dirs of dead launchers are swept, the seccomp artifact is recorded."""
     dirs = statedir.create(plan.state_root, plan.identity.sandbox_id)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import gc
 import sys
-from typing import Coroutine, Protocol, TextIO, TypeVar, cast
+from typing import TYPE_CHECKING, Coroutine, Protocol, TextIO, TypeVar, cast
 
 from ..backends.base import Backend, LaunchedChild, PlantingBackend, RoutingMode, RoutingPlan
 from ..core.hostfacts import Host
@@ -26,6 +26,9 @@ from .envelope import build_envelope, seccomp_for
 from .gates import gate, refuse_without_sidecar
 from .log import RunLog
 from .record import RunRecord, abandon_run, open_run
+
+if TYPE_CHECKING:
+    from ..seccomp.store import SeccompArtifact
 
 T = TypeVar("T")
 
@@ -130,7 +133,12 @@ async def _launch(
 
 
 async def _run(
-    plan: RunPlan, proof: EnforcementProof, routing: RoutingPlan, hosting: Hosting, log: RunLog, artifact
+    plan: RunPlan,
+    proof: EnforcementProof,
+    routing: RoutingPlan,
+    hosting: Hosting,
+    log: RunLog,
+    artifact: SeccompArtifact | None,
 ) -> int:
     run = open_run(plan, proof, log, artifact)
     # 2. sidecar ready
