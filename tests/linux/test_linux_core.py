@@ -243,20 +243,20 @@ def test_mask_verification_reads_the_mount_table_and_refuses_gaps():
     import os
     import types
 
-    from firma.backends.bwrap.backend import BwrapBackend, _unescape
+    from firma.backends.bwrap.verify import unescape, verify_masks
     from firma.errors import LaunchError
 
     checks = []
     hooks = types.SimpleNamespace(add_check=checks.append)
     child = types.SimpleNamespace(init_pid=os.getpid())
     ok_plan = types.SimpleNamespace(masked=("/proc",))
-    BwrapBackend()._verify_masks(child, ok_plan, hooks.add_check)
+    verify_masks(child, ok_plan, hooks.add_check)
     assert checks[-1].ok
     bad_plan = types.SimpleNamespace(masked=("/proc", "/definitely/not/a/mount"))
     with pytest.raises(LaunchError, match="not masked as planned: /definitely/not/a/mount"):
-        BwrapBackend()._verify_masks(child, bad_plan, hooks.add_check)
+        verify_masks(child, bad_plan, hooks.add_check)
     assert not checks[-1].ok
-    assert _unescape(r"/a\040b\012c\134d") == "/a b\nc\\d"
+    assert unescape(r"/a\040b\012c\134d") == "/a b\nc\\d"
 
 
 def test_symlinked_secret_is_masked_at_its_target():

@@ -172,3 +172,57 @@ def test_firma_executable_keeps_openssl_modules_out_and_still_signs(ws, tmp_path
     assert v.returncode == 0, v.stdout + v.stderr
     with open(audit) as f:
         assert any(json.loads(line)["deny_reason"] for line in f)
+
+
+def test_drive_runs_a_coroutine_that_never_suspends_and_refuses_one_that_does():
+    """The forked hosting runs the one launch sequence without an event loop."""
+    import types
+
+    from firma.run.sequence import drive
+
+    async def step(x):
+        return x + 1
+
+    async def steps():
+        return await step(1) + await step(2)
+
+    assert drive(steps()) == 5
+
+    @types.coroutine
+    def suspend():
+        yield
+
+    async def suspends():
+        await suspend()
+
+    with pytest.raises(RuntimeError, match="suspended"):
+        drive(suspends())
+
+
+def test_bwrap_opens_only_the_envelopes_own_seccomp_artifact(tmp_path):
+    """The artifact travels in the envelope; a filter path that is not that artifact's is refused
+    (never opened unverified), and a bare path (a runner's) gets the owner and mode checks."""
+    from firma.backends.bwrap.backend import open_seccomp
+    from firma.core.model import (ExecutionEnvelope, IdentityMode, NetworkEndpoints, SeccompArtifactRef)
+    from firma.errors import SeccompError
+
+    bpf = tmp_path / "other.bpf"
+    bpf.write_bytes(b"\0" * 8)
+    bpf.chmod(0o600)
+    ref = SeccompArtifactRef(path=str(tmp_path / "a" / "policy.bpf"), sha256="0" * 64, root=str(tmp_path),
+                             policy_id="p", policy_version="1", arch="x", metadata_path="m", metadata=b"")
+
+    def envelope(path, artifact):
+        return ExecutionEnvelope(
+            sandbox_id="sbx_1", runtime_dir=str(tmp_path), executable="true", args=(), cwd=str(tmp_path), env={},
+            identity_mode=IdentityMode.SANDBOX_USER, home=str(tmp_path), seccomp_filter_path=path, mounts=(),
+            mask_home_paths=(), network=NetworkEndpoints(None, None), seccomp_artifact=artifact)
+
+    with pytest.raises(SeccompError, match="is not the envelope's artifact"):
+        open_seccomp(envelope(str(bpf), ref))
+    fd = open_seccomp(envelope(str(bpf), None))
+    os.close(fd)
+    bpf.chmod(0o620)
+    with pytest.raises(SeccompError, match="not writable by group or others"):
+        open_seccomp(envelope(str(bpf), None))
+    assert open_seccomp(envelope(None, None)) is None

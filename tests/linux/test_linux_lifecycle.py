@@ -315,31 +315,31 @@ def test_killing_the_launcher_leaves_no_sandbox_process(ws, tmp_path):
 def test_agent_with_capabilities_is_refused_and_killed(ws, tmp_path, monkeypatch):
     """If the outside read of /proc/<agent>/status shows a capability, the launch is refused and
     the sandbox killed (the reading is faked to simulate a bwrap that failed to drop them).
-    Driven in-process through the launcher `firma run` uses (firma.run.forked)."""
+    Driven in-process through the launch sequence `firma run` uses (firma.run.sequence, forked hosting)."""
     import io
 
-    import firma.backends.bwrap.backend as bw
+    import firma.backends.bwrap.verify as bw
     from firma.core import config as cfgmod
     from firma.core.planner import RunArgs, build_plan
     from firma.errors import LaunchError
     from firma.host import detect_host
-    from firma.run import forked as planted_run
+    from firma.run.sequence import run
     from firma.backends.bwrap.backend import BwrapBackend
 
-    real = bw._status
+    real = bw.read_status
 
     def with_caps(pid):
         st = real(pid)
         st["CapEff"] = "0000000000200000"
         return st
 
-    monkeypatch.setattr(bw, "_status", with_caps)
+    monkeypatch.setattr(bw, "read_status", with_caps)
     n = 5000 + secrets.randbelow(4000)
     host = detect_host(base_env(tmp_path))
     plan = build_plan(RunArgs(command=("sh", "-c", f"sleep {n}.5")), cfgmod.EMPTY, host, cwd=str(ws),
                       unix_ms=int(time.time() * 1000), rand=os.urandom(20))
     with pytest.raises(LaunchError, match="holds privileges"):
-        planted_run.run(plan, host, backend=BwrapBackend(), terminal=io.StringIO())
+        run(plan, host, backend=BwrapBackend(), terminal=io.StringIO())
     assert wait_for_processes(f"sleep {n}.5", present=False) == []
     doc = json.loads((tmp_path / "state" / "proofs" / f"{plan.identity.sandbox_id}.json").read_text())
     checks = {c["name"]: c for c in doc["checks"]}

@@ -21,7 +21,7 @@ from firma.core.model import EnforcementProof, NetworkConfinement
 from firma.core.planner import RunArgs, build_plan
 from firma.errors import GateError
 from firma.core.hostfacts import Host
-from firma.run.inprocess import default_kit, execute
+from firma.run.sequence import run
 
 CHILD = r"""
 import json, os, socket, struct, sys, urllib.request
@@ -56,6 +56,16 @@ class Child:
         if self.proc.returncode is None:
             self.proc.kill()
 
+    async def reap(self, timeout):
+        try:
+            await asyncio.wait_for(self.proc.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    def close(self):
+        pass
+
 
 class FakeBackend:
     name = "runner"
@@ -80,10 +90,6 @@ class FakeBackend:
 STRUCTURAL = EnforcementProof("runner", True, True, NetworkConfinement.EXTERNAL_RUNNER, "external runner enforces the launch contract invariants")
 
 
-def kit():
-    return default_kit()
-
-
 def make_plan(tmp_path, argv, **kw):
     ws = tmp_path / "ws"
     ws.mkdir(exist_ok=True)
@@ -100,7 +106,7 @@ def test_host_loopback_routing_serves_bridge_and_dns_stub(tmp_path):
         plan, h = make_plan(tmp_path, [sys.executable, "-c", CHILD, str(out), f"http://127.0.0.1:{up.port}/via-bridge"],
                             allow_hosts=(f"127.0.0.1:{up.port}",))
         be = FakeBackend(STRUCTURAL)
-        rc = asyncio.run(execute(plan, h, backend=be, kit=kit(), terminal=io.StringIO()))
+        rc = run(plan, h, backend=be, terminal=io.StringIO())
         assert rc == 0
         res = json.loads(out.read_text())
         env = be.envelope
@@ -124,7 +130,7 @@ def test_host_loopback_routing_serves_bridge_and_dns_stub(tmp_path):
 def test_dns_stub_env_only_when_backend_asks(tmp_path):
     plan, h = make_plan(tmp_path, ["true"])
     be = FakeBackend(STRUCTURAL, export=False)
-    assert asyncio.run(execute(plan, h, backend=be, kit=kit(), terminal=io.StringIO())) == 0
+    assert run(plan, h, backend=be, terminal=io.StringIO()) == 0
     assert "FIRMA_DNS_STUB_ADDR" not in be.envelope.env
 
 
@@ -132,7 +138,7 @@ def test_gate_fail_closed_disabled(tmp_path):
     plan, h = make_plan(tmp_path, ["sh", "-c", f"touch {tmp_path}/ran"])
     be = FakeBackend(EnforcementProof("runner", True, False, NetworkConfinement.EXTERNAL_RUNNER, "x"))
     with pytest.raises(GateError, match=r"^backend error \(runner\): fail-closed policy is disabled$"):
-        asyncio.run(execute(plan, h, backend=be, kit=kit(), terminal=io.StringIO()))
+        run(plan, h, backend=be, terminal=io.StringIO())
     assert be.envelope is None and not (tmp_path / "ran").exists() and not (tmp_path / "state").exists()
 
 
@@ -140,10 +146,10 @@ def test_gate_non_structural_needs_opt_in(tmp_path):
     proof = EnforcementProof("vz", False, True, NetworkConfinement.PROXY_ONLY, "macOS backend active; outbound mediation is currently proxy-based")
     plan, h = make_plan(tmp_path, ["true"])
     with pytest.raises(GateError, match="--allow-non-structural.*FIRMA_RUN_ALLOW_NON_STRUCTURAL"):
-        asyncio.run(execute(plan, h, backend=FakeBackend(proof), kit=kit(), terminal=io.StringIO()))
+        run(plan, h, backend=FakeBackend(proof), terminal=io.StringIO())
     plan, h = make_plan(tmp_path, ["true"], allow_non_structural=True)
     term = io.StringIO()
-    assert asyncio.run(execute(plan, h, backend=FakeBackend(proof), kit=kit(), terminal=term)) == 0
+    assert run(plan, h, backend=FakeBackend(proof), terminal=term) == 0
     assert "backend compatibility proof — proxy-only mode; agent egress is NOT mandatorily confined;" in term.getvalue()
     assert "enforced=false" in term.getvalue()
     doc = json.loads(next((tmp_path / "state" / "proofs").glob("*.json")).read_text())

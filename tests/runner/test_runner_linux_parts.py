@@ -176,7 +176,8 @@ def test_relays_forward_bytes_and_close_when_the_bridge_is_gone():
 def test_runtime_dir_is_firmas_so_its_state_root_is_hidden(tmp_path):
     """With firma's own runtime_dir the bwrap plan masks <runtime_dir>/../.. — firma's state root
     with the audit key, proofs and the contract itself — wherever FIRMA_STATE_DIR points."""
-    from firma.backends.bwrap.backend import BwrapBackend, measure_facts
+    from firma.backends.bwrap.backend import BwrapBackend
+    from firma.backends.bwrap.facts import measure_facts
     from firma.host import detect_host
     from firma.runner.linux import choose_runtime_dir
 

@@ -191,3 +191,19 @@ def test_home_credentials_are_masked(tmp_path, standins):
     assert (work / "notes").read_text() == "visible\n"
     assert "SECRET" not in (work / "seen").read_text()
     assert "id_ed25519" not in (work / "listing").read_text()
+
+
+def test_measured_checks_go_to_the_log_file_not_the_commands_output(tmp_path, standins):
+    """The sandbox's measured checks are kept (in --log-file), never mixed into the command's
+    stdout/stderr."""
+    path, work = write_contract(tmp_path, standins.proxy_url, standins.dns, "echo ran")
+    log = tmp_path / "runner.log"
+    r = subprocess.run([RUNNER, "--launch-contract", str(path), "--log-file", str(log)], capture_output=True,
+                       text=True, timeout=120, cwd=work, env={"PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "ran\n" and "check " not in r.stderr
+    text = log.read_text()
+    for name in ("netns_only_loopback", "planted_sockets", "resolv_conf_points_at_stub", "masked_paths",
+                 "agent_no_new_privs"):
+        assert f"firma-runner-linux: check {name} ok=true" in text, text
+    assert os.stat(log).st_mode & 0o077 == 0

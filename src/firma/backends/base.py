@@ -1,4 +1,4 @@
-"""The contract between the lifecycle and a backend.
+"""The contract between the launch sequence (firma.run) and a backend.
 
 A backend turns an `ExecutionEnvelope` into a running, confined child. It gets every input from
 the plan/envelope and platform facts from a `Host`; it never reads `os.environ`."""
@@ -43,16 +43,19 @@ class PlantedSockets:
             s.close()
 
 
+AddCheck = Callable[[Check], None]  # records a measured launch-time fact for the proof
+
+
 @record(frozen=False)
 class LaunchHooks:
-    """Callbacks the lifecycle gives a backend for the launch.
+    """Callbacks the launch sequence gives a backend for `launch`.
 
     `serve_planted` is awaited by planting backends after the sockets exist and before the agent
     is released; it returns once the services are serving them. `add_check` records a measured
     launch-time fact for the proof."""
 
     serve_planted: Callable[[PlantedSockets], Awaitable[None]]
-    add_check: Callable[[Check], None]
+    add_check: AddCheck
     log: Callable[[str], None] = field(default=lambda _msg: None)
 
 
@@ -68,6 +71,12 @@ class LaunchedChild(Protocol):
     def kill_tree(self) -> None:
         """SIGKILL every process of the run; idempotent."""
 
+    async def reap(self, timeout: float) -> bool:
+        """After kill_tree: wait up to `timeout` for the child to end; True once it has."""
+
+    def close(self) -> None:
+        """Release the handles held on the child (idempotent)."""
+
 
 class Backend(Protocol):
     name: str
@@ -81,3 +90,50 @@ class Backend(Protocol):
     async def launch(self, envelope: ExecutionEnvelope, hooks: LaunchHooks) -> LaunchedChild:
         """Start the confined child; for PLANTED routing, plant sockets and await
         `hooks.serve_planted` before releasing the agent."""
+
+
+class Waits(Protocol):
+    """How a planting backend waits during build and release: the synchronous launcher's waits
+    also wake on its signals (and raise when a termination signal arrived)."""
+
+    def readable(self, fd: int, timeout: float) -> bool:
+        """Wait up to `timeout` for `fd` to be readable."""
+
+    def pause(self, secs: float) -> None:
+        """Sleep `secs`."""
+
+
+class PlantedChild(LaunchedChild, Protocol):
+    """A released sandbox the synchronous launcher supervises without asyncio."""
+
+    proc_pidfd: int  # readable once the sandbox has exited
+
+    def status(self) -> int:
+        """The exit status once it has exited: the agent's code, or 128+N for signal N."""
+
+
+class HeldSandbox(Protocol):
+    """A built sandbox holding its agent until `release`; its planted sockets are listening."""
+
+    socks: PlantedSockets
+
+
+class PlantingBackend(Backend, Protocol):
+    """A backend with PLANTED routing: the launch is split around the services, so the launcher
+    can serve the planted sockets from another process.
+
+    `build` spawns the sandbox holding the agent and plants the sockets; `release` measures the
+    sandbox, releases the agent and returns it; `abort` kills a built sandbox that will not be
+    released. On failure `build` and `release` leave nothing of the sandbox; the planted sockets
+    stay the caller's to close."""
+
+    def build(
+        self, envelope: ExecutionEnvelope, add_check: AddCheck, log: Callable[[str], None], waits: Waits
+    ) -> HeldSandbox:
+        """Spawn the sandbox holding the agent and plant the sockets (`held.socks`)."""
+
+    def release(self, held: HeldSandbox, add_check: AddCheck, waits: Waits) -> PlantedChild:
+        """Verify the sandbox from outside, release the agent, verify its credentials."""
+
+    def abort(self, held: HeldSandbox) -> None:
+        """Kill and reap a built sandbox that will not be released (idempotent)."""

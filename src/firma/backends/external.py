@@ -174,6 +174,16 @@ class GroupChild:
             pass
         self._run_on_exit()
 
+    async def reap(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    def close(self) -> None:
+        """Nothing to release: the leader is reaped by `wait`."""
+
 
 async def spawn_group(
     argv: Sequence[str],

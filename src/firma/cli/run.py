@@ -1,4 +1,4 @@
-"""`firma run [opts] -- CMD [ARGS…]`: parse, plan, then hand over to the lifecycle."""
+"""`firma run [opts] -- CMD [ARGS…]`: parse, plan, then hand over to the launch sequence."""
 
 from __future__ import annotations
 
@@ -94,17 +94,8 @@ def run(args) -> int:
         # Print and exit: nothing is started (the reference launched anyway).
         print(json.dumps(plan_to_json(plan), indent=2))
         return 0
-    from ..backends import backend_for
+    from ..run.sequence import run as run_sequence
 
-    backend = backend_for(plan.backend)
-    log_level, log_file = getattr(args, "log_filter", None), getattr(args, "log_file", None)
-    if hasattr(backend, "build"):
-        # Planted sockets (bwrap): the synchronous launcher and a services process.
-        from ..run.forked import run as run_planted
-
-        return run_planted(plan, host, backend=backend, log_level=log_level, log_file=log_file)
-    import asyncio
-
-    from ..run.inprocess import execute
-
-    return asyncio.run(execute(plan, host, backend=backend, log_level=log_level, log_file=log_file))
+    return run_sequence(
+        plan, host, log_level=getattr(args, "log_filter", None), log_file=getattr(args, "log_file", None)
+    )

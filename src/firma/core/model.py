@@ -181,8 +181,24 @@ class NetworkEndpoints:
 
 
 @record
+class SeccompArtifactRef:
+    """firma's stored seccomp artifact as a backend opens it (firma.seccomp.store.open_verified):
+    every directory from `root` down through policy_id/policy_version/arch is checked, the
+    metadata file must equal `metadata` and the BPF at `path` must hash to `sha256`."""
+
+    path: str
+    sha256: str
+    root: str
+    policy_id: str
+    policy_version: str
+    arch: str
+    metadata_path: str
+    metadata: bytes
+
+
+@record
 class ExecutionEnvelope:
-    """What a backend must enforce: pure data, built by the lifecycle after routing."""
+    """What a backend must enforce: pure data, built by the launch sequence after routing."""
 
     sandbox_id: str
     runtime_dir: str
@@ -197,3 +213,6 @@ class ExecutionEnvelope:
     mask_home_paths: tuple[str, ...]
     network: NetworkEndpoints
     invariants: tuple[Invariant, ...] = DEFAULT_INVARIANTS
+    # firma's own artifact for seccomp_filter_path, verified when opened; None for a bare path
+    # (a runner enforcing a contract), which gets the owner and mode checks only.
+    seccomp_artifact: SeccompArtifactRef | None = None

@@ -1,4 +1,5 @@
-"""`firma run` with a backend that plants its sockets in the sandbox (bwrap): two processes.
+"""The services hosted in a forked process, for a backend that plants its sockets in the sandbox
+(bwrap, PLANTED routing): the steps of firma.run.sequence in two processes.
 
 The launcher (this process) is synchronous and never imports asyncio. It plans, gates, makes
 the embedded sidecar ready in the sense of SPEC §9 (policy loaded, audit key checked, listener
@@ -23,104 +24,28 @@ import gc
 import os
 import select
 import signal
-import sys
 import time
-from typing import Any, TextIO
+from typing import Any, cast
 
-from ..backends.base import PlantedSockets
-from ..core.model import PLANTED_DNS_ADDR, PLANTED_PROXY_ADDR, Check, RunPlan
+from ..backends.base import HeldSandbox, LaunchedChild, PlantedChild, PlantedSockets, PlantingBackend, RoutingPlan
+from ..core.model import PLANTED_DNS_ADDR, PLANTED_PROXY_ADDR, Check, ExecutionEnvelope, RunPlan
 from ..core.record import record
 from ..errors import FirmaError, SidecarError
-from ..core.hostfacts import Host
-from .parts import (
-    RunLog,
-    RunRecord,
-    abandon_run,
-    build_envelope,
-    gate,
-    open_run,
-    refuse_without_sidecar,
-    seccomp_for,
-    sidecar_listen,
-    startup_done,
-    unreachable_external,
+from .gates import unreachable_external
+from .log import RunLog
+from .record import RunRecord, sidecar_listen
+from .signals import (
+    FORWARDED,
+    TERMINATION,
+    Interrupted,
+    LaunchWaits,
+    Signals,
+    Supervisor,
+    close_services,
+    stop_child,
 )
-from .signals import FORWARDED, TERMINATION, Supervisor, handled_signals
 
 _STOP_TIMEOUT = 10.0  # the services drain and flush the audit log within this after SIGTERM
-_REAP_TIMEOUT = 5.0
-
-
-class Interrupted(Exception):
-    """A termination signal arrived before the launch completed (the sandbox is then killed)."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-class Signals:
-    """The launcher's signal handlers: they only record the signal; a wakeup pipe makes every
-    wait of the launcher return, and the launcher acts on the recorded signals itself."""
-
-    def __init__(self) -> None:
-        self.r, self.w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self.pending: list[int] = []
-        self._old: dict[int, Any] = {}
-        self._old_wakeup: int | None = None  # set while installed
-
-    def install(self) -> None:
-        self._old_wakeup = signal.set_wakeup_fd(self.w, warn_on_full_buffer=False)
-        for s in handled_signals():
-            self._old[s] = signal.signal(s, self._record)
-
-    def _record(self, signum: int, _frame) -> None:
-        self.pending.append(signum)
-
-    def take(self) -> list[int]:
-        try:
-            while os.read(self.r, 512):
-                pass
-        except BlockingIOError:
-            pass
-        got, self.pending = self.pending, []
-        return got
-
-    def uninstall(self) -> None:
-        for s, old in self._old.items():
-            signal.signal(s, old)
-        self._old.clear()
-        if self._old_wakeup is not None:
-            signal.set_wakeup_fd(self._old_wakeup)
-            self._old_wakeup = None
-        for fd in (self.r, self.w):
-            os.close(fd)
-        self.r = self.w = -1
-
-
-class LaunchWaits:
-    """The backend's waits during the launch (see firma.backends.bwrap.backend.Waits), woken by
-    signals: a termination signal raises Interrupted, SIGWINCH has no agent to go to yet."""
-
-    def __init__(self, signals: Signals) -> None:
-        self._signals = signals
-        self.early: int | None = None
-
-    def check(self) -> None:
-        for s in self._signals.take():
-            if s in TERMINATION and self.early is None:
-                self.early = s
-        if self.early is not None:
-            raise Interrupted(self.early)
-
-    def readable(self, fd: int, timeout: float) -> bool:
-        ready = select.select([fd, self._signals.r], [], [], max(timeout, 0))[0]
-        self.check()
-        return fd in ready
-
-    def pause(self, secs: float) -> None:
-        select.select([self._signals.r], [], [], secs)
-        self.check()
 
 
 @record(frozen=False)
@@ -148,110 +73,95 @@ class ServicesProcess:
         return not (self.serving or self.serving_eof)
 
 
-def run(
-    plan: RunPlan,
-    host: Host,
-    *,
-    backend: Any,
-    terminal: TextIO | None = None,
-    log_level: str | None = None,
-    log_file: str | None = None,
-) -> int:
-    """Run `plan` to completion with a planting backend; return the agent's exit status.
+class ForkedHosting:
+    """The services in a process forked once the agent is released (see the module docstring)."""
 
-    Forks the services process from the calling process, so call it from a single-threaded one
-    (the `firma` executable is): a thread holding a lock at the fork would leave it held there."""
-    log = RunLog(terminal or sys.stderr, log_level)
-    if log_file:
-        log.add_file(log_file)
-    try:
-        return _run(plan, host, backend, log)
-    finally:
-        log.close()
+    def __init__(self, backend: PlantingBackend, log: RunLog) -> None:
+        self._backend = backend
+        self._log = log
+        self._signals: Signals | None = None
+        self._waits: LaunchWaits | None = None
+        self._embedded: EmbeddedSidecar | None = None
+        self._held: HeldSandbox | None = None  # built, not yet released: aborted at teardown
+        self._socks: PlantedSockets | None = None  # the launcher's copies until the fork
+        self._services: ServicesProcess | None = None
 
-
-def _run(plan: RunPlan, host: Host, backend: Any, log: RunLog) -> int:
-    # 1. prepare + gates: nothing is started before these pass.
-    proof = backend.prepare(plan, host)
-    gate(proof, plan, log)
-    refuse_without_sidecar(plan)
-    if not plan.sidecar.embedded:
+    async def probe_external(self, plan: RunPlan) -> None:
         from ..services.listen import probe  # noqa: PLC0415
 
         try:
             probe(plan.sidecar.endpoint, plan.sidecar.startup_timeout_secs)
         except FirmaError as exc:
             raise unreachable_external(plan, exc) from None
-    artifact = seccomp_for(plan, host, backend)
-    # From here a termination signal is recorded and acted on at the launch's next wait (so the
-    # run dir made next is always torn down), not raised as KeyboardInterrupt anywhere.
-    signals = Signals()
-    signals.install()
-    try:
-        return _launch(plan, backend, log, proof, artifact, signals)
-    finally:
-        signals.uninstall()
 
+    def take_signals(self) -> None:
+        # A termination signal is recorded and acted on at the launch's next wait, never
+        # raised as KeyboardInterrupt anywhere; during teardown it is recorded and ignored.
+        self._signals = Signals()
+        self._signals.install()
+        self._waits = LaunchWaits(self._signals)
 
-def _launch(plan: RunPlan, backend: Any, log: RunLog, proof, artifact, signals: Signals) -> int:
-    run = open_run(plan, proof, log, artifact)
-    embedded = None
-    if plan.sidecar.embedded:
-        try:
-            embedded = _ready_embedded(run)
-        except BaseException:
-            abandon_run(run)
-            raise
-    waits = LaunchWaits(signals)
-    held = child = services = envelope = None
-    status: int | None = None
-    failed = True
-    try:
-        artifact_path = artifact.path if artifact is not None else None
-        envelope = build_envelope(
-            plan,
-            proxy_url="http://%s:%d" % PLANTED_PROXY_ADDR,
-            dns_stub_addr="%s:%d" % PLANTED_DNS_ADDR,
-            routing=backend.routing(),
-            seccomp_path=artifact_path,
-            command_prefix=tuple(artifact.command_prefix) if artifact is not None else (),
-        )
-        # 2. launch: from here on firma's log lines stay off the agent's terminal.
-        log.quiet = True
+    def restore_signals(self) -> None:
+        if self._signals is not None:
+            self._signals.uninstall()
+
+    async def ready_sidecar(self, run: RunRecord) -> None:
+        self._embedded = _ready_embedded(run)
+
+    async def start_services(self, run: RunRecord, routing: RoutingPlan) -> tuple[str, str | None]:
+        # Nothing to start yet: the addresses are the planted ones, the agent's connections wait
+        # in the planted listeners' backlogs until the services process serves them.
+        return "http://%s:%d" % PLANTED_PROXY_ADDR, "%s:%d" % PLANTED_DNS_ADDR
+
+    async def launch(self, run: RunRecord, envelope: ExecutionEnvelope) -> PlantedChild:
+        waits = self._waits
+        assert waits is not None
         waits.check()
-        held = backend.build(envelope, run.add_check, log, waits)
-        socks = held.socks
-        run.planted.append(socks)
+        self._held = held = self._backend.build(envelope, run.add_check, run.log, waits)
+        self._socks = held.socks
         waits.check()
-        child = backend.release(held, run.add_check, waits)
-        held = None
-        startup_done()
-        run.write_proof(envelope.invariants, ended=False, exit_status=None)
-        # 3. services: forked only now, so their start-up (~40 ms of imports) competes with the
-        # agent's start-up rather than with the sandbox checks and the release. Until they serve,
-        # the agent's connections wait in the listeners' backlogs.
-        services = _fork_services(run, embedded, socks)
+        child = self._backend.release(held, run.add_check, waits)
+        self._held = None
+        return child
+
+    async def serve(self, run: RunRecord) -> None:
+        # Forked only now, so the services' start-up (~40 ms of imports) competes with the
+        # agent's start-up rather than with the sandbox checks and the release.
+        socks = self._socks
+        assert socks is not None
+        self._services = _fork_services(run, self._embedded, socks)
         # The services process now holds the only copies of the listeners (fail closed).
         socks.close()
+        if self._embedded is not None:
+            self._embedded.listener.close()
+        run.log(f"services process pid {self._services.pid}", "info")
+
+    async def supervise(self, run: RunRecord, child: LaunchedChild) -> int:
+        assert self._services is not None and self._signals is not None
+        # A planting backend's release returns a PlantedChild (see launch above).
+        return _supervise(cast(PlantedChild, child), self._services, self._signals, run.log, run.plan.sidecar.startup_timeout_secs)
+
+    def interrupted(self, exc: BaseException) -> int | None:
+        return exc.signum if isinstance(exc, Interrupted) else None
+
+    async def teardown(self, run: RunRecord, child: LaunchedChild | None) -> None:
+        """Reverse start order: the sandbox, the services (they flush the audit log), the
+        copies of the sockets this process still holds."""
+        if self._held is not None:
+            self._backend.abort(self._held)
+        if child is not None:
+            await stop_child(child, run.log)
+        if self._services is not None:
+            _stop_services(self._services, run.log)
+        if self._socks is not None:
+            self._socks.close()
+        embedded = self._embedded
         if embedded is not None:
             embedded.listener.close()
-        log(f"services process pid {services.pid}", "info")
-        # 4. supervise
-        status = _supervise(child, services, signals, log, plan.sidecar.startup_timeout_secs)
-        failed = False
-        log(f"agent exited with status {status}", "info")
-        return status
-    except Interrupted as stop:
-        status = 128 + stop.signum
-        log(f"launch interrupted by signal {stop.signum}", "warn")
-        return status
-    except FirmaError as exc:
-        log(str(exc), "error")
-        raise
-    finally:
-        log.quiet = False
-        # Signals during teardown are recorded and ignored: teardown always completes.
-        _teardown(run, backend, held, child, services, embedded, envelope, status, failed)
+            try:
+                os.unlink(embedded.path)
+            except OSError:
+                pass
 
 
 def _ready_embedded(run: RunRecord) -> EmbeddedSidecar:
@@ -371,15 +281,10 @@ async def _serve(run: RunRecord, embedded: EmbeddedSidecar | None, socks: Plante
     try:
         if embedded is not None:
             sidecar = Sidecar(
-                SidecarConfig(
-                    allow_hosts=tuple(plan.allow_hosts),
-                    policy_path=plan.policy_path,
-                    audit_path=run.dirs.audit_path,
-                    key_path=run.dirs.key_path,
-                    monitor=plan.monitor,
-                ),
+                SidecarConfig.for_run(plan, audit_path=run.dirs.audit_path, key_path=run.dirs.key_path),
                 policy=embedded.policy,
             )
+            services.append(sidecar)  # closed last: it flushes the audit log
             endpoint = await sidecar.serve_unix_socket(embedded.listener, embedded.path)
             reporter = sidecar.dns_reporter(plan.identity.sandbox_id, plan.identity.session_id)
         else:
@@ -398,23 +303,14 @@ async def _serve(run: RunRecord, embedded: EmbeddedSidecar | None, socks: Plante
         gc.enable()
         await stop.wait()
     finally:
-        for svc in reversed(services):
-            try:
-                await svc.aclose()
-            except Exception as exc:  # noqa: BLE001
-                log(f"teardown: {type(svc).__name__}: {exc}", "error")
+        await close_services(services, log)
         socks.close()
-        if sidecar is not None:
-            try:
-                await sidecar.aclose()  # flushes the audit log
-            except Exception as exc:  # noqa: BLE001
-                log(f"teardown: sidecar: {exc}", "error")
 
 
 # --- supervision and teardown --------------------------------------------------------------
 
 
-def _supervise(child: Any, services: ServicesProcess, signals: Signals, log: RunLog, startup_timeout: float) -> int:
+def _supervise(child: PlantedChild, services: ServicesProcess, signals: Signals, log: RunLog, startup_timeout: float) -> int:
     """Wait for the agent while forwarding signals (a second termination signal kills the whole
     sandbox) and watching the services process, which must serve within the sidecar start-up
     timeout (SPEC §9) or the run stops: an agent whose connections would wait forever is
@@ -486,32 +382,3 @@ def _stop_services(services: ServicesProcess, log: RunLog) -> None:
             log(f"teardown: services process ended with {_describe(st)}", "error")
     os.close(services.pidfd)
     os.close(services.serving_r)
-
-
-def _teardown(run, backend, held, child, services, embedded, envelope, status, failed) -> None:
-    """Reverse start order: the sandbox, the services (they flush the audit log), the copies of
-    the sockets this process still holds, the proof, the run dir. Every step runs."""
-    log = run.log
-    if held is not None:
-        backend.abort(held)
-    if child is not None:
-        try:
-            child.kill_tree()
-            if not select.select([child.proc_pidfd], [], [], _REAP_TIMEOUT)[0]:
-                log("teardown: bwrap did not exit after SIGKILL", "error")
-            else:
-                child.status()
-        except Exception as exc:  # noqa: BLE001
-            log(f"teardown: sandbox: {exc}", "error")
-        child.close()
-    if services is not None:
-        _stop_services(services, log)
-    for socks in run.planted:
-        socks.close()
-    if embedded is not None:
-        embedded.listener.close()
-        try:
-            os.unlink(embedded.path)
-        except OSError:
-            pass
-    run.finish(envelope, status, failed=failed)

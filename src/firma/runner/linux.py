@@ -351,10 +351,13 @@ def load_contract(path: str) -> dict[str, Any]:
     return data
 
 
-async def run_contract(contract: dict[str, Any], log) -> int:
+async def run_contract(contract: dict[str, Any], log, debug=lambda _msg: None) -> int:
+    """Enforce `contract`; the command's exit status. `log` reaches the operator (stderr);
+    `debug` gets the sandbox's measured checks and the backend's progress lines, which must not
+    go to stdout/stderr: the command owns those."""
     from ..backends.base import LaunchHooks
     from ..backends.bwrap.backend import BwrapBackend
-    from ..run.signals import Supervisor
+    from ..run.signals import Supervisor, close_services, stop_child
 
     up = upstreams_from_contract(contract)
     startup_mode = next(i["mode"] for i in contract["invariants"] if i["name"] == "fail_closed_startup")
@@ -368,17 +371,23 @@ async def run_contract(contract: dict[str, Any], log) -> int:
             )
         log(f"WARN fail_closed_startup is disabled_by_policy: {bad[0].name} failed ({bad[0].detail})")
 
+    def add_check(check: Check) -> None:
+        checks.append(check)
+        debug(f"check {check.name} ok={str(check.ok).lower()} {check.detail}")
+
+    def teardown_log(msg: str, _level: str = "error") -> None:
+        debug(msg)
+
     rt = choose_runtime_dir(contract)
     relays = Relays(up)
     child = None
     main_task = asyncio.current_task()
-    sup = Supervisor(on_early_signal=lambda _sig: main_task.cancel())
+    sup = Supervisor(on_early_signal=lambda _sig: main_task.cancel() if main_task else None)
     sup.install()
     try:
         runtime_dir = rt.path
         envelope = envelope_from_contract(contract, runtime_dir)
-        # The agent owns stdout/stderr: the backend's progress lines are not printed.
-        hooks = LaunchHooks(serve_planted=relays.serve, add_check=lambda c: None, log=lambda _m: None)
+        hooks = LaunchHooks(serve_planted=relays.serve, add_check=add_check, log=debug)
         try:
             child = await BwrapBackend().launch(envelope, hooks)
         except asyncio.CancelledError:
@@ -390,28 +399,50 @@ async def run_contract(contract: dict[str, Any], log) -> int:
     finally:
         sup.uninstall()
         if child is not None:
-            child.kill_tree()
-            child.close()
-        await relays.aclose()
+            await stop_child(child, teardown_log)
+        await close_services([relays], teardown_log)
         rt.cleanup()
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description="Reference Linux runner: enforce a firma launch contract with bubblewrap.")
     parser.add_argument("--launch-contract", required=True, metavar="PATH")
+    parser.add_argument(
+        "--log-file", metavar="PATH",
+        help="append the sandbox's measured checks and launch progress here (never to stdout/stderr: the command owns them)",
+    )
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
 
     def log(msg: str) -> None:
         print(f"{PROG}: {msg}", file=sys.stderr, flush=True)
 
+    debug_file = None
     try:
+        if args.log_file:
+            try:
+                fd = os.open(args.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            except OSError as exc:
+                raise LaunchError(f"cannot open --log-file {args.log_file}: {exc.strerror}") from None
+            debug_file = os.fdopen(fd, "a", buffering=1, encoding="utf-8")
+        sink = debug_file
+
+        def debug(msg: str) -> None:
+            if sink is not None:
+                try:
+                    sink.write(f"{PROG}: {msg}\n")
+                except (OSError, ValueError):
+                    pass
+
         contract = load_contract(args.launch_contract)
-        return asyncio.run(run_contract(contract, log))
+        return asyncio.run(run_contract(contract, log, debug))
     except FirmaError as exc:
         print(f"[ERR]  {exc}", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
         return 130
+    finally:
+        if debug_file is not None:
+            debug_file.close()
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import os
 import stat
 import sys
 
-from ..core.model import SeccompPolicyRef
+from ..core.model import SeccompArtifactRef, SeccompPolicyRef
 from ..core.record import record
 from ..core.seccomp_policy import (
     EQ,
@@ -414,8 +414,9 @@ def prepare_filter(policy: SeccompPolicyRef | None, state_root: str, machine: st
     return art
 
 
-def open_verified(artifact: SeccompArtifact) -> int:
+def open_verified(artifact: SeccompArtifact | SeccompArtifactRef) -> int:
     """Verify the stored artifact and return a read-only descriptor of the BPF at offset 0.
+    `artifact` is this launch's compilation or the reference to it an envelope carries.
 
     Checks, through descriptors opened with O_NOFOLLOW from the artifact root down: no symlink,
     owned by this user, no group/other write, regular files; the BPF's sha256 equals this launch's

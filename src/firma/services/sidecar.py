@@ -19,6 +19,7 @@ from ..core import addrclass, auditfmt, http1, tlshello
 from ..core.endpoint import HEALTH_PATH
 from ..core.hostcanon import CanonHost, HostError, canon_host, split_authority
 from ..core.http1 import ATTRIBUTION_HEADERS, HOP_BY_HOP, HttpError
+from ..core.model import RunPlan
 from ..core.policy import HTTP_REQUEST, NETWORK_CONNECT, Policy, Request
 from ..core.record import record, field
 from ..errors import SidecarError
@@ -55,6 +56,17 @@ class SidecarConfig:
     connect_timeout: float = 10.0
     # Injectable name resolution (tests): (host, port) -> list of IP strings. Default: getaddrinfo.
     resolver: Resolver | None = None
+
+    @classmethod
+    def for_run(cls, plan: RunPlan, *, audit_path: str, key_path: str) -> SidecarConfig:
+        """The embedded sidecar's configuration for a `firma run` (both ways of hosting it)."""
+        return cls(
+            allow_hosts=tuple(plan.allow_hosts),
+            policy_path=plan.policy_path,
+            audit_path=audit_path,
+            key_path=key_path,
+            monitor=plan.monitor,
+        )
 
 
 async def system_resolver(host: str, port: int) -> list[str]:

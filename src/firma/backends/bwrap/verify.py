@@ -1,0 +1,175 @@
+"""The sandbox measured from outside, before and just after the agent is released: its
+/etc/resolv.conf, its final mount table (masks, protected workspace paths) and the agent's
+credentials. Each check goes into the proof; a failed one refuses the launch."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+
+from ...core import bwrap_plan
+from ...core.model import Check
+from ...errors import LaunchError
+from ..base import AddCheck, Waits
+from .child import BwrapChild, pidfd_of
+from .facts import within
+
+_CRED_TIMEOUT = 5.0
+
+
+def unescape(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as \\ooo."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mount_table(pid: int) -> dict[str, list[str]]:
+    """The final mount table of `pid`'s mount namespace: mount point -> its mount options (the
+    last mount at a point wins: it is the one visible there)."""
+    top: dict[str, list[str]] = {}
+    try:
+        with open(f"/proc/{pid}/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 5:
+                    top[unescape(fields[4])] = fields[5].split(",")
+    except OSError as exc:
+        raise LaunchError(f"cannot read the sandbox mount table: {exc.strerror}") from None
+    return top
+
+
+def read_status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(
+            (k.strip(), v.strip()) for k, _, v in (line.partition(":") for line in f) if k
+        )
+
+
+def children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
+
+def verify_resolv_conf(child: BwrapChild, add_check: AddCheck, waits: Waits) -> None:
+    """Before release: /etc/resolv.conf as the sandbox sees it (through its root), must be
+    ours. bwrap builds the mount namespace before it blocks, so we wait for that."""
+    deadline = time.monotonic() + _CRED_TIMEOUT
+    seen = ""
+    while True:
+        try:
+            with open(f"/proc/{child.init_pid}/root/etc/resolv.conf") as f:
+                seen = f.read()
+        except OSError as exc:
+            seen = f"unreadable: {exc.strerror}"
+        if seen == bwrap_plan.RESOLV_CONF or time.monotonic() > deadline or child.proc.poll() is not None:
+            break
+        waits.pause(0.0002)
+    ok = seen == bwrap_plan.RESOLV_CONF
+    add_check(Check("resolv_conf_points_at_stub", ok, " ".join(seen.split())[:200]))
+    if not ok and child.proc.poll() is not None:
+        # bwrap gave up while building the mount namespace (e.g. a mount target it cannot
+        # create); its own one-line reason is already on stderr.
+        raise LaunchError(
+            "bwrap could not build the sandbox (its reason is printed above); "
+            "fix the mount or path it names, then rerun"
+        )
+    if not ok:
+        raise LaunchError("sandbox /etc/resolv.conf does not point at the planted DNS stub; refusing to start the agent")
+
+
+def verify_masks(child: BwrapChild, plan: bwrap_plan.BwrapPlan, add_check: AddCheck) -> None:
+    """Before release: every masked path is a mount point in the sandbox's final mount table
+    (read from outside), so no later mount hid a mask and none was skipped."""
+    points = mount_table(child.init_pid)
+    missing = [p for p in plan.masked if p not in points]
+    add_check(
+        Check(
+            "masked_paths",
+            not missing,
+            ("mounted over: " + ", ".join(plan.masked))
+            + (f"; NOT masked: {', '.join(missing)}" if missing else ""),
+        )
+    )
+    if missing:
+        raise LaunchError(f"sandbox paths not masked as planned: {', '.join(missing)}; refusing to start the agent")
+
+
+def verify_protected(child: BwrapChild, plan: bwrap_plan.BwrapPlan, add_check: AddCheck) -> None:
+    """Before release: each protected path is, in the final mount table, a read-only mount
+    point at exactly that path (a bind through a link swapped in meanwhile would land
+    elsewhere), and each pinned parent is a mount point (so it cannot be renamed away)."""
+    prot = plan.protection
+    top = mount_table(child.init_pid)
+    # A home mask inside the workspace (cwd = $HOME) is mounted later and hides even more.
+    hidden = [m for m in plan.masked if not within(prot.workspace, m)]
+
+    def masked(p: str) -> bool:
+        return any(within(p, m) for m in hidden)
+
+    bad = [p for p in prot.read_only if "ro" not in top.get(p, ()) and not masked(p)]
+    bad += [p for p in prot.pinned if p not in top and not masked(p)]
+    detail = "read-only: " + (", ".join(prot.read_only) or "(none present)")
+    if prot.absent:
+        detail += "; absent, not protected: " + ", ".join(prot.absent)
+    if bad:
+        detail += "; NOT protected: " + ", ".join(bad)
+    add_check(Check("workspace_protected_paths", not bad, detail))
+    if bad:
+        raise LaunchError(
+            f"protected workspace paths not mounted read-only as planned: {', '.join(bad)}; "
+            "refusing to start the agent"
+        )
+
+
+def verify_agent(child: BwrapChild, plan: bwrap_plan.BwrapPlan, add_check: AddCheck, waits: Waits) -> None:
+    """Read the agent's credentials from outside; refuse if not confined."""
+    deadline = time.monotonic() + _CRED_TIMEOUT
+    subject = None
+    status: dict[str, str] | None = None
+    while time.monotonic() < deadline:
+        kids = children(child.init_pid)
+        if kids:
+            pid = kids[0]
+            pidfd = pidfd_of(pid)  # pins the pid before reading, so the reading is of it
+            try:
+                st = read_status(pid)
+                pgid = os.getpgid(pid)
+            except OSError:  # exited meanwhile
+                if pidfd is not None:
+                    os.close(pidfd)
+            else:
+                status, subject = st, "agent"
+                child.agent_pid, child.agent_pidfd, child.agent_pgid = pid, pidfd, pgid
+                break
+        if child.proc.poll() is not None or not os.path.exists(f"/proc/{child.init_pid}"):
+            break
+        waits.pause(0.0002)
+    if status is None:
+        # The agent already finished: bwrap's init dropped privileges before forking it and
+        # NoNewPrivs is irreversible, so init's credentials bound the agent's.
+        try:
+            st = read_status(child.init_pid)
+            if st.get("CapEff") == "0000000000000000":
+                status, subject = st, "sandbox init (agent already exited)"
+        except OSError:
+            pass
+    if status is None:
+        add_check(Check("agent_no_capabilities", False, "agent exited before its credentials could be read"))
+        return
+    capeff = status.get("CapEff", "?")
+    nnp = status.get("NoNewPrivs", "?")
+    cap_ok = capeff == "0000000000000000"
+    nnp_ok = nnp == "1"
+    add_check(Check("agent_no_capabilities", cap_ok, f"{subject} CapEff={capeff}"))
+    add_check(Check("agent_no_new_privs", nnp_ok, f"{subject} NoNewPrivs={nnp}"))
+    add_check(
+        Check("agent_uid", True, f"inside uid {plan.inside_uid} gid {plan.inside_gid}")
+    )
+    if not (cap_ok and nnp_ok):
+        raise LaunchError(
+            f"sandboxed agent holds privileges (CapEff={capeff}, NoNewPrivs={nnp}); refusing to continue"
+        )

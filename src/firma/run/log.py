@@ -1,0 +1,54 @@
+"""firma's own log lines during a run (no asyncio: the synchronous launcher imports this)."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TextIO
+
+LEVELS = {"debug": 10, "info": 20, "warn": 30, "warning": 30, "error": 40, "off": 100}
+
+
+def now() -> str:
+    """UTC now as 2026-01-02T03:04:05.678Z (via time, not datetime: launch latency)."""
+    secs, ns = divmod(time.time_ns(), 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{ns // 1_000_000:03d}Z"
+
+
+class RunLog:
+    """firma's log lines: always to run.log (and --log-file); to the terminal only while no agent
+    owns it, and only at or above the terminal level."""
+
+    def __init__(self, terminal: TextIO, level: str | None) -> None:
+        self._terminal = terminal
+        self._term_level = LEVELS.get((level or "warn").strip().lower(), 30)
+        self._files: list[TextIO] = []
+        self.quiet = False  # True while the agent runs
+
+    def add_file(self, path: str) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        self._files.append(os.fdopen(fd, "a", buffering=1, encoding="utf-8"))
+
+    def __call__(self, msg: str, level: str = "info") -> None:
+        n = LEVELS.get(level, 20)
+        line = f"{now()} {level.upper():5} firma: {msg}\n"
+        for f in self._files:
+            try:
+                f.write(line)
+            except (OSError, ValueError):
+                pass
+        if not self.quiet and n >= self._term_level:
+            try:
+                self._terminal.write(f"firma: {level.upper()} {msg}\n")
+                self._terminal.flush()
+            except (OSError, ValueError):
+                pass
+
+    def close(self) -> None:
+        for f in self._files:
+            try:
+                f.close()
+            except OSError:
+                pass
+        self._files.clear()
+
