@@ -19,6 +19,7 @@ import subprocess
 from .core.record import asdict, record
 from .errors import FirmaError
 from .core.hostfacts import Host
+from .core import settings as env_names
 from .core.settings import is_truthy
 from .backends.preflight import bwrap_preflight
 
@@ -156,7 +157,7 @@ def _macos_checks(host: Host, obs: Observations) -> list[DoctorCheck]:
     else:
         out.append(DoctorCheck("sandbox_exec", FAIL, "sandbox-exec is not installed or not "
                                "executable", "restore /usr/bin/sandbox-exec (part of macOS)"))
-    if not is_truthy(host.environ.get("FIRMA_RUN_VZ_GUEST")):
+    if not is_truthy(host.environ.get(env_names.VZ_GUEST)):
         out.append(DoctorCheck("vz_guest_inputs", OK, "guest mode not selected "
                                "(FIRMA_RUN_VZ_GUEST unset)"))
     elif obs.vz_error:
@@ -244,8 +245,7 @@ def _config(host: Host, cli_path: str | None, cwd: str):
     from .core import config as cfgmod
 
     try:
-        path = cfgmod.discover(cli_path, host.environ.get("FIRMA_CONFIG"), cwd,
-                               host.environ.get("HOME"), os.path.isfile)
+        path = env_names.discover_config(cli_path, host.environ, cwd, os.path.isfile)
     except FirmaError as exc:
         return None, None, str(exc)
     if path is None:
@@ -434,7 +434,7 @@ def gather(host: Host, *, config_path: str | None = None, cwd: str | None = None
             apparmor = fh.read().strip()
     except OSError:
         pass
-    endpoint = host.environ.get("FIRMA_SIDECAR_ENDPOINT", "").strip() or None
+    endpoint = host.environ.get(env_names.SIDECAR_ENDPOINT, "").strip() or None
     if endpoint is None and cfg is not None:
         endpoint = cfg.run.get("sidecar_endpoint") or cfg.defaults.get("sidecar_endpoint")
     sidecar_error = probe_sidecar(endpoint) if endpoint and endpoint != "local" else None

@@ -10,7 +10,9 @@ import pytest
 from firma.core import bwrap_plan, config as cfgmod, launchenv, profiles
 from firma.core.identity import attribution_user, build_identity, uuid7
 from firma.core.model import ExecutionEnvelope, IdentityMode, Mount, NetworkEndpoints, frozen_map
-from firma.core.planner import RunArgs, build_plan, plan_to_json, state_root
+from firma.core import settings
+from firma.core.planner import RunArgs, build_plan, plan_to_json
+from firma.core.settings import state_root
 from firma.errors import ConfigError, PlanError, UnsupportedBackendError
 from firma.core.hostfacts import Host
 
@@ -29,16 +31,25 @@ def plan(args=None, cfg=cfgmod.EMPTY, h=None, cwd="/work/p"):
 
 # --- config ----------------------------------------------------------------------------------
 
+def _env(config: str | None, home: str | None) -> dict[str, str]:
+    env = {}
+    if config is not None:
+        env["FIRMA_CONFIG"] = config
+    if home is not None:
+        env["HOME"] = home
+    return env
+
+
 def test_discover_order_and_walk_up():
     files = {"/home/u/proj/.firma/firma.toml", "/etc/x.toml", "/cfg/env.toml"}
     isf = files.__contains__
-    assert cfgmod.discover("/etc/x.toml", "/cfg/env.toml", "/home/u/proj/a/b", "/home/u", isf) == "/etc/x.toml"
-    assert cfgmod.discover(None, "/cfg/env.toml", "/home/u/proj/a", "/home/u", isf) == "/cfg/env.toml"
-    assert cfgmod.discover(None, None, "/home/u/proj/a/b", "/home/u", isf) == "/home/u/proj/.firma/firma.toml"
+    assert settings.discover_config("/etc/x.toml", _env("/cfg/env.toml", "/home/u"), "/home/u/proj/a/b", isf) == "/etc/x.toml"
+    assert settings.discover_config(None, _env("/cfg/env.toml", "/home/u"), "/home/u/proj/a", isf) == "/cfg/env.toml"
+    assert settings.discover_config(None, _env(None, "/home/u"), "/home/u/proj/a/b", isf) == "/home/u/proj/.firma/firma.toml"
     # stops at $HOME: a file above it is not used
-    assert cfgmod.discover(None, None, "/home/u/other", "/home/u", {"/home/.firma/firma.toml"}.__contains__) is None
+    assert settings.discover_config(None, _env(None, "/home/u"), "/home/u/other", {"/home/.firma/firma.toml"}.__contains__) is None
     with pytest.raises(ConfigError, match="does not exist"):
-        cfgmod.discover("missing.toml", None, "/w", None, isf)
+        settings.discover_config("missing.toml", _env(None, None), "/w", isf)
 
 
 def test_unknown_keys_name_key_and_file():

@@ -1,5 +1,5 @@
 """The stand-ins firma uses on the launch path instead of heavier stdlib imports behave like the
-originals they replace: host.which like shutil.which, statedir.remove_tree like shutil.rmtree
+originals they replace: host.which like shutil.which, privfs.remove_tree like shutil.rmtree
 (without following links), the pyseccomp import without ctypes.util leaving no trace, the agent
 getting no descriptor or ignored signal from firma's caller, and the `firma` executable keeping
 OpenSSL's Python modules out while a run still signs its audit."""
@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from firma.seccomp import store as seccomp
-from firma.run import state as statedir
+from firma import privfs
 from firma.host import which
 from linux_support import base_env, firma_cmd
 
@@ -99,7 +99,7 @@ def test_remove_tree_unlinks_files_and_never_follows_links(tmp_path):
         (run / n).write_text(n)
     (run / "link-to-dir").symlink_to(outside)
     (run / "link-to-file").symlink_to(outside / "keep")
-    statedir.remove_tree(str(run))
+    privfs.remove_tree(str(run))
     assert not run.exists()
     assert (outside / "keep").read_text() == "precious"  # control: the link targets survive
 
@@ -109,9 +109,9 @@ def test_remove_tree_falls_back_for_nested_dirs(tmp_path):
     (run / "sub" / "deeper").mkdir(parents=True)
     (run / "sub" / "deeper" / "f").write_text("x")
     (run / "f").write_text("x")
-    statedir.remove_tree(str(run))
+    privfs.remove_tree(str(run))
     assert not run.exists()
-    statedir.remove_tree(str(run))  # already gone: no error
+    privfs.remove_tree(str(run))  # already gone: no error
 
 
 def test_pyseccomp_imports_without_ctypes_util():

@@ -114,7 +114,7 @@ def test_write_private_refuses_a_symlinked_directory(tmp_path):
     real = tmp_path / "real"
     real.mkdir(mode=0o700)
     (tmp_path / "link").symlink_to(real)
-    with pytest.raises(ContractError, match="not a plain directory"):
+    with pytest.raises(ContractError, match="is a symlink; firma never follows one"):
         external.write_private(str(tmp_path / "link" / "launch.json"), "x")
     assert list(real.iterdir()) == []
 

@@ -18,9 +18,12 @@ import signal
 import stat
 from typing import Any, Callable, Mapping, Sequence
 
+from .. import privfs
 from ..core.contract import contract_json
+from ..core.contract_validate import MAX_CONTRACT_BYTES
 from ..core.model import Check
 from ..errors import ContractError, LaunchError
+from ..privfs import PrivatePathError
 from .base import LaunchHooks
 
 CONTRACT_FLAG = "--launch-contract"
@@ -29,86 +32,34 @@ CONTRACT_FLAG = "--launch-contract"
 # --- the private contract file ---------------------------------------------------------------
 
 
-def _ensure_private_dir(path: str) -> None:
-    """Create `path` (and missing parents) 0700, or accept it only if it already is a private
-    directory of ours that is not a symlink: the contract carries the launch environment."""
-    parent = os.path.dirname(path.rstrip("/")) or "/"
-    if not os.path.isdir(parent):
-        _ensure_private_dir(parent)
-    try:
-        os.mkdir(path, 0o700)
-        os.chmod(path, 0o700)  # the umask may have removed owner bits; it never adds any
-        return
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise ContractError(
-            f"cannot create the launch contract directory {path}: {exc.strerror or exc}"
-        ) from None
-    st = os.lstat(path)
-    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-        raise ContractError(
-            f"launch contract directory {path} is not a plain directory (a symlink or a file); "
-            "remove it"
-        )
-    if st.st_uid != os.geteuid():
-        raise ContractError(
-            f"launch contract directory {path} is owned by uid {st.st_uid}, not by us; remove it"
-        )
-    if stat.S_IMODE(st.st_mode) & 0o077:
-        raise ContractError(
-            f"launch contract directory {path} has mode {stat.S_IMODE(st.st_mode):04o}; it must "
-            "be 0700 (chmod 700 it or remove it)"
-        )
-
-
 def write_private(path: str, text: str) -> os.stat_result:
-    """Write `text` to the new file `path` (mode 0600, parent dir 0700); return the file's stat.
-
-    Refuses an existing file (O_EXCL) or a symlink at the final component (O_NOFOLLOW); the
-    directory is opened with O_NOFOLLOW too, so a link swapped in for it is refused."""
+    """Write `text` to the new file `path` (0600, in a private 0700 directory: firma.privfs's
+    `ensure_dir` and `create_new`); return the file's stat. An existing file or a symlink is
+    refused, never followed."""
     if not os.path.isabs(path):
         raise ContractError(f"launch contract path must be absolute: {path}")
-    directory, name = os.path.split(path)
-    _ensure_private_dir(directory)
-    data = text.encode("utf-8")
     try:
-        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        privfs.ensure_dir(os.path.dirname(path))
+        privfs.create_new(path, text)
+        return os.lstat(path)
+    except FileExistsError:
+        raise ContractError(f"launch contract {path} already exists; a stale run left it behind: remove it") from None
+    except PrivatePathError as exc:
+        raise ContractError(f"launch contract: {exc}") from None
     except OSError as exc:
-        raise ContractError(
-            f"cannot open the launch contract directory {directory}: {exc.strerror or exc}"
-        ) from None
+        raise ContractError(f"cannot create launch contract {path}: {exc.strerror or exc}") from None
+
+
+def read_contract_file(path: str) -> tuple[bytes, int]:
+    """(bytes, st_mode) of one open launch contract (firma.privfs `read_private`: no final
+    symlink, owned by the caller or root, ancestors private); its mode is reported by the
+    validator with the other problems."""
     try:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            fd = os.open(name, flags, 0o600, dir_fd=dfd)
-        except FileExistsError:
-            raise ContractError(
-                f"launch contract {path} already exists; a stale run left it behind: remove it"
-            ) from None
-        except OSError as exc:
-            raise ContractError(
-                f"cannot create launch contract {path}: {exc.strerror or exc}"
-            ) from None
-        try:
-            os.fchmod(fd, 0o600)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-            st = os.fstat(fd)
-        except OSError as exc:
-            os.close(fd)
-            _unlink_quiet(name, dfd)
-            raise ContractError(f"cannot write launch contract {path}: {exc.strerror or exc}") from None
-        os.close(fd)
-        try:
-            os.fsync(dfd)  # the name is durable before a runner is told to open it
-        except OSError:
-            pass
-        return st
-    finally:
-        os.close(dfd)
+        return privfs.read_private(path, MAX_CONTRACT_BYTES, what="launch contract", mode_checked_by_caller=True)
+    except FileNotFoundError:
+        raise ContractError(f"cannot open launch contract {path}: no such file") from None
+    except PrivatePathError as exc:
+        raise ContractError(str(exc)) from None
 
 
 def _unlink_quiet(name: str, dir_fd: int | None = None) -> None:
@@ -264,6 +215,7 @@ __all__ = [
     "CONTRACT_FLAG",
     "GroupChild",
     "launch_contract",
+    "read_contract_file",
     "remove_contract",
     "runner_argv",
     "spawn_group",

@@ -18,8 +18,9 @@ from ..errors import BackendError, ContractError
 from ..core.hostfacts import Host
 from . import external
 from .base import LaunchedChild, LaunchHooks, RoutingMode, RoutingPlan
+from ..core import settings as env_names
 
-RUNNER_ENV = "FIRMA_RUN_RUNNER"
+RUNNER_ENV = env_names.RUN_RUNNER
 DETAIL = "external runner enforces the launch contract invariants"
 CONTRACT_SUBDIR = "runner"
 CONTRACT_NAME = "launch.json"

@@ -46,8 +46,9 @@ from ..core.hostfacts import Host
 from .preflight import vz_host_check
 from . import external
 from .base import LaunchedChild, LaunchHooks, RoutingMode, RoutingPlan
+from ..core import settings as env_names
 
-DNS_STUB_ENV = "FIRMA_DNS_STUB_ADDR"
+DNS_STUB_ENV = env_names.DNS_STUB_ADDR
 CONTRACT_SUBDIR = "vz-guest"
 CONTRACT_NAME = "vz-guest-launch.json"
 

@@ -7,6 +7,7 @@ import os
 import sys
 import time
 
+from ..core.statelayout import audit_key_beside, audit_log_path
 from ..errors import AuditError
 
 
@@ -30,7 +31,7 @@ def add_parser(sub):
 def _key_for(path: str, given: str | None):
     from ..core import auditfmt
 
-    key_path = given or os.path.join(os.path.dirname(os.path.abspath(path)), "audit.key")
+    key_path = given or audit_key_beside(os.path.abspath(path))
     try:
         with open(key_path, "rb") as f:
             return auditfmt.load_public_pem(f.read())
@@ -114,9 +115,9 @@ def run(args) -> int:
         return 0
     path = args.file
     if not path:
-        from .sidecar import _default_state_root
+        from ..core.settings import state_root
 
-        path = os.path.join(_default_state_root(), "audit.jsonl")
+        path = audit_log_path(state_root(os.environ, os.getuid()))
     decisions = {DECISIONS[d] for d in args.decision} if args.decision else None
     since = parse_since(args.since) if args.since else None
     try:

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import stat
 import sys
 
+from ..backends.external import read_contract_file
 from ..core.contract_validate import contract_schema, validate_contract_bytes
-from ..errors import ContractError
 
-MAX_CONTRACT_BYTES = 4 * 1024 * 1024
 
 
 def add_parser(sub):
@@ -24,34 +22,6 @@ def add_parser(sub):
     v.add_argument("file", metavar="FILE")
     csub.add_parser("schema", help="print the launch contract JSON Schema (draft 2020-12)")
     return p
-
-
-def read_contract_file(path: str) -> tuple[bytes, int]:
-    """(bytes, st_mode) of one open file: no TOCTOU between the mode check and the read."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError as exc:
-        raise ContractError(f"cannot open launch contract {path}: {exc.strerror}") from exc
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            return b"", st.st_mode
-        chunks, total = [], 0
-        while True:
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            total += len(chunk)
-            if total > MAX_CONTRACT_BYTES:
-                raise ContractError(
-                    f"launch contract {path} is larger than {MAX_CONTRACT_BYTES} bytes"
-                )
-            chunks.append(chunk)
-        return b"".join(chunks), st.st_mode
-    except OSError as exc:
-        raise ContractError(f"cannot read launch contract {path}: {exc.strerror}") from exc
-    finally:
-        os.close(fd)
 
 
 def regular_file_exists(path: str) -> bool:

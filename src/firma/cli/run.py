@@ -8,6 +8,7 @@ import time
 
 from .main import APPEND, FLAG, VALUE, Opt, add_options
 from ..core import config as cfgmod
+from ..core import settings
 from ..core.planner import RunArgs, build_plan, plan_to_json
 from ..errors import ConfigError, PlanError
 from ..host import detect_host
@@ -46,9 +47,7 @@ def add_parser(sub):
 
 def _load_config(args, host, cwd: str) -> cfgmod.ConfigFile:
     env = host.environ
-    path = cfgmod.discover(
-        getattr(args, "config", None), env.get("FIRMA_CONFIG"), cwd, env.get("HOME"), os.path.isfile
-    )
+    path = settings.discover_config(getattr(args, "config", None), env, cwd, os.path.isfile)
     if path is None:
         return cfgmod.EMPTY
     try:

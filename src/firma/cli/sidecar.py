@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 
+from ..core.statelayout import audit_key_beside, audit_log_path
 from ..errors import FirmaError, SidecarError
 
 
@@ -23,19 +24,12 @@ def add_parser(sub):
     return p
 
 
-def _default_state_root() -> str:
-    # SPEC §12 order, shared with `firma run` (FIRMA_STATE_DIR → $XDG_RUNTIME_DIR/firma → /tmp/firma-$UID).
-    from ..core.planner import state_root
-
-    return state_root(os.environ, os.getuid())
-
-
 def write_startup_report(path: str, endpoint: str) -> None:
     """Atomic, written once: `protocol_version = 2`, `endpoint = "…"`."""
-    from ..run.state import write_private
+    from .. import privfs
 
     try:
-        write_private(os.path.abspath(path), f'protocol_version = 2\nendpoint = "{endpoint}"\n')
+        privfs.write_private(os.path.abspath(path), f'protocol_version = 2\nendpoint = "{endpoint}"\n')
     except OSError as exc:
         raise SidecarError(f"cannot write startup report {path}: {exc.strerror}") from None
 
@@ -45,12 +39,13 @@ async def _serve(args) -> int:
 
     audit = args.audit
     if not audit:
+        from ..core.settings import state_root
         from ..run.state import ensure_private_dir
 
-        root = _default_state_root()
+        root = state_root(os.environ, os.getuid())
         ensure_private_dir(root)
-        audit = os.path.join(root, "audit.jsonl")
-    key = args.audit_key or os.path.join(os.path.dirname(os.path.abspath(audit)), "audit.key")
+        audit = audit_log_path(root)
+    key = args.audit_key or audit_key_beside(os.path.abspath(audit))
     sidecar = Sidecar(
         SidecarConfig(
             allow_hosts=tuple(args.allow_host), policy_path=args.policy, audit_path=audit, key_path=key, monitor=args.monitor

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import posixpath
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from ..errors import ConfigError
 from .model import Mount, SeccompPolicyRef
 from .profiles import ALIASES, BUILTIN, Profile
 from .record import record, field
 
-CONFIG_DIR = ".firma"
-CONFIG_NAME = "firma.toml"
 
 _STR = "str"
 _BOOL = "bool"
@@ -63,32 +61,6 @@ class ConfigFile:
 
 
 EMPTY = ConfigFile()
-
-
-def discover(
-    explicit: str | None,
-    env_value: str | None,
-    cwd: str,
-    home: str | None,
-    is_file: Callable[[str], bool],
-) -> str | None:
-    """`--config`, then `FIRMA_CONFIG`, then the nearest `.firma/firma.toml` from cwd upwards,
-    stopping at `$HOME` or `/`. An explicitly named file that does not exist is an error."""
-    for origin, value in (("--config", explicit), ("FIRMA_CONFIG", env_value)):
-        if value is not None and value.strip():
-            path = posixpath.normpath(posixpath.join(cwd, value.strip()))
-            if not is_file(path):
-                raise ConfigError(f"config file {path} (from {origin}) does not exist; fix the path")
-            return path
-    d = posixpath.normpath(cwd)
-    stop = posixpath.normpath(home) if home else None
-    while True:
-        candidate = posixpath.join(d, CONFIG_DIR, CONFIG_NAME)
-        if is_file(candidate):
-            return candidate
-        if d == "/" or d == stop:
-            return None
-        d = posixpath.dirname(d)
 
 
 def parse(text: str, path: str) -> ConfigFile:

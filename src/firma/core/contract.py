@@ -17,9 +17,10 @@ from typing import Any, Mapping
 
 from ..errors import ContractError
 from .model import INVARIANT_NAMES, ExecutionEnvelope, Mount
+from . import settings as env_names
 
 CONTRACT_VERSION = 1
-CAPABILITY_TOKEN_ENV = "FIRMA_CAPABILITY_TOKEN"
+CAPABILITY_TOKEN_ENV = env_names.CAPABILITY_TOKEN
 # Words that mark a firma-internal variable as a credential (matched as whole `_`-separated words).
 _SECRET_WORDS = frozenset({"TOKEN", "SECRET", "PASSWORD", "PASSWD", "CREDENTIAL", "CREDENTIALS",
                            "AUTH", "KEY", "PRIVATE"})

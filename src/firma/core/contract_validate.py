@@ -17,6 +17,7 @@ from typing import Any, Callable, Mapping
 from .contract import is_secret_env_name
 from .model import INVARIANT_NAMES
 from .record import record
+from . import settings as env_names
 
 CONTRACT_VERSION = 1
 MAX_ARGS = 256
@@ -24,7 +25,7 @@ MAX_ARG_BYTES = 4096
 MAX_ENV = 256
 MAX_MOUNTS = 64
 MAX_HEADERS = 32
-FORBIDDEN_ENV = ("FIRMA_CAPABILITY_TOKEN",)
+FORBIDDEN_ENV = (env_names.CAPABILITY_TOKEN,)
 IDENTITY_MODES = ("sandbox_user", "host_user")
 # The only invariant a policy may switch off (SPEC §7).
 OPTIONAL_INVARIANT = "fail_closed_startup"
@@ -355,6 +356,9 @@ def _check_invariants(c: _Checker, invs: Any) -> None:
             c.bad("/invariants", f"missing invariant {name}")
     if len(seen) == len(INVARIANT_NAMES) == len(set(seen)) and tuple(seen) != INVARIANT_NAMES:
         c.bad("/invariants", f"invariants must be in the fixed order: {', '.join(INVARIANT_NAMES)}")
+
+
+MAX_CONTRACT_BYTES = 4 * 1024 * 1024  # a contract file larger than this is refused unread
 
 
 def validate_contract_bytes(

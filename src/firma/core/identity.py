@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Mapping
 
 from .model import Identity
+from . import settings as env_names
 
 
 def uuid7_hex(unix_ms: int, rand: bytes) -> str:
@@ -47,7 +48,7 @@ def build_identity(
     rand: bytes,
 ) -> Identity:
     """`rand` is 20 bytes: the first 10 for the sandbox id, the rest for a fresh session id."""
-    session = environ.get("FIRMA_RUN_SESSION_ID", "").strip()
+    session = environ.get(env_names.RUN_SESSION_ID, "").strip()
     if not session:
         session = uuid7(unix_ms, rand[10:20])
     agent = (agent_id or "").strip() or profile

@@ -6,12 +6,13 @@ from __future__ import annotations
 from typing import Iterable, Mapping
 
 from .model import Identity, IdentityMode, frozen_map
+from . import settings as env_names
 
 PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
 NO_PROXY_VARS = ("NO_PROXY", "no_proxy")
 SANDBOX_USER_NAME = "firma-user"
 # Never handed to an agent whatever a profile or config says.
-FORBIDDEN = frozenset({"FIRMA_CAPABILITY_TOKEN"})
+FORBIDDEN = frozenset({env_names.CAPABILITY_TOKEN})
 
 
 def base_env(
@@ -32,10 +33,10 @@ def base_env(
         env["USER"] = env["LOGNAME"] = SANDBOX_USER_NAME
     env.update(
         {
-            "FIRMA_RUN_SANDBOX_ID": identity.sandbox_id,
-            "FIRMA_RUN_SESSION_ID": identity.session_id,
-            "FIRMA_RUN_PROFILE": identity.profile,
-            "FIRMA_AGENT_ID": identity.agent_id,
+            env_names.RUN_SANDBOX_ID: identity.sandbox_id,
+            env_names.RUN_SESSION_ID: identity.session_id,
+            env_names.RUN_PROFILE: identity.profile,
+            env_names.AGENT_ID: identity.agent_id,
         }
     )
     for name in FORBIDDEN:

@@ -9,6 +9,7 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Mapping
 
+from .statelayout import run_dir_path
 from .record import record, field
 
 BACKENDS = ("bwrap", "vz", "runner")
@@ -133,7 +134,7 @@ class RunPlan:
 
     @property
     def runtime_dir(self) -> str:
-        return f"{self.state_root}/run/{self.identity.sandbox_id}"
+        return run_dir_path(self.state_root, self.identity.sandbox_id)
 
 
 @record

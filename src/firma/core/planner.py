@@ -8,7 +8,8 @@ from typing import Any, Callable, Mapping
 
 from ..errors import ConfigError, PlanError, UnsupportedBackendError
 from .hostfacts import Host
-from .settings import is_truthy
+from . import settings as env_names
+from .settings import is_truthy, state_root
 from . import config as cfgmod
 from . import launchenv, profiles
 from .identity import build_identity
@@ -17,7 +18,7 @@ from .mountcheck import check_mounts
 from .record import record
 from .vzinputs import vz_inputs_from_environ
 
-RESERVED_SANDBOX_ID = "FIRMA_RUN_SANDBOX_ID"
+RESERVED_SANDBOX_ID = env_names.RUN_SANDBOX_ID
 _SECRETISH = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH", re.I)
 _TCP_ENDPOINT = re.compile(r"^tcp://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.\-]+):([0-9]{1,5})$")
 
@@ -68,19 +69,6 @@ def validate_endpoint(endpoint: str) -> str:
     raise ConfigError(
         f"invalid sidecar endpoint '{endpoint}'; expected local, tcp://HOST:PORT or unix:///PATH"
     )
-
-
-def state_root(environ: Mapping[str, str], uid: int) -> str:
-    """`$FIRMA_STATE_DIR` → `$XDG_RUNTIME_DIR/firma` → `/tmp/firma-$UID`."""
-    explicit = environ.get("FIRMA_STATE_DIR", "").strip()
-    if explicit:
-        if not explicit.startswith("/"):
-            raise ConfigError(f"FIRMA_STATE_DIR must be an absolute path: {explicit}")
-        return posixpath.normpath(explicit)
-    xdg = environ.get("XDG_RUNTIME_DIR", "").strip()
-    if xdg.startswith("/"):
-        return posixpath.join(posixpath.normpath(xdg), "firma")
-    return f"/tmp/firma-{uid}"
 
 
 def _inside(path: str, root: str) -> bool:
@@ -149,7 +137,7 @@ def build_plan(
             raise ConfigError(f"mask_home_paths entries must be relative to $HOME: {p}")
     check_mounts(settings.get("mounts", ()), state_root=root, realpath=realpath)
 
-    endpoint = args.sidecar or env.get("FIRMA_SIDECAR_ENDPOINT", "").strip() or settings.get(
+    endpoint = args.sidecar or env.get(env_names.SIDECAR_ENDPOINT, "").strip() or settings.get(
         "sidecar_endpoint"
     ) or "local"
     timeout = args.startup_timeout_secs if args.startup_timeout_secs is not None else 10.0
@@ -186,15 +174,15 @@ def build_plan(
         allow_non_structural=bool(
             args.allow_non_structural
             or settings.get("allow_non_structural", False)
-            or is_truthy(env.get("FIRMA_RUN_ALLOW_NON_STRUCTURAL"))
+            or is_truthy(env.get(env_names.RUN_ALLOW_NON_STRUCTURAL))
         ),
         monitor=args.monitor,
         proof_file=(
             posixpath.normpath(posixpath.join(cwd, args.proof_file)) if args.proof_file else None
         ),
-        keep_markers=bool(env.get("FIRMA_RUN_KEEP_MARKERS", "").strip()),
+        keep_markers=bool(env.get(env_names.RUN_KEEP_MARKERS, "").strip()),
         vz=vz_inputs_from_environ(env),
-        runner_path=env.get("FIRMA_RUN_RUNNER"),
+        runner_path=env.get(env_names.RUN_RUNNER),
         config_path=cfg.path,
         protected_paths=tuple(settings.get("protected_paths", ())),
     )

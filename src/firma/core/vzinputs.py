@@ -16,16 +16,17 @@ from enum import StrEnum
 from typing import Callable, Mapping
 
 from ..errors import BackendError
+from . import settings as env_names
 from .settings import is_truthy
 from .model import VzInputs
 from .record import record
 
-ENV_GUEST = "FIRMA_RUN_VZ_GUEST"
-ENV_STRUCTURAL = "FIRMA_RUN_VZ_STRUCTURAL_NETWORK"
-ENV_RUNNER = "FIRMA_RUN_VZ_GUEST_RUNNER"
-ENV_KERNEL = "FIRMA_RUN_VZ_GUEST_KERNEL"
-ENV_INITRD = "FIRMA_RUN_VZ_GUEST_INITRD"
-ENV_ROOTFS = "FIRMA_RUN_VZ_GUEST_ROOTFS"
+ENV_GUEST = env_names.VZ_GUEST
+ENV_STRUCTURAL = env_names.VZ_STRUCTURAL_NETWORK
+ENV_RUNNER = env_names.VZ_GUEST_RUNNER
+ENV_KERNEL = env_names.VZ_GUEST_KERNEL
+ENV_INITRD = env_names.VZ_GUEST_INITRD
+ENV_ROOTFS = env_names.VZ_GUEST_ROOTFS
 GUEST_ENV_NAMES = (ENV_RUNNER, ENV_KERNEL, ENV_INITRD, ENV_ROOTFS)
 
 

@@ -10,11 +10,12 @@ from ..backends.base import RoutingPlan
 from ..core import launchenv
 from ..core.hostfacts import Host
 from ..core.model import ExecutionEnvelope, Mount, NetworkEndpoints, RunPlan, SeccompArtifactRef
+from ..core import settings as env_names
 
 if TYPE_CHECKING:
     from ..seccomp.store import SeccompArtifact
 
-DNS_STUB_ENV = "FIRMA_DNS_STUB_ADDR"
+DNS_STUB_ENV = env_names.DNS_STUB_ADDR
 
 
 def seccomp_for(plan: RunPlan, host: Host) -> SeccompArtifact | None:

@@ -6,6 +6,8 @@ import os
 import time
 from typing import TextIO
 
+from .. import privfs
+
 LEVELS = {"debug": 10, "info": 20, "warn": 30, "warning": 30, "error": 40, "off": 100}
 
 
@@ -26,7 +28,11 @@ class RunLog:
         self.quiet = False  # True while the agent runs
 
     def add_file(self, path: str) -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        """Also write every line to `path` (private: no link followed, the caller's own file)."""
+        try:
+            fd = privfs.open_append(path)
+        except OSError as exc:
+            raise privfs.PrivatePathError(f"cannot open log file {path}: {exc.strerror}; choose another path") from None
         self._files.append(os.fdopen(fd, "a", buffering=1, encoding="utf-8"))
 
     def __call__(self, msg: str, level: str = "info") -> None:

@@ -7,6 +7,7 @@ import os
 import time
 from typing import TYPE_CHECKING
 
+from .. import privfs
 from ..core import proofdoc
 from ..core.model import DEFAULT_INVARIANTS, Check, EnforcementProof, ExecutionEnvelope, RunPlan
 from ..core.record import field, record
@@ -47,16 +48,16 @@ class RunRecord:
         )
         text = proofdoc.dumps(doc)
         path = self.dirs.proof_path(self.plan.identity.sandbox_id)
-        statedir.write_private(path, text)
+        privfs.write_private(path, text)
         self.proof_path = path
         if self.plan.proof_file:
-            statedir.write_private(self.plan.proof_file, text)
+            privfs.write_private(self.plan.proof_file, text)
 
     def finish(self, envelope: ExecutionEnvelope | None, status: int | None, *, failed: bool) -> None:
         """The last steps of every teardown: the private socket dir, the final proof, the run
         dir (a failed run keeps its run.log next to the proof)."""
         if self.socket_dir is not None:
-            statedir.remove_tree(self.socket_dir)
+            privfs.remove_tree(self.socket_dir)
         invariants = envelope.invariants if envelope is not None else DEFAULT_INVARIANTS
         try:
             self.write_proof(invariants, ended=True, exit_status=status)
@@ -90,7 +91,7 @@ def abandon_run(run: RunRecord) -> None:
     """Nothing was started (bad policy, unreadable key): leave no run dir behind."""
     run.log.close()
     if run.socket_dir is not None:
-        statedir.remove_tree(run.socket_dir)
+        privfs.remove_tree(run.socket_dir)
     statedir.remove_run_dir(run.dirs, keep_log_as=None)
 
 
@@ -101,10 +102,10 @@ def sidecar_listen(run: RunRecord) -> str:
     """The embedded sidecar listens on a unix socket in a 0700 directory: only this launcher's
     bridge can reach it. On host loopback TCP any local process could submit requests with forged
     attribution headers and write them into the signed audit."""
-    path = os.path.join(run.dirs.run_dir, "sidecar.sock")
+    path = run.dirs.sidecar_socket
     if len(os.fsencode(path)) > _SUN_PATH_MAX:
         import tempfile  # noqa: PLC0415 - rare path; tempfile costs a launch ~2 ms
 
         run.socket_dir = tempfile.mkdtemp(prefix="firma-sidecar-")  # 0700, short path
-        path = os.path.join(run.socket_dir, "sidecar.sock")
+        path = os.path.join(run.socket_dir, statedir.SIDECAR_SOCKET)
     return f"unix://{path}"

@@ -1,16 +1,28 @@
-"""The state root and per-run directories (SPEC §12): private (0700) and never inside a sandbox.
+"""The state layout (SPEC §12), owned here: every name under the state root and the per-run
+directories, all private (firma.privfs) and never inside a sandbox.
 
-`<root>/run/<sandbox_id>/` holds run.log, sidecar.log, contracts and generated /etc files and is
-removed at teardown; `<root>/proofs/`, `<root>/audit.jsonl` and `<root>/audit.key` are kept."""
+`<root>/run/<sandbox_id>/` holds the owner record, run.log, sidecar.sock, contracts and generated
+/etc files and is removed at teardown; `<root>/proofs/`, `<root>/audit.jsonl` and
+`<root>/audit.key` are kept."""
 
 from __future__ import annotations
 
-import errno
 import os
-import stat
 
+from .. import privfs
 from ..core.record import record
+from ..core.statelayout import (
+    OWNER,
+    PROOFS,
+    RUN_LOG,
+    RUNS,
+    SIDECAR_SOCKET,
+    audit_key_path,
+    audit_log_path,
+    run_dir_path,
+)
 from ..errors import PlanError
+from ..privfs import PrivatePathError
 
 
 @record
@@ -21,38 +33,33 @@ class RunDirs:
 
     @property
     def audit_path(self) -> str:
-        return os.path.join(self.root, "audit.jsonl")
+        return audit_log_path(self.root)
 
     @property
     def key_path(self) -> str:
-        return os.path.join(self.root, "audit.key")
+        return audit_key_path(self.root)
 
     @property
     def run_log(self) -> str:
-        return os.path.join(self.run_dir, "run.log")
+        return os.path.join(self.run_dir, RUN_LOG)
+
+    @property
+    def sidecar_socket(self) -> str:
+        return os.path.join(self.run_dir, SIDECAR_SOCKET)
 
     def proof_path(self, sandbox_id: str) -> str:
         return os.path.join(self.proofs_dir, f"{sandbox_id}.json")
 
 
 def ensure_private_dir(path: str) -> None:
-    """Create `path` (and parents) 0700; refuse an existing one we do not own or others can use."""
+    """A directory of the state layout, by the private-path rule (firma.privfs.ensure_dir); a
+    refusal names the fix for the state root."""
     try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-        st = os.lstat(path)
-    except OSError as exc:
-        raise PlanError(f"cannot create state directory {path}: {exc.strerror}; set FIRMA_STATE_DIR") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise PlanError(f"state directory {path} is not a directory; remove it or set FIRMA_STATE_DIR")
-    if st.st_uid != os.getuid():
-        raise PlanError(
-            f"state directory {path} is owned by uid {st.st_uid}, not you; remove it or set FIRMA_STATE_DIR"
-        )
-    if st.st_mode & 0o077:
-        os.chmod(path, 0o700)
+        privfs.ensure_dir(path)
+    except PrivatePathError as exc:
+        raise PlanError(f"state directory: {exc}; or set FIRMA_STATE_DIR to a private directory") from None
 
 
-OWNER = "owner"  # "<launcher pid> <its start time in clock ticks>"
 _UNOWNED_GRACE_SECS = 600.0
 
 
@@ -83,7 +90,7 @@ def sweep_stale(root: str, now: float) -> list[str]:
     never left to pile up. A dir without an owner file is only removed after a grace period
     (a concurrent launch may be between mkdir and writing it)."""
     removed = []
-    base = os.path.join(root, "run")
+    base = os.path.join(root, RUNS)
     try:
         names = os.listdir(base)
     except OSError:
@@ -101,85 +108,23 @@ def sweep_stale(root: str, now: float) -> list[str]:
         except OSError:
             continue
         if stale:
-            remove_tree(d)
+            privfs.remove_tree(d)
             removed.append(name)
     return removed
 
 
 def create(root: str, sandbox_id: str) -> RunDirs:
     ensure_private_dir(root)
-    ensure_private_dir(os.path.join(root, "run"))
-    proofs = os.path.join(root, "proofs")
+    ensure_private_dir(os.path.join(root, RUNS))
+    proofs = os.path.join(root, PROOFS)
     ensure_private_dir(proofs)
-    run_dir = os.path.join(root, "run", sandbox_id)
+    run_dir = run_dir_path(root, sandbox_id)
     try:
         os.mkdir(run_dir, 0o700)
     except FileExistsError:
         raise PlanError(f"run directory {run_dir} already exists; sandbox ids must be unique") from None
-    write_private(os.path.join(run_dir, OWNER), owner_record(os.getpid()))
+    privfs.create_new(os.path.join(run_dir, OWNER), owner_record(os.getpid()))
     return RunDirs(root=root, run_dir=run_dir, proofs_dir=proofs)
-
-
-def remove_tree(path: str) -> None:
-    """Remove a run directory. Run directories hold only files, which are unlinked through a
-    descriptor of the directory (no path re-resolution, symlinks removed, never followed);
-    anything else there falls back to shutil.rmtree (imported only then: ~3 ms of a launch)."""
-    try:
-        dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return
-    nested = False
-    try:
-        for entry in os.scandir(dfd):
-            try:
-                if entry.is_dir(follow_symlinks=False):
-                    nested = True
-                else:
-                    os.unlink(entry.name, dir_fd=dfd)
-            except OSError:
-                nested = True
-    finally:
-        os.close(dfd)
-    try:
-        os.rmdir(path)
-    except OSError:
-        nested = True
-    if nested:
-        import shutil  # noqa: PLC0415 - rare
-
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def private_temp(directory: str, prefix: str, suffix: str) -> tuple[int, str]:
-    """A new 0600 file with a random name in `directory`, opened read-write: (fd, path).
-    Like tempfile.mkstemp, whose import (random, hashlib seeding) costs a launch ~2 ms."""
-    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    for _ in range(100):
-        path = os.path.join(directory, f"{prefix}{os.urandom(6).hex()}{suffix}")
-        try:
-            return os.open(path, flags, 0o600), path
-        except FileExistsError:
-            continue
-    raise FileExistsError(errno.EEXIST, "no unused temporary name", directory)
-
-
-def write_private(path: str, data: str) -> None:
-    """Atomic (temp + rename) write of a 0600 file."""
-    d = os.path.dirname(path) or "."
-    fd, tmp = private_temp(d, ".tmp-", ".part")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def remove_run_dir(dirs: RunDirs, *, keep_log_as: str | None) -> None:
@@ -192,4 +137,4 @@ def remove_run_dir(dirs: RunDirs, *, keep_log_as: str | None) -> None:
             os.chmod(keep_log_as, 0o600)
         except OSError:
             pass
-    remove_tree(dirs.run_dir)
+    privfs.remove_tree(dirs.run_dir)

@@ -40,8 +40,10 @@ from ..core.model import (
     NetworkEndpoints,
     frozen_map,
 )
+from .. import privfs
 from ..core.record import record
 from ..errors import ContractError, FirmaError, LaunchError
+from ..core import settings as env_names
 
 PROG = "firma-runner-linux"
 STARTUP_PROBE_TIMEOUT = 5.0
@@ -95,8 +97,8 @@ def sandbox_env(contract: Mapping[str, Any]) -> dict[str, str]:
     for k, v in list(env.items()):
         if k in PROXY_VARS or v.rstrip("/") == host_proxy:
             env[k] = inside if v else v
-    if "FIRMA_DNS_STUB_ADDR" in env:
-        env["FIRMA_DNS_STUB_ADDR"] = f"{PLANTED_DNS_ADDR[0]}:{PLANTED_DNS_ADDR[1]}"
+    if env_names.DNS_STUB_ADDR in env:
+        env[env_names.DNS_STUB_ADDR] = f"{PLANTED_DNS_ADDR[0]}:{PLANTED_DNS_ADDR[1]}"
     return env
 
 
@@ -336,7 +338,7 @@ def choose_runtime_dir(contract: Mapping[str, Any]) -> RuntimeDir:
 
 
 def load_contract(path: str) -> dict[str, Any]:
-    from ..cli.contract import read_contract_file
+    from ..backends.external import read_contract_file  # noqa: PLC0415 - the runner's start only
 
     if not path.startswith("/"):
         path = os.path.abspath(path)
@@ -420,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.log_file:
             try:
-                fd = os.open(args.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                fd = privfs.open_append(args.log_file)
             except OSError as exc:
                 raise LaunchError(f"cannot open --log-file {args.log_file}: {exc.strerror}") from None
             debug_file = os.fdopen(fd, "a", buffering=1, encoding="utf-8")

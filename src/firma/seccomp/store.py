@@ -18,6 +18,7 @@ import os
 import stat
 import sys
 
+from .. import privfs
 from ..core.model import SeccompArtifactRef, SeccompPolicyRef
 from ..core.record import record
 from ..core.seccomp_policy import (
@@ -30,6 +31,7 @@ from ..core.seccomp_policy import (
     parse_policy,
 )
 from ..errors import SeccompError
+from ..privfs import PrivatePathError
 
 BPF_NAME = "policy.bpf"
 METADATA_NAME = "policy.metadata.json"
@@ -270,8 +272,13 @@ def _open_dir_chain(root: str, parts: tuple[str, ...], create: bool) -> int:
             f"seccomp artifact root {root} goes through a symlink ({os.path.realpath(root)}); "
             "configure a path without symlinks"
         )
-    if create:
-        os.makedirs(root, mode=0o700, exist_ok=True)
+    try:
+        if create:
+            privfs.ensure_dir(root)
+        else:
+            privfs.check_ancestors(root, sticky_parent=True)
+    except PrivatePathError as exc:
+        raise SeccompError(f"seccomp artifact root: {exc}") from None
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
         fd = os.open(root, flags)

@@ -7,9 +7,12 @@ import contextlib
 import os
 import stat
 
+from .. import privfs
 from ..core import auditfmt
 from ..errors import AuditError
-from ..run.state import private_temp
+from ..privfs import PrivatePathError, private_temp
+
+_KEY_MAX = 64 * 1024  # a P-256 PEM key is a few hundred bytes
 
 
 def load_or_create_key(path: str):
@@ -60,20 +63,18 @@ def parse_key(pem: bytes, path: str):
 
 
 def read_key_file(path: str) -> bytes | None:
-    """The key file's bytes, None when there is none; refuses links and loose modes."""
+    """The key file's bytes, None when there is none (firma.privfs `read_private`: no link, owned
+    by the caller or root); a mode readable by group or others is refused."""
     try:
-        kfd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        pem, mode = privfs.read_private(path, _KEY_MAX, what="audit key")
     except FileNotFoundError:
         return None
-    except OSError as exc:
-        raise AuditError(f"cannot load audit key {path}: {exc.strerror}; remove it to generate a new one") from None
-    with os.fdopen(kfd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise AuditError(f"audit key {path} is not a regular file; remove it")
-        if st.st_mode & 0o077:
-            raise AuditError(f"audit key {path} is readable by group/others (mode {st.st_mode & 0o777:o}); chmod 600 it")
-        pem = f.read()
+    except PrivatePathError as exc:
+        raise AuditError(f"cannot load audit key: {exc}; remove it to generate a new one") from None
+    if not stat.S_ISREG(mode):
+        raise AuditError(f"audit key {path} is not a regular file; remove it")
+    if mode & 0o077:
+        raise AuditError(f"audit key {path} is readable by group/others (mode {mode & 0o777:o}); chmod 600 it")
     # The armour is checked here so a wrong file fails at once; the key type when it is parsed.
     if not pem.lstrip().startswith(b"-----BEGIN PRIVATE KEY-----") or b"-----END PRIVATE KEY-----" not in pem:
         raise AuditError(f"cannot load audit key {path}: not a PEM PKCS#8 private key; remove it to generate a new one")
@@ -81,16 +82,11 @@ def read_key_file(path: str) -> bytes | None:
 
 
 def open_audit_log(path: str, remedy: str = "fix --audit or its directory") -> int:
-    """A descriptor appending to the audit log, created 0600 (a looser existing mode is
-    tightened); a link is refused."""
+    """A descriptor appending to the audit log (firma.privfs `open_append`: created 0600, a looser
+    mode of the caller's own file tightened, a link or another user's file refused)."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            if os.fstat(fd).st_mode & 0o077:
-                os.fchmod(fd, 0o600)
-        except OSError:
-            os.close(fd)
-            raise
+        return privfs.open_append(path)
+    except PrivatePathError as exc:
+        raise AuditError(f"cannot open audit log: {exc}; {remedy}") from None
     except OSError as exc:
         raise AuditError(f"cannot open audit log {path}: {exc.strerror}; {remedy}") from None
-    return fd

@@ -10,6 +10,7 @@ import stat
 from ...core import bwrap_plan
 from ...core.hostfacts import Host
 from ...core.model import ExecutionEnvelope
+from ...core.statelayout import state_root_of_run_dir
 
 
 def within(path: str, root: str) -> bool:
@@ -79,7 +80,7 @@ def measure_facts(
 ) -> bwrap_plan.BwrapFacts:
     """lstat the candidate paths on the host (the plan itself stays pure)."""
     xdg = xdg_runtime_dir(host)
-    state_root = os.path.dirname(os.path.dirname(envelope.runtime_dir.rstrip("/")))
+    state_root = state_root_of_run_dir(envelope.runtime_dir)
     kinds: dict[str, str] = {}
     realpaths: dict[str, str] = {}
     refs = git_refs(envelope.cwd)

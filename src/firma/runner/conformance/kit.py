@@ -36,6 +36,7 @@ from ...core.model import (
     frozen_map,
 )
 from ...core.record import record
+from ...core.statelayout import audit_key_path, audit_log_path
 from ...errors import FirmaError
 from . import probes as probes_module
 from .judge import (
@@ -163,8 +164,8 @@ class Kit:
         cfg = SidecarConfig(
             allow_hosts=(self.upstream.addr,),
             policy_path=None,
-            audit_path=str(state / "audit.jsonl"),
-            key_path=str(state / "audit.key"),
+            audit_path=audit_log_path(str(state)),
+            key_path=audit_key_path(str(state)),
         )
 
         async def start_services():
