@@ -7,12 +7,10 @@ in, a list of checks out, so tests can describe any host. The bwrap verdict come
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
 import shutil
-import socket
 import stat
 import subprocess
 
@@ -340,48 +338,16 @@ def _smoke(host: Host, bpf: bytes | None) -> tuple[bool, str]:
     return True, f"test sandbox (user+net+pid namespaces, --disable-userns) started {what}"
 
 
-def parse_endpoint(ep: str) -> tuple[str, object]:
-    if ep.startswith("unix://"):
-        return "unix", ep[len("unix://"):]
-    if ep.startswith("tcp://"):
-        host, _, port = ep[len("tcp://"):].rstrip("/").rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f"invalid endpoint {ep!r}; expected tcp://HOST:PORT or unix:///PATH")
-        return "tcp", (host.strip("[]"), int(port))
-    raise ValueError(f"invalid endpoint {ep!r}; expected tcp://HOST:PORT or unix:///PATH")
-
-
 def probe_sidecar(ep: str, timeout: float = 3.0) -> str | None:
-    """None when the endpoint answers, else why not. Uses the sidecar's own readiness probe
-    (what `firma run` waits on) when the services are installed, else a plain connect."""
-    from .core.planner import validate_endpoint
+    """None when the endpoint answers its health request (the probe `firma run` uses), else why not."""
+    from .core.endpoint import validate_endpoint
+    from .services.health import probe
 
     try:
         validate_endpoint(ep)
-        kind, addr = parse_endpoint(ep)
-    except (FirmaError, ValueError) as exc:
+        probe(ep, timeout)
+    except FirmaError as exc:
         return str(exc)
-    try:
-        from .services.sidecar import probe_endpoint
-    except ImportError:
-        probe_endpoint = None
-    if probe_endpoint is not None:
-        try:
-            asyncio.run(probe_endpoint(ep, timeout))
-        except Exception as exc:  # noqa: BLE001 - any failure to answer is the verdict
-            return str(exc) or type(exc).__name__
-        return None
-    try:
-        if kind == "unix":
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        else:
-            s = socket.socket(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET,
-                              socket.SOCK_STREAM)
-        with s:
-            s.settimeout(timeout)
-            s.connect(addr)
-    except OSError as exc:
-        return exc.strerror or str(exc)
     return None
 
 

@@ -8,7 +8,8 @@ import stat
 
 import pytest
 
-from firma.services.sidecar import Sidecar, SidecarConfig, SidecarLimits, probe_endpoint
+from firma.services.health import probe_async as probe_endpoint
+from firma.services.sidecar import Sidecar, SidecarConfig, SidecarLimits
 from firma.errors import AuditError, PolicyError, SidecarError
 
 from upstreams import HttpUpstream, RawUpstream, Stack, fake_resolver, run, send_raw, split_responses

@@ -1,26 +1,45 @@
-"""Sidecar endpoints as text: `tcp://HOST:PORT` and `unix:///PATH` (pure)."""
+"""Sidecar endpoints as text, one grammar (pure): `local`, `tcp://HOST:PORT` and `unix:///PATH`.
+
+HOST is a name or IPv4 literal of letters, digits, dots and dashes, or a bracketed IPv6 literal;
+PORT is 1-65535 (0 only for a listen address, where the kernel picks one)."""
 
 from __future__ import annotations
 
-from ..errors import SidecarError
+import re
+
+from ..errors import ConfigError, SidecarError
 
 HEALTH_PATH = "/__firma/health"  # a sidecar answers GET here with 200 once it serves
+LOCAL = "local"  # the embedded sidecar
+
+_TCP = re.compile(r"^tcp://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.\-]+):([0-9]{1,5})/?$")
+_FORMS = "expected tcp://HOST:PORT or unix:///PATH"
 
 
-def parse_endpoint(endpoint: str) -> tuple[str, str | tuple[str, int]]:
-    """`tcp://H:P` → ("tcp", (H, P)); `unix:///P` → ("unix", P)."""
+def parse_endpoint(endpoint: str, *, listen: bool = False) -> tuple[str, str | tuple[str, int]]:
+    """`tcp://H:P` → ("tcp", (H, P)) with IPv6 brackets removed; `unix:///P` → ("unix", P).
+    Raises SidecarError naming the forms."""
     if endpoint.startswith("unix://"):
         path = endpoint[len("unix://") :]
-        if not path.startswith("/"):
+        if not path.startswith("/") or path == "/":
             raise SidecarError(f"invalid endpoint {endpoint!r}: unix:// needs an absolute path (unix:///run/x.sock)")
         return "unix", path
-    if endpoint.startswith("tcp://"):
-        hp = endpoint[len("tcp://") :].rstrip("/")
-        if hp.startswith("["):
-            host, _, port = hp[1:].partition("]:")
-        else:
-            host, _, port = hp.rpartition(":")
-        if not host or not port.isdigit() or int(port) > 65535:
-            raise SidecarError(f"invalid endpoint {endpoint!r}: expected tcp://HOST:PORT")
-        return "tcp", (host, int(port))
-    raise SidecarError(f"invalid endpoint {endpoint!r}: expected tcp://HOST:PORT or unix:///PATH")
+    m = _TCP.match(endpoint)
+    if m is None:
+        raise SidecarError(f"invalid endpoint {endpoint!r}: {_FORMS}")
+    port = int(m.group(2))
+    if not (0 if listen else 1) <= port <= 65535:
+        raise SidecarError(f"invalid endpoint {endpoint!r}: port must be 1-65535")
+    return "tcp", (m.group(1).strip("[]"), port)
+
+
+def validate_endpoint(endpoint: str) -> str:
+    """A `--sidecar` / config endpoint: `local` or a connectable endpoint, trimmed. ConfigError."""
+    e = endpoint.strip()
+    if e == LOCAL:
+        return e
+    try:
+        parse_endpoint(e)
+    except SidecarError:
+        raise ConfigError(f"invalid sidecar endpoint '{endpoint}'; expected local, tcp://HOST:PORT or unix:///PATH") from None
+    return e

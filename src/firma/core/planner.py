@@ -12,6 +12,7 @@ from . import settings as env_names
 from .settings import is_truthy, state_root
 from . import config as cfgmod
 from . import launchenv, profiles
+from .endpoint import validate_endpoint
 from .identity import build_identity
 from .model import BACKENDS, IdentityMode, RunPlan, SidecarChoice
 from .mountcheck import check_mounts
@@ -20,7 +21,6 @@ from .vzinputs import vz_inputs_from_environ
 
 RESERVED_SANDBOX_ID = env_names.RUN_SANDBOX_ID
 _SECRETISH = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH", re.I)
-_TCP_ENDPOINT = re.compile(r"^tcp://(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.\-]+):([0-9]{1,5})$")
 
 
 @record
@@ -54,21 +54,6 @@ def parse_identity_mode(value: str) -> IdentityMode:
         raise ConfigError(
             f"unknown identity mode '{value}'; expected sandbox-user or host-user"
         ) from None
-
-
-def validate_endpoint(endpoint: str) -> str:
-    """`local`, `tcp://H:P` or `unix:///ABS`."""
-    e = endpoint.strip()
-    if e == "local":
-        return e
-    m = _TCP_ENDPOINT.match(e)
-    if m and 0 < int(m.group(2)) < 65536:
-        return e
-    if e.startswith("unix://") and e[len("unix://") :].startswith("/") and len(e) > len("unix:///"):
-        return e
-    raise ConfigError(
-        f"invalid sidecar endpoint '{endpoint}'; expected local, tcp://HOST:PORT or unix:///PATH"
-    )
 
 
 def _inside(path: str, root: str) -> bool:

@@ -87,7 +87,7 @@ class ForkedHosting:
         self._services: ServicesProcess | None = None
 
     async def probe_external(self, plan: RunPlan) -> None:
-        from ..services.listen import probe  # noqa: PLC0415
+        from ..services.health import probe  # noqa: PLC0415
 
         try:
             probe(plan.sidecar.endpoint, plan.sidecar.startup_timeout_secs)

@@ -9,6 +9,7 @@ from typing import Any
 
 from ..backends.base import Backend, LaunchedChild, LaunchHooks, PlantedSockets, RoutingPlan
 from ..core.model import Check, ExecutionEnvelope, RunPlan
+from ..services.health import probe_async
 from ..errors import BackendError, SidecarError
 from .gates import unreachable_external
 from .log import RunLog
@@ -33,7 +34,7 @@ class InProcessHosting:
 
     async def probe_external(self, plan: RunPlan) -> None:
         try:
-            await self._svc_sidecar.probe_endpoint(plan.sidecar.endpoint, plan.sidecar.startup_timeout_secs)
+            await probe_async(plan.sidecar.endpoint, plan.sidecar.startup_timeout_secs)
         except Exception as exc:  # noqa: BLE001 - any failure to answer refuses the launch
             raise unreachable_external(plan, exc) from None
 
@@ -92,7 +93,7 @@ class InProcessHosting:
             ) from None
         run.sidecar_endpoint = endpoint
         try:
-            await self._svc_sidecar.probe_endpoint(endpoint, timeout)
+            await probe_async(endpoint, timeout)
         except Exception as exc:  # noqa: BLE001
             run.add_check(Check("sidecar_ready", False, f"{endpoint}: {exc}"))
             raise SidecarError(f"sidecar at {endpoint} did not answer ({exc}); refusing to start the agent") from None

@@ -13,6 +13,7 @@ import socket
 from typing import Any, Mapping
 
 from ..core import auditfmt, http1
+from ..core.endpoint import parse_endpoint
 from ..core.http1 import HttpError
 from . import netio
 from .sidecar import REPORT_METHOD, REPORT_REASON, deny_response
@@ -31,7 +32,7 @@ class Bridge:
         max_head: int = http1.MAX_HEAD,
         max_connections: int = 1024,
     ) -> None:
-        netio.parse_endpoint(sidecar_endpoint)  # fail early on a bad endpoint
+        parse_endpoint(sidecar_endpoint)  # fail early on a bad endpoint
         self.sidecar_endpoint = sidecar_endpoint
         self.attribution = dict(attribution)
         self.audit = audit  # optional AuditWriter-like (.submit(**fields)); else reported via the sidecar

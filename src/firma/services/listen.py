@@ -1,8 +1,5 @@
-"""Sidecar readiness without an event loop (SPEC §9: policy loaded, audit key open, listener
-bound), for the synchronous launcher of firma.run.forked and the asyncio sidecar alike.
-
-`bind_unix_listener` makes the embedded sidecar's private socket; `probe` asks a running
-(external) sidecar for its health answer."""
+"""The embedded sidecar's private unix socket, bound without an event loop (SPEC §9 readiness), for
+the synchronous launcher of firma.run.forked and the asyncio sidecar alike."""
 
 from __future__ import annotations
 
@@ -10,7 +7,6 @@ import os
 import socket
 import stat
 
-from ..core.endpoint import HEALTH_PATH, parse_endpoint
 from ..errors import SidecarError
 
 LISTEN_BACKLOG = 1024
@@ -39,35 +35,3 @@ def bind_unix_listener(path: str) -> socket.socket:
     finally:
         os.umask(old)
     return sock
-
-
-def probe(endpoint: str, timeout: float) -> None:
-    """Raise SidecarError unless a sidecar answers its health request at endpoint in time."""
-    kind, addr = parse_endpoint(endpoint)
-    try:
-        if kind == "unix":
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(timeout)
-            try:
-                sock.connect(addr)
-            except OSError:
-                sock.close()
-                raise
-        else:
-            sock = socket.create_connection(addr, timeout)  # type: ignore[arg-type]
-    except OSError as exc:
-        raise SidecarError(f"sidecar {endpoint} is not reachable: {exc or 'timed out'}") from None
-    with sock:
-        try:
-            sock.sendall(f"GET {HEALTH_PATH} HTTP/1.1\r\nhost: firma\r\n\r\n".encode())
-            line = b""
-            while b"\n" not in line and len(line) < 4096:
-                chunk = sock.recv(4096)
-                if not chunk:
-                    break
-                line += chunk
-        except OSError as exc:
-            raise SidecarError(f"sidecar {endpoint} did not answer: {exc or 'timed out'}") from None
-    if not line.startswith(b"HTTP/1.1 200"):
-        first = line.partition(b"\n")[0]
-        raise SidecarError(f"sidecar {endpoint} did not report ready (got {first[:40]!r})")

@@ -6,7 +6,7 @@ import asyncio
 import socket
 import time
 
-from ..core.endpoint import parse_endpoint  # noqa: F401 - used here and by the services
+from ..core.endpoint import parse_endpoint
 from ..core.http1 import HttpError, head_end, plausible_request_start
 
 READ_CHUNK = 1024 * 1024

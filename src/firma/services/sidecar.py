@@ -16,7 +16,7 @@ import time
 from typing import Awaitable, Callable
 
 from ..core import addrclass, auditfmt, http1, tlshello
-from ..core.endpoint import HEALTH_PATH
+from ..core.endpoint import HEALTH_PATH, parse_endpoint
 from ..core.hostcanon import CanonHost, HostError, canon_host, split_authority
 from ..core.http1 import ATTRIBUTION_HEADERS, HOP_BY_HOP, HttpError
 from ..core.model import RunPlan
@@ -146,7 +146,7 @@ class Sidecar:
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self, listen: str = "tcp://127.0.0.1:0") -> str:
-        kind, addr = netio.parse_endpoint(listen)
+        kind, addr = parse_endpoint(listen, listen=True)
         if kind == "unix":
             return await self.serve_unix_socket(bind_unix_listener(addr), addr)
         host, port = addr
@@ -644,21 +644,3 @@ class Sidecar:
         except HostError:
             return "sni_mismatch"
         return "" if sni.host == host.host else "sni_mismatch"
-
-
-async def probe_endpoint(endpoint: str, timeout: float) -> None:
-    """Raise SidecarError unless a sidecar answers its health request at endpoint in time."""
-    try:
-        r, w = await netio.open_endpoint(endpoint, timeout)
-    except (OSError, asyncio.TimeoutError) as exc:
-        raise SidecarError(f"sidecar {endpoint} is not reachable: {exc or 'timed out'}") from None
-    try:
-        w.write(f"GET {HEALTH_PATH} HTTP/1.1\r\nhost: firma\r\n\r\n".encode())
-        await w.drain()
-        line = await asyncio.wait_for(r.readline(), timeout)
-        if not line.startswith(b"HTTP/1.1 200"):
-            raise SidecarError(f"sidecar {endpoint} did not report ready (got {line[:40]!r})")
-    except (OSError, asyncio.TimeoutError) as exc:
-        raise SidecarError(f"sidecar {endpoint} did not answer: {exc or 'timed out'}") from None
-    finally:
-        w.close()
