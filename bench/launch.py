@@ -176,7 +176,7 @@ def main() -> int:
         print("srt not found (run with --install-srt to fetch it with npm); ratio vs srt not measured")
     if args.baseline:
         # Pair by round: both ran back to back, so a machine that drifts moves both alike.
-        ratios = [a / b for a, b in zip(measured["firma run -- true"][0], measured[baseline_name][0])]
+        ratios = [a / b for a, b in zip(measured["firma run -- true"][0], measured[baseline_name][0], strict=True)]
         print(f"firma / baseline, median of {len(ratios)} per-round ratios: {statistics.median(ratios):.3f} "
               f"(min {min(ratios):.3f}, max {max(ratios):.3f})")
     print("peak RSS is the largest process of the command's tree as reported by wait4 (ru_maxrss)")

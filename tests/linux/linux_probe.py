@@ -94,7 +94,7 @@ def main():
     out["status"] = status
     out["fds"] = sorted(os.listdir("/proc/self/fd"))
     out["mountinfo"] = open("/proc/self/mountinfo").read()
-    out["ifaces"] = [l.split(":")[0].strip() for l in open("/proc/net/dev").read().splitlines()[2:]]
+    out["ifaces"] = [row.split(":")[0].strip() for row in open("/proc/net/dev").read().splitlines()[2:]]
     with open(cfg["results"], "w") as f:
         json.dump(out, f)
 

@@ -1,4 +1,4 @@
-"""ATTACKS.md cases reached by `firma run` on Linux, run for real through the CLI.
+"""attack cases (docs/ATTACKS_COVERAGE.md) reached by `firma run` on Linux, run for real through the CLI.
 
 One sandbox runs the probe (tests/linux/linux_probe.py) that tries every way out; the same probe
 runs outside first as the positive control. Listeners on host loopback record what reached them:
@@ -82,7 +82,7 @@ def world(tmp_path_factory):
         "etc_write": f"/etc/firma-probe-{tag}",
     }
     recorders = {"tcp": tcp, "tcp6": tcp6, "udp": udp, "upstream": upstream, "abstract": abstract}
-    recorders.update({p: r for p, r in zip(unix_paths, unix)})
+    recorders.update({p: r for p, r in zip(unix_paths, unix, strict=True)})
     env = base_env(tmp, XDG_RUNTIME_DIR=str(xdg), FIRMA_TEST_HOST_SECRET="leaked-value", HOME=str(home))
     env.pop("FIRMA_STATE_DIR")  # state root = $XDG_RUNTIME_DIR/firma, masked in the sandbox
 

@@ -1,4 +1,4 @@
-"""ATTACKS.md cases on the sandbox's own files and privileges, and on relay failures, run for
+"""attack cases (docs/ATTACKS_COVERAGE.md) on the sandbox's own files and privileges, and on relay failures, run for
 real through the CLI, each next to a positive control run outside the sandbox (as root):
 #37 a hardlink to /etc/passwd and mknod fail inside while a FIFO works; #43 a setuid-root binary
 does not elevate; #45 /proc cannot be unmounted; #56 an allowed destination with nothing

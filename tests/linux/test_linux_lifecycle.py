@@ -1,4 +1,4 @@
-"""Lifecycle and supervision of `firma run` (SPEC §4, §12), through the real CLI."""
+"""Lifecycle and supervision of `firma run` (DESIGN §4, §12), through the real CLI."""
 
 from __future__ import annotations
 
@@ -366,7 +366,7 @@ def test_two_concurrent_sandboxes_are_attributed_apart(tmp_path):
             assert p.wait(60) == 0, p.stderr.read()
             sids[name] = (w / "sid").read_text().strip()
         assert sids["a"] != sids["b"]
-        events = [json.loads(l) for l in (tmp_path / "state" / "audit.jsonl").read_text().splitlines()]
+        events = [json.loads(row) for row in (tmp_path / "state" / "audit.jsonl").read_text().splitlines()]
         seen = {"a": 0, "b": 0}
         for e in events:
             if e["action"] != "http.request":

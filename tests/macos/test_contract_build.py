@@ -1,4 +1,4 @@
-"""core/contract.py: the launch contract v1 shape (SPEC §7) — key order at every level, the six
+"""core/contract.py: the launch contract v1 shape (DESIGN §7) — key order at every level, the six
 invariants in order, the missing-network refusal (ref text), and no secret in command.env."""
 
 from __future__ import annotations

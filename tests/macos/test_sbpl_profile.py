@@ -1,4 +1,4 @@
-"""core/sbpl.py: SPEC §6 profile text and port parsing."""
+"""core/sbpl.py: DESIGN §6 profile text and port parsing."""
 
 from __future__ import annotations
 
@@ -55,14 +55,14 @@ def test_deny_comes_after_allow_default():
     assert lines.index("(deny network-outbound)") > lines.index("(allow default)")
     assert lines.index(NETWORK_DENY_COMMENT) == lines.index("(deny network-outbound)") - 1
     # every allow-outbound line comes after the deny (last match wins in SBPL)
-    allows = [i for i, l in enumerate(lines) if l.startswith("(allow network-outbound")]
+    allows = [i for i, row in enumerate(lines) if row.startswith("(allow network-outbound")]
     assert allows and min(allows) > lines.index("(deny network-outbound)")
 
 
 @given(st.lists(st.integers(min_value=1, max_value=65535), min_size=1, max_size=6))
 def test_never_a_portless_loopback_rule(ports):
     text = render_sbpl(SbplInput(network_deny=True, loopback_ports=tuple(ports)))
-    outbound = [l for l in text.splitlines() if "network-outbound (remote" in l]
+    outbound = [row for row in text.splitlines() if "network-outbound (remote" in row]
     assert len(outbound) == 2 * len(set(ports))
     for line in outbound:
         m = re.fullmatch(r'\(allow network-outbound \(remote ip[46] "localhost:(\d+)"\)\)', line)

@@ -133,8 +133,8 @@ def test_compatibility_launch_has_no_network_rules_and_no_stub(tmp_path):
     assert (out / "profile").read_text() == (
         '(version 1)\n(allow default)\n(deny file-read* (subpath "/Users/ann/.ssh"))\n'
         '(deny file-write* (subpath "/Users/ann/.ssh"))\n')
-    assert not any(l.startswith(f"{DNS_STUB_ENV}=")
-                   for l in (tmp_path / "agent-env").read_text().splitlines())
+    assert not any(row.startswith(f"{DNS_STUB_ENV}=")
+                   for row in (tmp_path / "agent-env").read_text().splitlines())
 
 
 def test_network_deny_refuses_without_the_stub_or_the_bridge(tmp_path):

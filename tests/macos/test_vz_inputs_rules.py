@@ -1,4 +1,4 @@
-"""Mode selection (the four-row truth table) and guest input validation (SPEC §6): every row for
+"""Mode selection (the four-row truth table) and guest input validation (DESIGN §6): every row for
 every variable, exact texts, first failure wins, inspected once, nothing started on failure."""
 
 from __future__ import annotations

@@ -150,7 +150,7 @@ def test_network_deny_end_to_end(tmp_path):
     r = firma(tmp_path, ["run", "--backend", "vz", "--profile", "claude-code", "--", str(agent), "a b"],
               {"FIRMA_RUN_VZ_STRUCTURAL_NETWORK": "yes"}, sandbox_exec=sx)
     assert r.returncode == 42, r.stderr
-    env = dict(l.split("=", 1) for l in (out / "agent-env").read_text().splitlines() if "=" in l)
+    env = dict(row.split("=", 1) for row in (out / "agent-env").read_text().splitlines() if "=" in row)
     bridge_port = int(env["HTTP_PROXY"].rsplit(":", 1)[1])
     stub_port = int(env["FIRMA_DNS_STUB_ADDR"].rsplit(":", 1)[1])
     assert env["FIRMA_DNS_STUB_ADDR"] == f"127.0.0.1:{stub_port}"

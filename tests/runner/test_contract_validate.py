@@ -1,4 +1,4 @@
-"""Runner-side contract validation (SPEC §7): one row per rule, the CLI, and the JSON Schema."""
+"""Runner-side contract validation (DESIGN §7): one row per rule, the CLI, and the JSON Schema."""
 
 from __future__ import annotations
 

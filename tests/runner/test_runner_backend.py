@@ -1,4 +1,4 @@
-"""The runner backend: FIRMA_RUN_RUNNER validation (SPEC §6 texts), proof and routing."""
+"""The runner backend: FIRMA_RUN_RUNNER validation (DESIGN §6 texts), proof and routing."""
 
 from __future__ import annotations
 

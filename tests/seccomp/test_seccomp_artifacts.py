@@ -1,4 +1,4 @@
-"""Artifact layout, metadata and verification before every use (SPEC §10)."""
+"""Artifact layout, metadata and verification before every use (DESIGN §10)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Pure policy parsing and rule mapping (SPEC §10)."""
+"""Pure policy parsing and rule mapping (DESIGN §10)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Bridge → sidecar → loopback upstream: attribution stamping, smuggling, pipelining, malformed
-heads audited (SPEC §3, §9; ATTACKS C.2 16, 19-20, C.8 56, 60)."""
+heads audited (DESIGN §3, §9; ATTACKS C.2 16, 19-20, C.8 56, 60)."""
 
 import asyncio
 import shutil
@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from firma.core.http1 import ATTRIBUTION_HEADERS
+from firma.core.wire import ATTRIBUTION_HEADERS
 
 from upstreams import ATTR, HttpUpstream, Stack, run, send_raw, split_responses
 

@@ -1,4 +1,4 @@
-"""Audit canonical bytes, signature interop, tamper/reorder (SPEC §9; ATTACKS C.8 57)."""
+"""Audit canonical bytes, signature interop, tamper/reorder (DESIGN §9; ATTACKS C.8 57)."""
 
 import base64
 import hashlib

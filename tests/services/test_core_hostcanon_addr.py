@@ -1,8 +1,10 @@
-"""Host canonicalization (every SPEC §9 spelling) and address classes (ATTACKS C.1 9-10, C.2 13-14)."""
+"""Host canonicalization (every DESIGN §9 spelling) and address classes (ATTACKS C.1 9-10, C.2 13-14)."""
 
 import ipaddress
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from firma.core.addrclass import forbidden_class
 from firma.core.hostcanon import HostError, canon_host, split_authority
@@ -129,8 +131,6 @@ def test_same_destination_for_decision_and_dial():
         assert forbidden_class(canon_host(raw).host) in ("loopback", "mapped:loopback")
 
 
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 
 @settings(max_examples=500, deadline=None)

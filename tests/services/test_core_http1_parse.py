@@ -1,11 +1,12 @@
-"""HTTP/1.x head parsing, framing and attribution stamping (SPEC §3, §9; ATTACKS C.2 19-20)."""
+"""HTTP/1.x head parsing, framing and attribution stamping (DESIGN §3, §9; ATTACKS C.2 19-20)."""
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from firma.core import http1
-from firma.core.http1 import ATTRIBUTION_HEADERS, ChunkedScanner, HttpError
+from firma.core.http1 import ChunkedScanner, HttpError
+from firma.core.wire import ATTRIBUTION_HEADERS
 
 
 def head(text: str) -> http1.RequestHead:

@@ -1,4 +1,4 @@
-"""allow_hosts patterns and Cedar decisions (SPEC §9; ATTACKS C.2 15, C.7 53)."""
+"""allow_hosts patterns and Cedar decisions (DESIGN §9; ATTACKS C.2 15, C.7 53)."""
 
 import pytest
 

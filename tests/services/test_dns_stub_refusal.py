@@ -14,7 +14,7 @@ from upstreams import run
 
 
 def query(name: str, qtype: int = 1, ident: int = 0x1234, flags: int = 0x0100, qdcount: int = 1, extra: bytes = b"") -> bytes:
-    q = b"".join(bytes([len(l)]) + l.encode() for l in name.split(".") if l) + b"\0"
+    q = b"".join(bytes([len(label)]) + label.encode() for label in name.split(".") if label) + b"\0"
     return struct.pack("!HHHHHH", ident, flags, qdcount, 0, 0, 1 if extra else 0) + q + struct.pack("!HH", qtype, 1) + extra
 
 

@@ -1,5 +1,5 @@
 """CONNECT: SNI must match the CONNECT host (trustme TLS server on loopback), large transfers
-intact, many concurrent connections (SPEC §9; ATTACKS C.2 17, 22-23)."""
+intact, many concurrent connections (DESIGN §9; ATTACKS C.2 17, 22-23)."""
 
 import asyncio
 import hashlib
@@ -9,7 +9,7 @@ import ssl
 import pytest
 import trustme
 
-from upstreams import ATTR, HttpUpstream, RawUpstream, Stack, fake_resolver, run, split_responses
+from upstreams import ATTR, HttpUpstream, RawUpstream, Stack, fake_resolver, run
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_sni_matching_host_passes_and_mismatch_never_reaches_upstream(tmp_path, 
     async def main():
         srv = await RawUpstream(ssl_ctx=tls_server_ctx(ca, "allowed.test", "evil.test"), echo=True).start()
         res = fake_resolver({"allowed.test": ["127.0.0.1"]})
-        async with Stack(tmp_path, allow=[f"allowed.test:{srv.port}", f"allowed.test:443"], resolver=res) as s:
+        async with Stack(tmp_path, allow=[f"allowed.test:{srv.port}", "allowed.test:443"], resolver=res) as s:
             # matching SNI: the handshake completes end to end and data echoes back
             r, w, line = await open_tunnel(s.bridge_port, f"allowed.test:{srv.port}")
             assert line.startswith(b"HTTP/1.1 200")

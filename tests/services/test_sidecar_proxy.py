@@ -1,5 +1,5 @@
 """Sidecar through real loopback sockets: decisions, canonical dial, resolution order, limits,
-audit (SPEC §9; ATTACKS C.1 9-10, C.2 12-17 and 23, C.3 26, C.8 56/58)."""
+audit (DESIGN §9; ATTACKS C.1 9-10, C.2 12-17 and 23, C.3 26, C.8 56/58)."""
 
 import asyncio
 import json
@@ -125,7 +125,7 @@ def test_resolved_non_public_addresses_are_refused(tmp_path, name, addrs, cls):
             return deny_of(r1), deny_of(r2), s
 
     d1, d2, s = run(main())
-    for status, hdr, body in (d1, d2):
+    for status, _hdr, body in (d1, d2):
         assert status == 403 and body["reason"] == "blocked_address" and cls in body["detail"]
     assert [e["decision"] for e in s.events()] == [2, 2]
 

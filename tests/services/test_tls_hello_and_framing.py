@@ -1,5 +1,5 @@
 """ClientHello peeking with real handshakes, response framing through the sidecar, bridge
-failure modes and shutdown auditing (SPEC §9; ATTACKS C.2 17, C.7 49, C.8 56)."""
+failure modes and shutdown auditing (DESIGN §9; ATTACKS C.2 17, C.7 49, C.8 56)."""
 
 import asyncio
 import ssl

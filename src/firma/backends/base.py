@@ -26,7 +26,7 @@ class RoutingPlan:
     mode: RoutingMode
     dns_stub: bool  # a DNS refusal stub must exist (planted, or on host loopback)
     # The agent's environment must carry FIRMA_DNS_STUB_ADDR=<host stub host:port> (vz structural
-    # modes: sandbox-exec network-deny and guest; SPEC §6).
+    # modes: sandbox-exec network-deny and guest; DESIGN §6).
     export_dns_stub_env: bool = False
 
 

@@ -9,7 +9,7 @@ from ..core.hostfacts import Host
 
 
 def bwrap_preflight(host: Host) -> None:
-    """Raise the first reason this host cannot run the bwrap backend (SPEC §5)."""
+    """Raise the first reason this host cannot run the bwrap backend (DESIGN §5)."""
     if not host.is_linux:
         raise UnsupportedBackendError.on_host(
             "bwrap", "bubblewrap backend is only available on Linux hosts"

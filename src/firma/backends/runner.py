@@ -1,6 +1,6 @@
 """`runner` backend (any host): an operator-provided executable enforces the launch contract.
 
-firma validates FIRMA_RUN_RUNNER (SPEC §6 rules and texts), serves the bridge and DNS stub on host
+firma validates FIRMA_RUN_RUNNER (DESIGN §6 rules and texts), serves the bridge and DNS stub on host
 loopback, writes the contract v1 (no guest section) to `<runtime_dir>/runner/launch.json` and
 starts `<runner> --launch-contract <path>` through the shared external launcher. The proof says
 `external_runner`: the runner is trusted to enforce the invariants, and `firma conformance` is how
@@ -27,7 +27,7 @@ CONTRACT_NAME = "launch.json"
 
 
 def check_runner_path(value: str | None, name: str = RUNNER_ENV, inspect: Inspect = inspect_path) -> str:
-    """SPEC §6 checks and texts for a runner executable (the vz guest rules, with this variable's
+    """DESIGN §6 checks and texts for a runner executable (the vz guest rules, with this variable's
     name); returns the path or raises `backend error (runner): <reason>`."""
     if value is None:
         raise _err(f"runner backend requires {name}")

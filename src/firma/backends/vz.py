@@ -52,7 +52,7 @@ DNS_STUB_ENV = env_names.DNS_STUB_ADDR
 CONTRACT_SUBDIR = "vz-guest"
 CONTRACT_NAME = "vz-guest-launch.json"
 
-# SPEC §4 table (ref texts).
+# DESIGN §4 table (ref texts).
 PROOFS = {
     VzMode.COMPATIBILITY: (
         False,

@@ -99,7 +99,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     add_options(parser, GLOBAL_OPTIONS)
     sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
     selected = {only: COMMANDS[only]} if only in COMMANDS else COMMANDS
-    for name, modname in selected.items():
+    for modname in selected.values():
         mod = importlib.import_module(modname)
         p = mod.add_parser(sub)
         p.set_defaults(_module=mod)

@@ -1,4 +1,4 @@
-"""Address classes the sidecar refuses to dial unless host:port is allowed exactly (SPEC §9).
+"""Address classes the sidecar refuses to dial unless host:port is allowed exactly (DESIGN §9).
 
 `forbidden_class(ip)` names why an address is not a public destination, looking through
 IPv4-mapped, IPv4-compatible, NAT64 and 6to4 forms to the IPv4 address inside. Pure."""

@@ -1,4 +1,4 @@
-"""Audit events: field order, canonical signed bytes, signing and verification (SPEC §9).
+"""Audit events: field order, canonical signed bytes, signing and verification (DESIGN §9).
 
 Signature (ref interop): the 19 values joined by "\\n" (integers in decimal, strings as is),
 SHA-256 of that text, and the 32-byte digest signed *as the message* with ECDSA P-256/SHA-256
@@ -101,8 +101,8 @@ def digest(event: Mapping[str, Any]) -> bytes:
 
 
 def _ecdsa_sha256():
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives import hashes  # noqa: PLC0415 - cryptography loads only to sign or verify (launch latency)
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415 - cryptography loads only to sign or verify (launch latency)
 
     return ec.ECDSA(hashes.SHA256())
 
@@ -134,7 +134,7 @@ def verify_line(line: str, public_key: ec.EllipticCurvePublicKey) -> tuple[bool,
     for f in FIELDS:
         if isinstance(obj[f], str) and "\n" in obj[f]:
             return False, f"newline in field {f}"
-    from cryptography.exceptions import InvalidSignature
+    from cryptography.exceptions import InvalidSignature  # noqa: PLC0415 - cryptography loads only to sign or verify (launch latency)
 
     try:
         sig = base64.b64decode(obj["signature"], validate=True)
@@ -145,20 +145,20 @@ def verify_line(line: str, public_key: ec.EllipticCurvePublicKey) -> tuple[bool,
 
 
 def generate_key() -> ec.EllipticCurvePrivateKey:
-    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415 - cryptography loads only to sign or verify (launch latency)
 
     return ec.generate_private_key(ec.SECP256R1())
 
 
 def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415 - cryptography loads only to sign or verify (launch latency)
 
     return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
 
 
 def load_private_pem(data: bytes) -> ec.EllipticCurvePrivateKey:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415 - cryptography loads only to sign or verify (launch latency)
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415 - cryptography loads only to sign or verify (launch latency)
 
     key = serialization.load_pem_private_key(data, password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
@@ -170,8 +170,8 @@ def load_public_pem(data: bytes) -> ec.EllipticCurvePublicKey:
     """A public key PEM, or the private key PEM (its public half)."""
     if b"PRIVATE KEY" in data:
         return load_private_pem(data).public_key()
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415 - cryptography loads only to sign or verify (launch latency)
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415 - cryptography loads only to sign or verify (launch latency)
 
     key = serialization.load_pem_public_key(data)
     if not isinstance(key, ec.EllipticCurvePublicKey):

@@ -1,4 +1,4 @@
-"""The bubblewrap argv as an immutable plan (SPEC §5). Pure: the caller measures the filesystem
+"""The bubblewrap argv as an immutable plan (DESIGN §5). Pure: the caller measures the filesystem
 facts (which paths exist and what they are) and passes them in; tests inspect the plan as data.
 
 Mount order matters (a later mount hides an earlier one), so it is fixed here:

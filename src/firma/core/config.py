@@ -1,4 +1,4 @@
-"""firma.toml: discovery, strict parsing and the layered merge (SPEC §2).
+"""firma.toml: discovery, strict parsing and the layered merge (DESIGN §2).
 
 Pure: discovery takes an `is_file` callable and parsing takes the file's text, so every rule is
 testable without touching the disk. Layers, lowest first: built-in profile < `[run]` <
@@ -65,7 +65,7 @@ EMPTY = ConfigFile()
 
 def parse(text: str, path: str) -> ConfigFile:
     """Parse and validate one firma.toml; unknown keys name the key and the file."""
-    import tomllib  # only when a config file exists (launch latency)
+    import tomllib  # noqa: PLC0415 - only when a config file exists (launch latency)
 
     try:
         doc = tomllib.loads(text)

@@ -1,4 +1,4 @@
-"""Launch contract v1 (SPEC §7): the execution envelope an external runner must enforce.
+"""Launch contract v1 (DESIGN §7): the execution envelope an external runner must enforce.
 
 Pure: an `ExecutionEnvelope` in, an ordered dict out (`build_contract`), and its pretty JSON text
 (`contract_json`). Writing the file privately and starting the runner is `backends/external.py`.
@@ -127,7 +127,7 @@ def build_contract(
         "seccomp_filter_path": envelope.seccomp_filter_path,
     }
     mounts = list(envelope.mounts)
-    # The working directory is always mounted read-write (SPEC §2); bwrap binds it implicitly, but
+    # The working directory is always mounted read-write (DESIGN §2); bwrap binds it implicitly, but
     # a runner only knows what the contract says, so it is listed first unless already there.
     if not any(m.target == envelope.cwd for m in mounts):
         mounts.insert(0, Mount(envelope.cwd, envelope.cwd, False))

@@ -1,4 +1,4 @@
-"""Runner-side validation of a launch contract v1 (SPEC §7), and its JSON Schema as data.
+"""Runner-side validation of a launch contract v1 (DESIGN §7), and its JSON Schema as data.
 
 Pure: the caller reads the file and stats it; this module only looks at bytes, a mode and (for
 the optional guest section) a `file_exists` predicate it is given. Every violation is reported,
@@ -18,6 +18,7 @@ from .contract import is_secret_env_name
 from .model import INVARIANT_NAMES
 from .record import record
 from . import settings as env_names
+from . import wire
 
 CONTRACT_VERSION = 1
 MAX_ARGS = 256
@@ -27,10 +28,10 @@ MAX_MOUNTS = 64
 MAX_HEADERS = 32
 FORBIDDEN_ENV = (env_names.CAPABILITY_TOKEN,)
 IDENTITY_MODES = ("sandbox_user", "host_user")
-# The only invariant a policy may switch off (SPEC §7).
+# The only invariant a policy may switch off (DESIGN §7).
 OPTIONAL_INVARIANT = "fail_closed_startup"
 INVARIANT_MODES = ("required", "disabled_by_policy")
-SANDBOX_ID_HEADER = "x-firma-sandbox-id"
+SANDBOX_ID_HEADER = wire.SANDBOX_ID
 
 TOP_KEYS = (
     "version",
@@ -187,7 +188,7 @@ def validate_contract(
     *,
     file_exists: Callable[[str], bool] | None = None,
 ) -> list[Violation]:
-    """Every runner-side rule of SPEC §7 except the file mode. Empty list = valid.
+    """Every runner-side rule of DESIGN §7 except the file mode. Empty list = valid.
 
     `file_exists(path)` answers "is this an existing regular file" for the guest section; without
     it a guest section cannot be accepted (the rule needs the filesystem)."""
@@ -400,7 +401,7 @@ def contract_schema() -> dict[str, Any]:
         "$id": "https://firma.invalid/schemas/launch-contract-v1.json",
         "title": "firma launch contract v1",
         "description": (
-            "The execution envelope a runner must enforce, plus six invariants (SPEC §7). "
+            "The execution envelope a runner must enforce, plus six invariants (DESIGN §7). "
             "Rules JSON Schema cannot express are checked by `firma contract validate`: file mode "
             "0600, argument length in bytes, guest files existing, firma credential variable names "
             "(FIRMA_*_KEY, _TOKEN, _SECRET, …), the sandbox-id header equal to sandbox_id."

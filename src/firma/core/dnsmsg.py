@@ -1,4 +1,4 @@
-"""DNS refusal replies (SPEC §8), pure: bytes in, bytes out.
+"""DNS refusal replies (DESIGN §8), pure: bytes in, bytes out.
 
 Every query gets REFUSED with its ID, opcode, RD and question copied; nothing after the question
 (the reference echoed trailing OPT bytes) and never an answer. Parsing is defensive: any

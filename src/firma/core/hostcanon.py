@@ -1,4 +1,4 @@
-"""Host canonicalization (SPEC §9): one spelling per destination, used for the decision *and*
+"""Host canonicalization (DESIGN §9): one spelling per destination, used for the decision *and*
 the dial. Pure; raises HostError (reason `invalid_host`) for anything ambiguous."""
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def canon_host(raw: str) -> CanonHost:
             raise HostError("host contains ':'") from None
     host = raw
     if not host.isascii():
-        import idna  # only for non-ASCII or xn-- names (launch latency: most runs never need it)
+        import idna  # noqa: PLC0415 - only for non-ASCII or xn-- names (launch latency: most runs never need it)
 
         # Map first (UTS 46: full-width digits and dots, case), then classify the ASCII result, so
         # "１２７.０.０.１" is the IPv4 address it maps to, never a name.
@@ -96,7 +96,7 @@ def canon_host(raw: str) -> CanonHost:
         return CanonHost(_inet_aton(parts), "ipv4")
     name = host.lower()
     if name.startswith("xn--") or ".xn--" in name:
-        import idna  # see above
+        import idna  # noqa: PLC0415 - see above
 
         try:
             name = idna.encode(idna.decode(name)).decode("ascii")

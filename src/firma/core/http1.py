@@ -1,4 +1,4 @@
-"""HTTP/1.x heads and body framing, sans-IO (SPEC §3, §9).
+"""HTTP/1.x heads and body framing, sans-IO (DESIGN §3, §9).
 
 Strict where ambiguity could be smuggled: CRLF only, no obs-fold, no whitespace before ':',
 token header names, UTF-8 request heads, Content-Length with Transfer-Encoding refused,
@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from typing import Iterable, Mapping
 
+from .wire import ATTRIBUTION_HEADERS
 from .record import record, replace
 
 MAX_HEAD = 128 * 1024
@@ -16,13 +17,6 @@ MAX_HEADERS = 256
 MAX_CHUNK_LINE = 4096
 MAX_TRAILERS = 16 * 1024
 
-ATTRIBUTION_HEADERS = (
-    "x-firma-sandbox-id",
-    "x-firma-session-id",
-    "x-firma-profile",
-    "x-firma-agent",
-    "x-firma-user",
-)
 HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade", "proxy-authorization", "proxy-authenticate"}
 )
@@ -250,7 +244,7 @@ def response_framing(head: ResponseHead, request_method: str) -> Framing:
 
 def stamp_attribution(head: RequestHead, attribution: Mapping[str, str]) -> RequestHead:
     """Remove every attribution header the client sent (any case, all duplicates), then append
-    the trusted values in sorted order (SPEC §3)."""
+    the trusted values in sorted order (DESIGN §3)."""
     trusted = sorted((k.lower(), v) for k, v in attribution.items() if k.lower() in ATTRIBUTION_HEADERS)
     return head.without(ATTRIBUTION_HEADERS).with_added(trusted)
 

@@ -1,4 +1,4 @@
-"""Per-run identity (SPEC §3). Pure: time and randomness come in as arguments."""
+"""Per-run identity (DESIGN §3). Pure: time and randomness come in as arguments."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The launch environment, built from empty (SPEC §11). The host environment is never inherited:
+"""The launch environment, built from empty (DESIGN §11). The host environment is never inherited:
 only names a profile passes through are copied. Pure."""
 
 from __future__ import annotations

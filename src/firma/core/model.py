@@ -9,6 +9,7 @@ from enum import StrEnum
 from types import MappingProxyType
 from typing import Mapping
 
+from . import wire
 from .statelayout import run_dir_path
 from .record import record, field
 
@@ -91,13 +92,10 @@ class Identity:
     def attribution_headers(self) -> Mapping[str, str]:
         """Trusted attribution headers (ref names), sorted by name."""
         return frozen_map(
-            {
-                "x-firma-agent": self.agent_id,
-                "x-firma-profile": self.profile,
-                "x-firma-sandbox-id": self.sandbox_id,
-                "x-firma-session-id": self.session_id,
-                "x-firma-user": self.user,
-            }
+            wire.attribution_headers(
+                sandbox_id=self.sandbox_id, session_id=self.session_id, profile=self.profile,
+                agent_id=self.agent_id, user=self.user,
+            )
         )
 
 
@@ -112,7 +110,7 @@ class RunPlan:
     home: str
     state_root: str
     identity_mode: IdentityMode = IdentityMode.SANDBOX_USER
-    # Launch environment built from empty (SPEC §11) *without* the proxy variables, which depend
+    # Launch environment built from empty (DESIGN §11) *without* the proxy variables, which depend
     # on where the bridge ends up (planted 127.0.0.1:18080 or a host-loopback ephemeral port).
     base_env: Mapping[str, str] = field(default_factory=frozen_map)
     allow_hosts: tuple[str, ...] = ()

@@ -1,4 +1,4 @@
-"""Policy decisions (SPEC §9): default deny; allow_hosts patterns and Cedar (cedarpy), any
+"""Policy decisions (DESIGN §9): default deny; allow_hosts patterns and Cedar (cedarpy), any
 Cedar `forbid` wins. Pure apart from cedarpy evaluation; decide on canonical names only."""
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ class Policy:
         self.patterns = tuple(parse_pattern(p) for p in allow_hosts)
         self._cedar = None
         if cedar_text is not None:
-            import cedarpy
+            import cedarpy  # noqa: PLC0415 - cedarpy loads only with a Cedar policy (launch latency)
 
             if not cedar_text.strip():
                 raise PolicyError(f"Cedar policy {source or '(inline)'} is empty; write at least one permit or forbid")
@@ -131,7 +131,7 @@ class Policy:
         host_ok = any(p.matches(req.host, req.port) for p in self.patterns)
         exact = self.is_exact(req.host, req.port)
         if self._cedar is not None:
-            import cedarpy
+            import cedarpy  # noqa: PLC0415 - cedarpy loads only with a Cedar policy (launch latency)
 
             entities = [
                 {

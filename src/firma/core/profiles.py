@@ -1,4 +1,4 @@
-"""The three built-in profiles (SPEC §2): pure data."""
+"""The three built-in profiles (DESIGN §2): pure data."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The proof document (SPEC §4): what confined one run and what was verified at launch. Pure."""
+"""The proof document (DESIGN §4): what confined one run and what was verified at launch. Pure."""
 
 from __future__ import annotations
 

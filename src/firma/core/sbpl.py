@@ -1,4 +1,4 @@
-"""Seatbelt (SBPL) profile text for the vz backend's sandbox-exec modes (SPEC §6). Pure.
+"""Seatbelt (SBPL) profile text for the vz backend's sandbox-exec modes (DESIGN §6). Pure.
 
 Network-deny puts `(deny network-outbound)` *after* `(allow default)` (SBPL: the last matching
 rule wins), then re-allows exactly the host bridge and DNS stub ports on loopback, IPv4 and IPv6.
@@ -15,7 +15,7 @@ NETWORK_DENY_COMMENT = "; macOS structural: deny all outbound, allow only Firma 
 
 
 def parse_port(value: str) -> int:
-    """The port of `http://H:P[/path][?q]`, `H:P` or `http://[v6]:P` (SPEC §6 table).
+    """The port of `http://H:P[/path][?q]`, `H:P` or `http://[v6]:P` (DESIGN §6 table).
 
     Raises BackendError("vz", …) when there is no port or it is not 1..65535 in decimal."""
     rest = value

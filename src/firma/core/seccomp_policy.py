@@ -1,4 +1,4 @@
-"""Managed seccomp policy (SPEC §10): strict TOML parse and the rule set it compiles to.
+"""Managed seccomp policy (DESIGN §10): strict TOML parse and the rule set it compiles to.
 
 Pure: text in, frozen data out. `firma.seccomp.store` turns the rules into BPF with libseccomp.
 
@@ -105,7 +105,7 @@ HARDENING: tuple[Rule, ...] = (
     # clone3 passes its flags in memory, out of BPF's reach: ENOSYS makes libc fall back to clone.
     Rule("clone3", errno=errno.ENOSYS, why="clone3 flags cannot be inspected"),
     _u32_eq("socket", 0, AF_PACKET, "raw link-layer sockets"),
-    # Beyond the SPEC list, the usual container-runtime denials of unnamespaced kernel surfaces
+    # Beyond the list in DESIGN §10, the usual container-runtime denials of unnamespaced kernel surfaces
     # that exploits lean on and agents do not need.
     *_eperm(("keyctl", "add_key", "request_key"), "kernel keyrings are not namespaced"),
     *_eperm(("bpf", "perf_event_open", "userfaultfd"), "kernel attack surface"),
@@ -162,7 +162,7 @@ def default_policy() -> SeccompPolicy:
 
 def parse_policy(data: bytes, source: str) -> SeccompPolicy:
     """Parse a policy file strictly; every error names the file and what to change."""
-    import tomllib  # only with a policy file: the built-in default needs no TOML parser
+    import tomllib  # noqa: PLC0415 - only with a policy file: the built-in default needs no TOML parser
 
     try:
         doc = tomllib.loads(data.decode("utf-8"))

@@ -1,4 +1,4 @@
-"""macOS vz mode selection and guest input validation (SPEC §6).
+"""macOS vz mode selection and guest input validation (DESIGN §6).
 
 The rules are pure: they judge `PathFacts` that an injected `inspect` function returns for a
 path. `inspect_path` is the one real implementation (a single `stat` that follows links), so the

@@ -2,7 +2,7 @@
 (bwrap, PLANTED routing): the steps of firma.run.sequence in two processes.
 
 The launcher (this process) is synchronous and never imports asyncio. It plans, gates, makes
-the embedded sidecar ready in the sense of SPEC §9 (policy loaded, audit key checked, listener
+the embedded sidecar ready in the sense of DESIGN §9 (policy loaded, audit key checked, listener
 bound), builds the sandbox and plants the proxy and DNS sockets, measures the sandbox, releases
 the agent, forks the *services process* and supervises. The services process imports asyncio
 and serves the sidecar, the bridge and the DNS stub on the listening sockets it inherited; the
@@ -165,7 +165,7 @@ class ForkedHosting:
 
 
 def _ready_embedded(run: RunRecord) -> EmbeddedSidecar:
-    """SPEC §9 readiness, measured here: the policy loads, the audit key is a private PEM file
+    """DESIGN §9 readiness, measured here: the policy loads, the audit key is a private PEM file
     (made now in a new state dir), the audit log opens, the listener is bound."""
     from ..services.audit_files import load_or_create_key, open_audit_log, read_key_file  # noqa: PLC0415
     from ..core.policy import Policy  # noqa: PLC0415
@@ -313,7 +313,7 @@ async def _serve(run: RunRecord, embedded: EmbeddedSidecar | None, socks: Plante
 def _supervise(child: PlantedChild, services: ServicesProcess, signals: Signals, log: RunLog, startup_timeout: float) -> int:
     """Wait for the agent while forwarding signals (a second termination signal kills the whole
     sandbox) and watching the services process, which must serve within the sidecar start-up
-    timeout (SPEC §9) or the run stops: an agent whose connections would wait forever is
+    timeout (DESIGN §9) or the run stops: an agent whose connections would wait forever is
     stopped rather than left hanging."""
     sup = Supervisor(on_early_signal=lambda _s: None)  # early signals ended the launch already
     sup.attach(child)

@@ -1,4 +1,4 @@
-"""The gates before anything of a run starts (SPEC §4): the backend's proof, the sidecar."""
+"""The gates before anything of a run starts (DESIGN §4): the backend's proof, the sidecar."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from ..errors import GateError, SidecarError
 
 
 def gate(proof: EnforcementProof, plan: RunPlan, log: Callable[..., None]) -> None:
-    """SPEC §4 gates, in order, before anything starts."""
+    """DESIGN §4 gates, in order, before anything starts."""
     if not proof.fail_closed:
         raise GateError(f"backend error ({proof.backend}): fail-closed policy is disabled")
     if not proof.structural:
@@ -36,7 +36,7 @@ def gate(proof: EnforcementProof, plan: RunPlan, log: Callable[..., None]) -> No
 
 
 def refuse_without_sidecar(plan: RunPlan) -> None:
-    """The embedded sidecar is the only one and --no-autostart forbids it: refuse (SPEC §4)."""
+    """The embedded sidecar is the only one and --no-autostart forbids it: refuse (DESIGN §4)."""
     if plan.sidecar.embedded and not plan.sidecar.autostart:
         raise SidecarError(
             "no sidecar endpoint given and --no-autostart forbids starting the embedded one; "

@@ -1,4 +1,4 @@
-"""Supervision and teardown of a running sandbox (SPEC §12), for both ways of hosting the
+"""Supervision and teardown of a running sandbox (DESIGN §12), for both ways of hosting the
 services and for the reference runner: signals forwarded once to the sandbox's process group, a
 second termination signal escalates to SIGKILL of the whole run, SIGWINCH forwarded, exit status
 kept (128+N for a signal); teardown kills the whole sandbox, reaps it within REAP_TIMEOUT and

@@ -1,4 +1,4 @@
-"""The state layout (SPEC §12), owned here: every name under the state root and the per-run
+"""The state layout (DESIGN §12), owned here: every name under the state root and the per-run
 directories, all private (firma.privfs) and never inside a sandbox.
 
 `<root>/run/<sandbox_id>/` holds the owner record, run.log, sidecar.sock, contracts and generated

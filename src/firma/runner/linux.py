@@ -28,6 +28,7 @@ from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 from ..core.contract_validate import parse_contract, parse_host_port, validate_contract_bytes
+from ..core.launchenv import PROXY_VARS
 from ..core.profiles import COMMON_MASKED
 from ..core.model import (
     PLANTED_DNS_ADDR,
@@ -50,7 +51,6 @@ STARTUP_PROBE_TIMEOUT = 5.0
 RELAY_CONNECT_TIMEOUT = 10.0
 DNS_UPSTREAM_TIMEOUT = 5.0
 MAX_DNS_INFLIGHT = 256
-PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
 
 
 @record
@@ -118,7 +118,7 @@ def envelope_from_contract(contract: Mapping[str, Any], runtime_dir: str) -> Exe
         seccomp_filter_path=cmd["seccomp_filter_path"],
         mounts=tuple(Mount(m["source"], m["target"], m["read_only"]) for m in contract["mounts"]),
         # The contract v1 carries no masked paths: hide at least the credentials every profile
-        # hides (SPEC §2) under the command's HOME.
+        # hides (DESIGN §2) under the command's HOME.
         mask_home_paths=COMMON_MASKED,
         network=NetworkEndpoints(
             proxy_url=planted_proxy_url(),
@@ -357,9 +357,9 @@ async def run_contract(contract: dict[str, Any], log, debug=lambda _msg: None) -
     """Enforce `contract`; the command's exit status. `log` reaches the operator (stderr);
     `debug` gets the sandbox's measured checks and the backend's progress lines, which must not
     go to stdout/stderr: the command owns those."""
-    from ..backends.base import LaunchHooks
-    from ..backends.bwrap.backend import BwrapBackend
-    from ..run.signals import Supervisor, close_services, stop_child
+    from ..backends.base import LaunchHooks  # noqa: PLC0415 - loaded once the contract is valid (a refused contract costs nothing more)
+    from ..backends.bwrap.backend import BwrapBackend  # noqa: PLC0415 - loaded once the contract is valid (a refused contract costs nothing more)
+    from ..run.signals import Supervisor, close_services, stop_child  # noqa: PLC0415 - loaded once the contract is valid (a refused contract costs nothing more)
 
     up = upstreams_from_contract(contract)
     startup_mode = next(i["mode"] for i in contract["invariants"] if i["name"] == "fail_closed_startup")

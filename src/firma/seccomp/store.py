@@ -1,4 +1,4 @@
-"""Managed seccomp artifacts (SPEC §10): compile with libseccomp, store, verify before every use.
+"""Managed seccomp artifacts (DESIGN §10): compile with libseccomp, store, verify before every use.
 
 Layout: `<root>/<policy_id>/<policy_version>/<arch>/policy.bpf` + `policy.metadata.json`, where
 `<root>` is the project's `seccomp_policy.artifact_dir` or `<state root>/seccomp-artifacts`.
@@ -57,8 +57,8 @@ _SONAMES = {"c": "libc.so.6", "seccomp": "libseccomp.so.2"}
 
 
 def _import_pyseccomp():
-    import ctypes
-    import types
+    import ctypes  # noqa: PLC0415 - only to load pyseccomp, on Linux, when a filter is compiled (launch latency)
+    import types  # noqa: PLC0415 - only to load pyseccomp, on Linux, when a filter is compiled (launch latency)
 
     if "pyseccomp" in sys.modules:
         return sys.modules["pyseccomp"]
@@ -85,7 +85,7 @@ def _import_pyseccomp():
         sys.modules["ctypes.util"] = stand_in
         ctypes.util = stand_in  # type: ignore[attr-defined]
     try:
-        import pyseccomp
+        import pyseccomp  # noqa: PLC0415 - only to load pyseccomp, on Linux, when a filter is compiled (launch latency)
     finally:
         if real_util is None:
             if sys.modules.get("ctypes.util") is stand_in:

@@ -1,5 +1,5 @@
 """The audit files on disk: the signing key and the log (no asyncio: the synchronous launcher
-checks both before the services start, SPEC §9 readiness)."""
+checks both before the services start, DESIGN §9 readiness)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Bridge (SPEC §3, §9): the only endpoint the agent talks to.
+"""Bridge (DESIGN §3, §9): the only endpoint the agent talks to.
 
 Per agent connection: read one request head at a time (≤128 KiB), refuse non-UTF-8/malformed
 heads (closed and audited), strip every x-firma-* attribution header the agent sent and append the
@@ -13,10 +13,11 @@ import socket
 from typing import Any, Mapping
 
 from ..core import auditfmt, http1
+from ..core import wire
 from ..core.endpoint import parse_endpoint
+from ..core.wire import REPORT_METHOD, REPORT_REASON, deny_response
 from ..core.http1 import HttpError
 from . import netio
-from .sidecar import REPORT_METHOD, REPORT_REASON, deny_response
 
 HEAD_TIMEOUT = 300.0  # between requests on a keep-alive connection
 TUNNEL_IDLE = 24 * 3600.0  # backstop only: the sidecar cuts idle tunnels much earlier
@@ -189,9 +190,9 @@ class Bridge:
     def _audit_local(self, reason: str) -> None:
         if self.audit is not None:
             self.audit.submit(
-                session_id=self.attribution.get("x-firma-session-id", ""),
-                agent_id=self.attribution.get("x-firma-agent", ""),
-                sandbox_id=self.attribution.get("x-firma-sandbox-id", ""),
+                session_id=self.attribution.get(wire.SESSION_ID, ""),
+                agent_id=self.attribution.get(wire.AGENT, ""),
+                sandbox_id=self.attribution.get(wire.SANDBOX_ID, ""),
                 action="http.malformed",
                 decision=auditfmt.DENY,
                 deny_reason=reason,

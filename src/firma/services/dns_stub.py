@@ -1,4 +1,4 @@
-"""DNS refusal stub (SPEC §8): answers every query REFUSED over UDP and TCP, forwards nothing.
+"""DNS refusal stub (DESIGN §8): answers every query REFUSED over UDP and TCP, forwards nothing.
 
 Serves sockets it is handed (planted inside a sandbox) or binds one port on an address for both
 UDP and TCP. `on_query(qname, qtype)` is called for each parsed question; it must not block (the

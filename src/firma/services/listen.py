@@ -1,4 +1,4 @@
-"""The embedded sidecar's private unix socket, bound without an event loop (SPEC §9 readiness), for
+"""The embedded sidecar's private unix socket, bound without an event loop (DESIGN §9 readiness), for
 the synchronous launcher of firma.run.forked and the asyncio sidecar alike."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Policy sidecar (SPEC §9): HTTP/1.1 forward proxy for absolute-form requests and CONNECT.
+"""Policy sidecar (DESIGN §9): HTTP/1.1 forward proxy for absolute-form requests and CONNECT.
 
 Order for every request: parse strictly → canonicalize the target → decide on the *name* →
 resolve → refuse non-public addresses unless host:port is allowed exactly → dial exactly a
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import json
 import os
 import socket
 import time
@@ -18,7 +17,16 @@ from typing import Awaitable, Callable
 from ..core import addrclass, auditfmt, http1, tlshello
 from ..core.endpoint import HEALTH_PATH, parse_endpoint
 from ..core.hostcanon import CanonHost, HostError, canon_host, split_authority
-from ..core.http1 import ATTRIBUTION_HEADERS, HOP_BY_HOP, HttpError
+from ..core.http1 import HOP_BY_HOP, HttpError
+from ..core.wire import (
+    ATTRIBUTION_HEADERS,
+    HEADER_PREFIX,
+    REPORT_METHOD,
+    REPORT_REASON,
+    Attribution,
+    attribution_of,
+    deny_response,
+)
 from ..core.model import RunPlan
 from ..core.policy import HTTP_REQUEST, NETWORK_CONNECT, Policy, Request
 from ..core.record import record, field
@@ -28,8 +36,6 @@ from . import netio
 from .audit_writer import AuditWriter
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]
-REPORT_METHOD = "FIRMA-REPORT"  # bridge → sidecar: a malformed agent request to audit
-REPORT_REASON = "x-firma-report-reason"
 DNS_TYPES = {1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 15: "MX", 16: "TXT", 28: "AAAA", 33: "SRV", 64: "SVCB", 65: "HTTPS", 255: "ANY"}
 
 
@@ -79,14 +85,6 @@ async def system_resolver(host: str, port: int) -> list[str]:
 
 
 @record(frozen=False)
-class _Ctx:
-    sandbox_id: str = ""
-    session_id: str = ""
-    agent_id: str = ""
-    profile: str = ""
-
-
-@record(frozen=False)
 class _Verdict:
     allowed: bool
     reason: str = ""
@@ -96,20 +94,6 @@ class _Verdict:
     host: CanonHost | None = None
     port: int = 0
     monitored: str = ""  # deny reason let through in monitor mode
-
-
-def _deny_body(reason: str, detail: str) -> bytes:
-    return json.dumps({"denied": True, "reason": reason, "detail": detail}).encode()
-
-
-def deny_response(status: int, reason: str, detail: str) -> bytes:
-    body = _deny_body(reason, detail)
-    text = {400: "Bad Request", 403: "Forbidden", 413: "Payload Too Large", 502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}.get(status, "Error")
-    head = (
-        f"HTTP/1.1 {status} {text}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
-        f"x-firma-deny-reason: {reason}\r\nconnection: close\r\n\r\n"
-    )
-    return head.encode() + body
 
 
 class _Bucket:
@@ -202,7 +186,7 @@ class Sidecar:
         return report
 
     # -- audit --------------------------------------------------------------------------------
-    def _audit(self, ctx: _Ctx, *, action: str, resource: str, decision: int, reason: str = "", t0: int = 0, **extra) -> None:
+    def _audit(self, ctx: Attribution, *, action: str, resource: str, decision: int, reason: str = "", t0: int = 0, **extra) -> None:
         self.audit.submit(
             session_id=ctx.session_id,
             agent_id=ctx.agent_id,
@@ -278,7 +262,7 @@ class Sidecar:
         self._active += 1
         netio.nodelay(writer)
         s = netio.Stream(reader, writer)
-        ctx = _Ctx()
+        ctx = Attribution()
         try:
             if self._active > self.limits.max_connections:
                 writer.write(deny_response(503, "too_many_connections", "sidecar connection limit reached"))
@@ -339,21 +323,17 @@ class Sidecar:
                 s.close()
 
     @staticmethod
-    def _context(head: http1.RequestHead) -> _Ctx:
-        def last(name: str) -> str:
-            v = head.get(name)
-            return v[:128] if v else ""
+    def _context(head: http1.RequestHead) -> Attribution:
+        return attribution_of(head.get)
 
-        return _Ctx(last("x-firma-sandbox-id"), last("x-firma-session-id"), last("x-firma-agent"), last("x-firma-profile"))
-
-    def _malformed(self, ctx: _Ctx, s: netio.Stream, reason: str, detail: str, status: int = 400) -> None:
+    def _malformed(self, ctx: Attribution, s: netio.Stream, reason: str, detail: str, status: int = 400) -> None:
         self._audit(ctx, action="http.malformed", resource="", decision=auditfmt.DENY, reason=reason)
         try:
             s.w.write(deny_response(status, reason, detail))
         except (OSError, RuntimeError):
             pass
 
-    def _deny(self, ctx: _Ctx, s: netio.Stream, action: str, resource: str, reason: str, detail: str, status: int, t0: int, decision: int = auditfmt.DENY) -> None:
+    def _deny(self, ctx: Attribution, s: netio.Stream, action: str, resource: str, reason: str, detail: str, status: int, t0: int, decision: int = auditfmt.DENY) -> None:
         self._audit(ctx, action=action, resource=resource, decision=decision, reason=reason, t0=t0)
         try:
             s.w.write(deny_response(status, reason, detail))
@@ -361,7 +341,7 @@ class Sidecar:
             pass
 
     # -- plain HTTP ---------------------------------------------------------------------------
-    async def _http(self, ctx: _Ctx, s: netio.Stream, head: http1.RequestHead, t0: int) -> bool:
+    async def _http(self, ctx: Attribution, s: netio.Stream, head: http1.RequestHead, t0: int) -> bool:
         """Serve one absolute-form request; True when the client connection may carry another."""
         try:
             target = http1.split_target(head)
@@ -433,7 +413,7 @@ class Sidecar:
     async def _exchange(self, s, up, head, path, host: CanonHost, port: int, framing) -> tuple[int, int, bool, str]:
         connection_tokens = {t.strip().lower() for v in head.get_all("connection") for t in v.split(",")}
         drop = set(ATTRIBUTION_HEADERS) | HOP_BY_HOP | connection_tokens | {"host"}
-        drop |= {k.lower() for k, _ in head.headers if k.lower().startswith("x-firma-")}  # none of ours goes upstream
+        drop |= {k.lower() for k, _ in head.headers if k.lower().startswith(HEADER_PREFIX)}  # none of ours goes upstream
         authority = host.authority(port) if port != 80 else (f"[{host.host}]" if host.kind == "ipv6" else host.host)
         out = http1.RequestHead(head.method, path, "HTTP/1.1", head.headers).without(drop).with_added([("Host", authority), ("Connection", "close")])
         # Host first, as clients send it.
@@ -545,7 +525,7 @@ class Sidecar:
         return resp.status, size, keep
 
     # -- CONNECT ------------------------------------------------------------------------------
-    async def _connect(self, ctx: _Ctx, s: netio.Stream, head: http1.RequestHead, t0: int) -> None:
+    async def _connect(self, ctx: Attribution, s: netio.Stream, head: http1.RequestHead, t0: int) -> None:
         try:
             host, port = split_authority(head.target, None)
         except HostError as exc:
@@ -594,7 +574,7 @@ class Sidecar:
         )
 
     async def _check_hello(self, s: netio.Stream, host: CanonHost, port: int) -> str:
-        """'' when the tunnel may open, else the deny reason: the SNI rules of SPEC §9, and no
+        """'' when the tunnel may open, else the deny reason: the SNI rules of DESIGN §9, and no
         plain HTTP request inside a tunnel to a hostname. There its `Host:` could name another
         site behind the same address (plain-text domain fronting on a CDN), which the sidecar
         decides on for plain proxy requests but cannot see request by request in a tunnel."""

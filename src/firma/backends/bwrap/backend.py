@@ -1,4 +1,4 @@
-"""bubblewrap backend (SPEC §5): structural network confinement on Linux.
+"""bubblewrap backend (DESIGN §5): structural network confinement on Linux.
 
 The sandbox gets its own user, network, PID, IPC and UTS namespaces; the only endpoints in its
 network namespace are the sockets planted by the launcher. The backend knows nothing about the
@@ -44,7 +44,7 @@ _INFO_TIMEOUT = 10.0
 
 
 def open_seccomp(envelope: ExecutionEnvelope) -> int | None:
-    """A read-only descriptor of the seccomp filter for `bwrap --seccomp FD` (SPEC §10).
+    """A read-only descriptor of the seccomp filter for `bwrap --seccomp FD` (DESIGN §10).
 
     firma's own artifact (the envelope's seccomp_artifact, from firma run) is opened through
     `firma.seccomp.store.open_verified`, which checks sha256, metadata, owner, mode and symlinks

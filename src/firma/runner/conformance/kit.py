@@ -35,6 +35,7 @@ from ...core.model import (
     NetworkEndpoints,
     frozen_map,
 )
+from ...core import wire
 from ...core.record import record
 from ...core.statelayout import audit_key_path, audit_log_path
 from ...errors import FirmaError
@@ -225,13 +226,10 @@ class Kit:
         }
 
     def attribution(self, sandbox_id: str) -> dict[str, str]:
-        return {
-            "x-firma-agent": "conformance",
-            "x-firma-profile": "generic",
-            "x-firma-sandbox-id": sandbox_id,
-            "x-firma-session-id": f"conformance-{self.token}",
-            "x-firma-user": "conformance",
-        }
+        return wire.attribution_headers(
+            sandbox_id=sandbox_id, session_id=f"conformance-{self.token}", profile="generic",
+            agent_id="conformance", user="conformance",
+        )
 
     def envelope(self, sandbox_id: str, params: dict[str, Any], proxy_url: str, dns_addr: str,
                  probe: str) -> ExecutionEnvelope:

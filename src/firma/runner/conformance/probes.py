@@ -20,6 +20,8 @@ import struct
 import subprocess
 import sys
 
+# The same names as firma.core.launchenv.PROXY_VARS, spelled here because this script runs alone inside
+# the sandbox (nothing of firma importable); a test checks that the two agree.
 PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
 IO_TIMEOUT = 5.0
 
@@ -211,7 +213,7 @@ def probe_bypass(p: dict) -> dict:
     # This process with the proxy variables unset, using the stdlib HTTP client.
     for v in PROXY_VARS:
         os.environ.pop(v, None)
-    import urllib.request
+    import urllib.request  # noqa: PLC0415 - only the probe that fetches needs it
 
     try:
         with urllib.request.urlopen(f"http://{p['upstream']}/bypass/{n}/noproxy", timeout=IO_TIMEOUT) as resp:
