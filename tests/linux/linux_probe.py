@@ -13,7 +13,7 @@ import sys
 def attempt(fn):
     try:
         return {"ok": True, "detail": str(fn())[:300]}
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         return {"ok": False, "detail": f"{type(exc).__name__}: {exc}"[:300]}
 
 

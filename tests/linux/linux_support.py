@@ -106,7 +106,7 @@ class Upstream(Recorder):
         rec = self
 
         class H(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802
+            def do_GET(self):
                 rec.record(f"{self.command} {self.path}".encode())
                 body = b"hello from upstream\n"
                 self.send_response(200)

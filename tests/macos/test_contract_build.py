@@ -171,7 +171,7 @@ def test_contract_json_is_pretty_and_newline_terminated(tmp_path):
     assert text.endswith("}\n")
 
 
-from hypothesis import given, settings, strategies as st  # noqa: E402
+from hypothesis import given, settings, strategies as st  # noqa: E402 - the property tests below need hypothesis; the table tests above do not
 
 _names = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E, blacklist_characters="="), min_size=1,
                  max_size=24)

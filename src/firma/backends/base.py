@@ -60,7 +60,8 @@ class LaunchHooks:
 
 
 class LaunchedChild(Protocol):
-    pid: int
+    @property
+    def pid(self) -> int: ...
 
     async def wait(self) -> int:
         """Wait for the child; return its exit code, or 128+N when it died of signal N."""

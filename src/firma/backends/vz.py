@@ -170,7 +170,7 @@ class VzBackend:
         for key in ("proxy_url", "dns_stub_addr"):
             _required(mode, key, getattr(envelope.network, key))
         env = dict(envelope.env)
-        env[DNS_STUB_ENV] = envelope.network.dns_stub_addr
+        env[DNS_STUB_ENV] = envelope.network.dns_stub_addr or ""  # _required refused None above
         return replace(envelope, env=frozen_map(env))
 
     async def launch(self, envelope: ExecutionEnvelope, hooks: LaunchHooks) -> LaunchedChild:

@@ -95,7 +95,8 @@ def matches(ev: dict, decisions: set[int] | None, sandbox_id: str | None, since_
 def format_row(ev: dict) -> str:
     ts = int(ev.get("timestamp", 0) or 0) / 1e9
     when = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts * 1000) % 1000:03d}Z"
-    dec = NAMES.get(ev.get("decision"), str(ev.get("decision")))
+    d = ev.get("decision")
+    dec = NAMES.get(d, str(d)) if isinstance(d, int) else str(d)
     return f"{when}  {dec:<5}  {ev.get('sandbox_id', '')[:36]:<36}  {ev.get('action', ''):<15}  {ev.get('resource', '')}  {ev.get('deny_reason', '')}".rstrip()
 
 

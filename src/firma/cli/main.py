@@ -91,7 +91,7 @@ def command_in(argv: list[str]) -> str | None:
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """`only`: import just that command's module (launch latency: `firma run` should not pay
     for every other command's imports). Unknown or None imports them all (help, errors)."""
-    import argparse  # noqa: PLC0415 - see the module docstring
+    import argparse
 
     parser = argparse.ArgumentParser(
         prog="firma", description="Run AI agents confined behind a policy sidecar."
@@ -193,9 +193,9 @@ def entry() -> int:
     - No garbage collection while starting: a launch allocates only long-lived objects (modules,
       the plan), and collecting during imports is ~5 ms; the lifecycle freezes the startup heap
       and re-enables collection once the agent runs (`runparts.startup_done`)."""
-    sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
+    sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]  # None in sys.modules blocks an import
     if _has_builtin_sha256():  # some distributions build hashlib on OpenSSL only
-        sys.modules.setdefault("_hashlib", None)  # type: ignore[arg-type]
+        sys.modules.setdefault("_hashlib", None)  # type: ignore[arg-type]  # None in sys.modules blocks an import
     gc.disable()
     return main()
 

@@ -81,8 +81,8 @@ def forbidden_class(ip: IPAddress | str) -> str | None:
             if ip in net:
                 return name
     else:
-        for net, name in _V4:
-            if ip in net:
+        for net4, name in _V4:
+            if ip in net4:
                 return name
     if not ip.is_global:  # documentation, benchmarking, other IANA special-purpose ranges
         return "reserved"

@@ -218,7 +218,7 @@ def protection(cwd: str, extra: tuple[str, ...], kinds: Mapping[str, str]) -> Pr
     # re-expose them writable): keep the outermost only.
     ro = [p for p in wanted if not any(q != p and _under(p, (q,)) for q in wanted)]
     pinned = [c for p in ro for c in _chain(cwd, p)[:-1]]
-    depth = lambda p: p.count("/")  # noqa: E731
+    depth = lambda p: p.count("/")
     return Protection(
         read_only=tuple(sorted(ro, key=depth)),
         pinned=tuple(sorted(dict.fromkeys(pinned), key=depth)),
@@ -331,9 +331,9 @@ def build(
         # /var/run is normally a symlink to /run, which is already covered.
         if kinds.get(p) == DIR:
             tmpfs.append(p)
-    for p in (facts.xdg_runtime_dir, facts.state_root):
-        if p and kinds.get(p, DIR) == DIR and not _under(p, tuple(tmpfs)):
-            tmpfs.append(p)
+    for maybe in (facts.xdg_runtime_dir, facts.state_root):
+        if maybe and kinds.get(maybe, DIR) == DIR and not _under(maybe, tuple(tmpfs)):
+            tmpfs.append(maybe)
     masked: list[str] = list(tmpfs)
     for p in tmpfs:
         a += ["--tmpfs", p]

@@ -45,8 +45,6 @@ SETTING_KINDS: Mapping[str, str] = MappingProxyType(
     }
 )
 MAP_KEYS = frozenset(k for k, v in SETTING_KINDS.items() if v == _MAP)
-# Not a config key: only built-in profiles make home paths writable.
-PROFILE_ONLY_KEYS = ("writable_home_paths",)
 
 Layer = Mapping[str, Any]
 

@@ -109,10 +109,6 @@ def check_file_mode(mode: int) -> list[Violation]:
     return out
 
 
-def is_absolute(value: Any) -> bool:
-    return isinstance(value, str) and value.startswith("/")
-
-
 def parse_host_port(value: str) -> tuple[str, int] | None:
     """`host:port` or `[v6]:port`; port 1..65535 in plain decimal."""
     if not isinstance(value, str) or not value:

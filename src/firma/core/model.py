@@ -14,7 +14,6 @@ from .statelayout import run_dir_path
 from .record import record, field
 
 BACKENDS = ("bwrap", "vz", "runner")
-PROFILES = ("generic", "claude-code", "codex")
 
 # Inside a bwrap sandbox the agent sees exactly these planted endpoints.
 PLANTED_PROXY_ADDR = ("127.0.0.1", 18080)

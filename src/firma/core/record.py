@@ -8,7 +8,7 @@ machines firma targets. The launch path defines ~50 such classes, so `dataclasse
 methods driven by the class's field table instead: defining one costs microseconds, building
 one costs a few microseconds more than a dataclass, which no hot path notices.
 
-Semantics kept from `dataclasses` (tested in tests/services/test_core_record.py): fields in annotation order
+Semantics kept from `dataclasses` (tested in tests/core/test_record.py): fields in annotation order
 (bases first), defaults and `field(default_factory=…)`, positional or keyword construction with
 the same TypeErrors, mutable defaults refused, non-default after default refused, `ClassVar`
 skipped, frozen instances raise `FrozenInstanceError` (an AttributeError) on assignment,
@@ -16,7 +16,9 @@ equality only between instances of the same class, frozen records hashable, muta
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar, dataclass_transform, overload
+
+_T = TypeVar("_T")
 
 __all__ = ["FrozenInstanceError", "field", "record", "replace", "asdict", "fields"]
 
@@ -31,7 +33,7 @@ class FrozenInstanceError(AttributeError):
 class _Field:
     __slots__ = ("name", "default", "default_factory", "repr")
 
-    def __init__(self, default: Any = _MISSING, default_factory: Any = _MISSING, repr: bool = True) -> None:  # noqa: A002
+    def __init__(self, default: Any = _MISSING, default_factory: Any = _MISSING, repr: bool = True) -> None:
         self.name = ""
         self.default = default
         self.default_factory = default_factory
@@ -42,7 +44,7 @@ class _Field:
         return self.default is not _MISSING or self.default_factory is not _MISSING
 
 
-def field(*, default: Any = _MISSING, default_factory: Callable[[], Any] = _MISSING, repr: bool = True) -> Any:  # noqa: A002
+def field(*, default: Any = _MISSING, default_factory: Callable[[], Any] = _MISSING, repr: bool = True) -> Any:
     if default is not _MISSING and default_factory is not _MISSING:
         raise ValueError("cannot specify both default and default_factory")
     return _Field(default, default_factory, repr)
@@ -133,18 +135,26 @@ def _build(cls: type, frozen: bool) -> type:
         elif seen_default:
             raise TypeError(f"non-default argument '{f.name}' follows default argument")
     setattr(cls, _FIELDS, tuple(table.values()))
-    cls.__init__ = _init  # type: ignore[misc]
-    cls.__repr__ = _repr  # type: ignore[method-assign]
-    cls.__eq__ = _eq  # type: ignore[method-assign]
+    cls.__init__ = _init  # type: ignore[misc]  # a shared __init__ driven by the field table
+    cls.__repr__ = _repr  # type: ignore[method-assign,assignment]  # the record's generic methods take the instance explicitly
+    cls.__eq__ = _eq  # type: ignore[method-assign,assignment]  # the record's generic methods take the instance explicitly
     if frozen:
-        cls.__hash__ = _hash  # type: ignore[method-assign]
-        cls.__setattr__ = _frozen_setattr  # type: ignore[method-assign]
-        cls.__delattr__ = _frozen_delattr  # type: ignore[method-assign]
+        cls.__hash__ = _hash  # type: ignore[method-assign,assignment]  # the record's generic methods take the instance explicitly
+        cls.__setattr__ = _frozen_setattr  # type: ignore[method-assign,assignment]  # the record's generic methods take the instance explicitly
+        cls.__delattr__ = _frozen_delattr  # type: ignore[method-assign,assignment]  # the record's generic methods take the instance explicitly
     else:
         cls.__hash__ = None  # type: ignore[assignment]  # mutable and comparable: unhashable
     return cls
 
 
+@overload
+def record(cls: type[_T], /) -> type[_T]: ...
+@overload
+def record(cls: None = None, /, *, frozen: bool = True) -> Callable[[type[_T]], type[_T]]: ...
+
+
+# Type checkers read a record as a dataclass (frozen by default, `field` its field specifier).
+@dataclass_transform(frozen_default=True, field_specifiers=(field,))
 def record(cls: type | None = None, /, *, frozen: bool = True) -> Any:
     """Class decorator: `@record` (frozen) or `@record(frozen=False)`."""
     if cls is None:

@@ -29,10 +29,6 @@ class BadHello(Exception):
     pass
 
 
-def looks_like_tls(buf: bytes) -> bool:
-    return len(buf) >= 1 and buf[0] == 0x16
-
-
 def parse_client_hello(buf: bytes) -> Hello:
     """Raises NeedMore (read more bytes), NotTls (first byte is not a handshake record) or
     BadHello (a handshake record that is not a well-formed ClientHello)."""

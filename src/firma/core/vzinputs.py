@@ -133,6 +133,6 @@ def validate_guest_inputs(
         reason = _reason(name, value, inspect, runner=is_runner)
         if reason is not None:
             raise BackendError("vz", reason)
-    return GuestArtifacts(
-        runner=inputs.runner, kernel=inputs.kernel, initrd=inputs.initrd, rootfs=inputs.rootfs
-    )  # type: ignore[arg-type]  # all four checked non-None above
+    # _reason refused every None above.
+    assert inputs.runner and inputs.kernel and inputs.initrd and inputs.rootfs
+    return GuestArtifacts(runner=inputs.runner, kernel=inputs.kernel, initrd=inputs.initrd, rootfs=inputs.rootfs)

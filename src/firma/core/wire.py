@@ -5,7 +5,6 @@ malformed agent request, and the sidecar's deny response."""
 from __future__ import annotations
 
 import json
-from typing import Mapping
 
 from .record import record
 
@@ -49,13 +48,6 @@ def attribution_of(get) -> Attribution:
         return v[:_MAX_ATTRIBUTION] if v else ""
 
     return Attribution(last(SANDBOX_ID), last(SESSION_ID), last(AGENT), last(PROFILE))
-
-
-def attribution_from_map(headers: Mapping[str, str]) -> Attribution:
-    """The same, from the bridge's own attribution mapping."""
-    return Attribution(
-        headers.get(SANDBOX_ID, ""), headers.get(SESSION_ID, ""), headers.get(AGENT, ""), headers.get(PROFILE, "")
-    )
 
 
 _STATUS_TEXT = {

@@ -87,7 +87,7 @@ class ForkedHosting:
         self._services: ServicesProcess | None = None
 
     async def probe_external(self, plan: RunPlan) -> None:
-        from ..services.health import probe  # noqa: PLC0415
+        from ..services.health import probe  # noqa: PLC0415 - only with an external sidecar
 
         try:
             probe(plan.sidecar.endpoint, plan.sidecar.startup_timeout_secs)
@@ -167,9 +167,9 @@ class ForkedHosting:
 def _ready_embedded(run: RunRecord) -> EmbeddedSidecar:
     """DESIGN §9 readiness, measured here: the policy loads, the audit key is a private PEM file
     (made now in a new state dir), the audit log opens, the listener is bound."""
-    from ..services.audit_files import load_or_create_key, open_audit_log, read_key_file  # noqa: PLC0415
-    from ..core.policy import Policy  # noqa: PLC0415
-    from ..services.listen import bind_unix_listener  # noqa: PLC0415
+    from ..services.audit_files import load_or_create_key, open_audit_log, read_key_file  # noqa: PLC0415 - only with the embedded sidecar
+    from ..core.policy import Policy  # noqa: PLC0415 - only with the embedded sidecar
+    from ..services.listen import bind_unix_listener  # noqa: PLC0415 - only with the embedded sidecar
 
     plan = run.plan
     policy = Policy.load(plan.allow_hosts, plan.policy_path)
@@ -214,7 +214,7 @@ def _fork_services(run: RunRecord, embedded: EmbeddedSidecar | None, socks: Plan
         except BaseException as exc:  # noqa: BLE001 - the services process never returns into the launcher
             try:
                 run.log(f"services process failed: {exc!r}", "error")
-            except BaseException:  # noqa: BLE001
+            except BaseException:  # noqa: BLE001 - the services process never returns into the launcher
                 pass
         finally:
             os._exit(code)
@@ -263,11 +263,11 @@ def _die_with_parent(ppid: int) -> None:
 
 
 async def _serve(run: RunRecord, embedded: EmbeddedSidecar | None, socks: PlantedSockets, serving_w: int) -> None:
-    import asyncio  # noqa: PLC0415
+    import asyncio  # noqa: PLC0415 - the services process only: the launcher never imports asyncio
 
-    from ..services.bridge import Bridge  # noqa: PLC0415
-    from ..services.dns_stub import DnsStub  # noqa: PLC0415
-    from ..services.sidecar import Sidecar, SidecarConfig  # noqa: PLC0415
+    from ..services.bridge import Bridge  # noqa: PLC0415 - the services process only
+    from ..services.dns_stub import DnsStub  # noqa: PLC0415 - the services process only
+    from ..services.sidecar import Sidecar, SidecarConfig  # noqa: PLC0415 - the services process only
 
     plan, log = run.plan, run.log
     loop = asyncio.get_running_loop()
@@ -376,6 +376,7 @@ def _stop_services(services: ServicesProcess, log: RunLog) -> None:
                 pass
         _reap(services)
         st = services.status
+        assert st is not None  # reaped just above
         if not (os.WIFEXITED(st) and os.WEXITSTATUS(st) == 0) and not (
             os.WIFSIGNALED(st) and os.WTERMSIG(st) == signal.SIGTERM and not services.serving
         ):

@@ -22,7 +22,7 @@ class InProcessHosting:
 
     def __init__(self, backend: Backend, log: RunLog) -> None:
         try:
-            from ..services import bridge, dns_stub, sidecar  # noqa: PLC0415
+            from ..services import bridge, dns_stub, sidecar  # noqa: PLC0415 - the services load only for an in-process hosting
         except ImportError as exc:
             raise SidecarError(f"host services are not available in this install ({exc}); reinstall firma") from None
         self._svc_bridge, self._svc_dns, self._svc_sidecar = bridge, dns_stub, sidecar
@@ -46,7 +46,7 @@ class InProcessHosting:
             lambda _loop, ctx: log(f"service error: {ctx.get('message')}: {ctx.get('exception')!r}", "error")
         )
         main_task = asyncio.current_task()
-        self._sup = Supervisor(on_early_signal=lambda _s: main_task.cancel() if main_task else None)
+        self._sup = Supervisor(on_early_signal=lambda _s: _cancel(main_task))
         self._sup.install()
 
     def restore_signals(self) -> None:
@@ -94,7 +94,7 @@ class InProcessHosting:
         run.sidecar_endpoint = endpoint
         try:
             await probe_async(endpoint, timeout)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - any failure to answer refuses the launch
             run.add_check(Check("sidecar_ready", False, f"{endpoint}: {exc}"))
             raise SidecarError(f"sidecar at {endpoint} did not answer ({exc}); refusing to start the agent") from None
         run.add_check(Check("sidecar_ready", True, f"embedded sidecar answered at {endpoint}"))
@@ -132,4 +132,9 @@ class InProcessHosting:
 
 
 async def _no_planting(_socks: PlantedSockets) -> None:
-    raise BackendError("a HOST_LOOPBACK backend planted sockets; its routing() is wrong")
+    raise BackendError("routing", "a HOST_LOOPBACK backend planted sockets; its routing() is wrong")
+
+
+def _cancel(task: asyncio.Task | None) -> None:
+    if task is not None:
+        task.cancel()

@@ -95,13 +95,13 @@ def run(
         refuse_without_sidecar(plan)
         routing = backend.routing()
         if routing.mode is RoutingMode.PLANTED:
-            from .forked import ForkedHosting  # noqa: PLC0415
+            from .forked import ForkedHosting  # noqa: PLC0415 - only the hosting in use is loaded
 
             forked = ForkedHosting(cast(PlantingBackend, backend), log)
             return drive(_launch(plan, host, proof, routing, forked, log))
         import asyncio  # noqa: PLC0415 - only the in-process hosting runs an event loop
 
-        from .inprocess import InProcessHosting  # noqa: PLC0415
+        from .inprocess import InProcessHosting  # noqa: PLC0415 - only the hosting in use is loaded
 
         return asyncio.run(_launch(plan, host, proof, routing, InProcessHosting(backend, log), log))
     finally:

@@ -112,7 +112,7 @@ class Supervisor:
         self._terminations = 0
         self.early_signal: int | None = None
         self.escalated = False
-        self._loop = None  # the running asyncio loop, once installed
+        self._loop: Any = None  # the running asyncio loop, once installed
 
     def install(self) -> None:
         import asyncio  # noqa: PLC0415 - the constants above serve the synchronous launcher too

@@ -89,7 +89,7 @@ def sweep_stale(root: str, now: float) -> list[str]:
     """Remove run dirs left by launchers that died without teardown (ATTACKS #54): never reused,
     never left to pile up. A dir without an owner file is only removed after a grace period
     (a concurrent launch may be between mkdir and writing it)."""
-    removed = []
+    removed: list[str] = []
     base = os.path.join(root, RUNS)
     try:
         names = os.listdir(base)

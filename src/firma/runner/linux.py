@@ -384,7 +384,7 @@ async def run_contract(contract: dict[str, Any], log, debug=lambda _msg: None) -
     relays = Relays(up)
     child = None
     main_task = asyncio.current_task()
-    sup = Supervisor(on_early_signal=lambda _sig: main_task.cancel() if main_task else None)
+    sup = Supervisor(on_early_signal=lambda _sig: _cancel(main_task))
     sup.install()
     try:
         runtime_dir = rt.path
@@ -404,6 +404,12 @@ async def run_contract(contract: dict[str, Any], log, debug=lambda _msg: None) -
             await stop_child(child, teardown_log)
         await close_services([relays], teardown_log)
         rt.cleanup()
+
+
+
+def _cancel(task: asyncio.Task | None) -> None:
+    if task is not None:
+        task.cancel()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -80,10 +80,10 @@ def _import_pyseccomp():
     real_util = sys.modules.get("ctypes.util")
     stand_in = real_util or types.ModuleType("ctypes.util")
     saved = getattr(stand_in, "find_library", None)
-    stand_in.find_library = find_library  # type: ignore[attr-defined]
+    stand_in.find_library = find_library
     if real_util is None:
         sys.modules["ctypes.util"] = stand_in
-        ctypes.util = stand_in  # type: ignore[attr-defined]
+        ctypes.util = stand_in
     try:
         import pyseccomp  # noqa: PLC0415 - only to load pyseccomp, on Linux, when a filter is compiled (launch latency)
     finally:
@@ -93,7 +93,7 @@ def _import_pyseccomp():
             if getattr(ctypes, "util", None) is stand_in:
                 del ctypes.util
         else:
-            real_util.find_library = saved  # type: ignore[attr-defined]
+            real_util.find_library = saved
     return pyseccomp
 
 
@@ -370,7 +370,7 @@ def _write_private(dir_fd: int, name: str, data: bytes) -> None:
             os.unlink(tmp, dir_fd=dir_fd)
 
 
-def _parts(artifact: SeccompArtifact) -> tuple[str, ...]:
+def _parts(artifact: SeccompArtifact | SeccompArtifactRef) -> tuple[str, ...]:
     return (artifact.policy_id, artifact.policy_version, artifact.arch)
 
 

@@ -18,7 +18,7 @@ import queue
 import threading
 from typing import Any
 
-from .audit_files import load_or_create_key, open_audit_log, parse_key, read_key_file  # noqa: F401 - re-exported
+from .audit_files import load_or_create_key, open_audit_log, parse_key, read_key_file
 from ..core import auditfmt
 from ..errors import AuditError
 
@@ -89,7 +89,8 @@ class AuditWriter:
         if self._key_ready.done():
             return True
         try:
-            self._key = parse_key(self._key_pem, self._key_path)  # a new key was made (and set) in __init__
+            assert self._key_pem is not None and self._key_path is not None  # a new key was made (and set) in __init__
+            self._key = parse_key(self._key_pem, self._key_path)
             self._key_ready.set_result(self._key)
             return True
         except BaseException as exc:  # noqa: BLE001 - reported through ready()

@@ -70,6 +70,7 @@ class Bridge:
             writer.write(deny_response(503, "too_many_connections", "bridge connection limit reached"))
             writer.close()
             return
+        assert task is not None  # a client callback runs in its own task
         self._tasks.add(task)
         netio.nodelay(writer)
         agent = netio.Stream(reader, writer)
@@ -143,7 +144,7 @@ class Bridge:
                 if down is not None:
                     try:
                         await asyncio.wait_for(asyncio.shield(down), 30)
-                    except (asyncio.TimeoutError, asyncio.CancelledError, Exception):  # noqa: BLE001
+                    except (asyncio.TimeoutError, asyncio.CancelledError, Exception):  # noqa: BLE001 - the sidecar went away in any way: the agent's request ends, the bridge serves on
                         down.cancel()
                 up.close()
             try:

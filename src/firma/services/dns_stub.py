@@ -22,7 +22,7 @@ class _Udp(asyncio.DatagramProtocol):
         self.stub = stub
         self.transport: asyncio.DatagramTransport | None = None
 
-    def connection_made(self, transport) -> None:  # type: ignore[override]
+    def connection_made(self, transport) -> None:
         self.transport = transport
 
     def datagram_received(self, data: bytes, addr) -> None:
@@ -134,7 +134,7 @@ class DnsStub:
         for s in self._servers:
             try:
                 await asyncio.wait_for(s.wait_closed(), 2)
-            except (asyncio.TimeoutError, Exception):  # noqa: BLE001
+            except (asyncio.TimeoutError, Exception):  # noqa: BLE001 - a client that fails in any way only ends its own connection
                 pass
         self._udp.clear()
         self._servers.clear()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from typing import cast
 
 from ..core.endpoint import parse_endpoint
 from ..core.http1 import HttpError, head_end, plausible_request_start
@@ -15,7 +16,7 @@ STREAM_LIMIT = 4 * 1024 * 1024
 
 async def open_endpoint(endpoint: str, timeout: float = 10.0):
     kind, addr = parse_endpoint(endpoint)
-    if kind == "unix":
+    if isinstance(addr, str):  # unix
         coro = asyncio.open_unix_connection(addr, limit=STREAM_LIMIT)
     else:
         coro = asyncio.open_connection(addr[0], addr[1], limit=STREAM_LIMIT)
@@ -86,7 +87,7 @@ class Stream:
     def close(self) -> None:
         try:
             self.w.close()
-        except Exception:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - best effort: a socket option the platform lacks changes nothing else
             pass
 
     async def linger_close(self, secs: float = 1.0, max_bytes: int = 1 << 20) -> None:
@@ -211,7 +212,7 @@ async def relay(a: Stream, b: Stream, idle: float, lifetime: float, act: Activit
 
     The transports are switched from stream protocols to direct relay protocols: one copy per
     chunk instead of three, and flow control by pausing the reading side."""
-    ta, tb = a.w.transport, b.w.transport
+    ta, tb = cast(asyncio.Transport, a.w.transport), cast(asyncio.Transport, b.w.transport)  # stream sockets
     tun = _Tunnel(act)
     sa, sb = _Side(tun, ta, tb, True), _Side(tun, tb, ta, False)
     tun.sides = [sa, sb]
@@ -293,7 +294,7 @@ async def forward_exact(src: Stream, dst: asyncio.StreamWriter, n: int, idle: fl
         dst.write(data[:n])
         await dst.drain()
         return
-    t = src.w.transport
+    t = cast(asyncio.Transport, src.w.transport)  # a stream socket
     c = _Counted(t, dst, n)
     t.set_protocol(c)
     if data:

@@ -79,8 +79,8 @@ async def system_resolver(host: str, port: int) -> list[str]:
     infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
     out: list[str] = []
     for _fam, _t, _p, _c, sa in infos:
-        if sa[0] not in out:
-            out.append(sa[0])
+        if str(sa[0]) not in out:
+            out.append(str(sa[0]))
     return out
 
 
@@ -131,7 +131,7 @@ class Sidecar:
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self, listen: str = "tcp://127.0.0.1:0") -> str:
         kind, addr = parse_endpoint(listen, listen=True)
-        if kind == "unix":
+        if isinstance(addr, str):  # unix
             return await self.serve_unix_socket(bind_unix_listener(addr), addr)
         host, port = addr
         try:
@@ -258,6 +258,7 @@ class Sidecar:
     # -- connections --------------------------------------------------------------------------
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
+        assert task is not None  # a client callback runs in its own task
         self._tasks.add(task)
         self._active += 1
         netio.nodelay(writer)

@@ -55,7 +55,7 @@ class BwrapChild:
 
             loop = asyncio.get_running_loop()
             done: asyncio.Future[None] = loop.create_future()
-            loop.add_reader(self.proc_pidfd, lambda: done.done() or done.set_result(None))
+            loop.add_reader(self.proc_pidfd, _resolve, done)
             try:
                 await done
             finally:
@@ -139,3 +139,6 @@ def kill_and_reap(proc: subprocess.Popen, proc_pidfd: int, child: BwrapChild | N
         os.close(proc_pidfd)
 
 
+def _resolve(done) -> None:
+    if not done.done():
+        done.set_result(None)

@@ -44,12 +44,13 @@ def require_command(plan: RunPlan, host: Host) -> None:
         if not (os.path.isfile(path) and os.access(path, os.X_OK)):
             raise LaunchError(f"command not found or not executable: {exe}; check the path")
     else:
-        path = which(exe, launch_path)
-        if path is None:
+        found = which(exe, launch_path)
+        if found is None:
             raise LaunchError(
                 f"command not found: {exe} (searched the sandbox PATH {launch_path or '(empty)'}); "
                 "install it or give its absolute path"
             )
+        path = found
     h = hider(os.path.abspath(os.path.join(plan.cwd, path)))
     if h is not None:
         raise LaunchError(

@@ -51,7 +51,7 @@ def git_refs(cwd: str) -> tuple[str, ...]:
     if kind_of(git) != bwrap_plan.DIR:
         return ()
     refs: list[str] = []
-    todo, seen = [os.path.join(git, "config")], set()
+    todo, seen = [os.path.join(git, "config")], set[str]()
     while todo and len(seen) < 16:
         cfg = todo.pop()
         if cfg in seen:

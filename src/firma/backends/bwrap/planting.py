@@ -92,7 +92,7 @@ def plant(pid: int, addrs: Addresses = Addresses()) -> PlantedSockets:
             except BaseException as exc:  # noqa: BLE001 - report anything, then exit
                 try:
                     child.send(b"ERR " + repr(exc).encode()[:512])
-                except BaseException:  # noqa: BLE001
+                except BaseException:  # noqa: BLE001 - the planting child reports any failure on its pipe and exits
                     pass
             finally:
                 os._exit(code)

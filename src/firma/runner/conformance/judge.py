@@ -252,9 +252,10 @@ def judge_preserve_stdio_signals_exit(
         b.add(obs.side, "SIGTERM sent to the runner reached the command",
               _get(obs.evidence, "signal") == "SIGTERM", f"probe saw {_get(obs.evidence, 'signal')}")
         b.add(obs.side, "exit status 7 from the signal handler kept", obs.exit_code == 7, f"exit {obs.exit_code}")
-    for obs in (control_death, inside_death):
-        if obs is None:
+    for death in (control_death, inside_death):
+        if death is None:
             continue
+        obs = death
         b.add(obs.side, "uncaught SIGTERM: probe reached the signal point", bool(obs.ready_seen))
         b.ran(obs)
         b.add(obs.side, "death by SIGTERM reported as 143 (128+15)", obs.exit_code == 143, f"exit {obs.exit_code}")

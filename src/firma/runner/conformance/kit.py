@@ -134,7 +134,7 @@ class Kit:
 
     def _start(self) -> None:
         try:
-            from ...services.bridge import Bridge  # noqa: F401
+            from ...services.bridge import Bridge  # noqa: F401 - imported only to fail early when the host services are not installed
             from ...services.dns_stub import DnsStub
             from ...services.sidecar import Sidecar, SidecarConfig
         except ImportError as exc:
@@ -306,6 +306,7 @@ class Kit:
         ready_seen: bool | None = None
         try:
             if stdin_data is not None:
+                assert proc.stdin is not None  # started with stdin=PIPE
                 proc.stdin.write(stdin_data.encode())
                 proc.stdin.flush()
             if on_ready is not None:
@@ -321,7 +322,7 @@ class Kit:
                         ready_seen = True
                         on_ready(proc)
                         break
-            if on_ready is None or stdin_data is not None:
+            if (on_ready is None or stdin_data is not None) and proc.stdin is not None:
                 proc.stdin.close()
         except (BrokenPipeError, OSError):
             pass
@@ -337,6 +338,8 @@ class Kit:
         for t in threads:
             t.join(10)
         for s in (proc.stdin, proc.stdout, proc.stderr):
+            if s is None:
+                continue
             try:
                 s.close()
             except OSError:
@@ -366,7 +369,7 @@ class Kit:
         marks = self._marks()  # start of phase: everything earlier belongs to earlier runs
         hook = None
         if on_ready is not None:
-            hook = lambda proc: on_ready(self, bridge, proc)  # noqa: E731
+            hook = lambda proc: on_ready(self, bridge, proc)
         try:
             if side == "runner":
                 contract = self._write_contract(env)
@@ -454,6 +457,7 @@ class Kit:
     def check_fail_closed_runtime(self) -> InvariantResult:
         def kill_then_go(kit: "Kit", bridge, proc: subprocess.Popen) -> None:
             kit._kill_bridge(bridge)  # the host bridge goes away mid-run
+            assert proc.stdin is not None  # started with stdin=PIPE
             proc.stdin.write(b"GO\n")
             proc.stdin.flush()
             proc.stdin.close()

@@ -242,7 +242,7 @@ def probe_bypass_child(p: dict) -> dict:
 
 def probe_runtime(p: dict) -> dict:
     n = p["nonce"]
-    out = {"before": proxied_get(p, f"/runtime/{n}/before")}
+    out: dict[str, object] = {"before": proxied_get(p, f"/runtime/{n}/before")}
     # Hand-shake with the kit over stdio: it kills the host bridge, then says GO.
     print(f"READY {n}", flush=True)
     line = sys.stdin.readline().strip()

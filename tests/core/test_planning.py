@@ -245,7 +245,7 @@ def test_bwrap_plan_is_immutable_data():
     p = bwrap_plan.build(envelope(), facts())
     assert isinstance(p.argv, tuple)
     with pytest.raises(Exception):
-        p.argv = ()  # type: ignore[misc]
+        p.argv = ()  # type: ignore[misc]  # the point: a frozen record refuses it
     assert bwrap_plan.RESOLV_CONF == "nameserver 127.0.0.1\noptions ndots:0 timeout:1 attempts:1\n"
 
 

@@ -103,7 +103,7 @@ def test_definition_errors_like_dataclasses():
 
         @record
         class BadDefault:
-            items: list = []  # noqa: RUF012
+            items: list = []
 
     with pytest.raises(TypeError):
 

@@ -98,7 +98,7 @@ def test_hardening_covers_the_spec_list():
     assert [r.errno for r in HARDENING if r.syscall == "clone3"] == [errno.ENOSYS]
 
 
-from hypothesis import given, settings, strategies as st  # noqa: E402
+from hypothesis import given, settings, strategies as st  # noqa: E402 - the property tests below need hypothesis; the table tests above do not
 
 _values = st.one_of(st.text(max_size=12), st.integers(), st.booleans(),
                     st.lists(st.sampled_from([*ACTIONS, "x.y", ""]), max_size=4))
