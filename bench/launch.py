@@ -124,9 +124,9 @@ def main() -> int:
     bare = [bwrap, "--unshare-user", *uid, "--disable-userns", "--unshare-net", "--unshare-pid", "--unshare-ipc",
             "--unshare-uts", "--die-with-parent", "--new-session", "--ro-bind", "/", "/", "--proc", "/proc",
             "--dev", "/dev", "--tmpfs", "/tmp", "--", "true"]
-    import compileall  # noqa: PLC0415
+    import compileall
 
-    import firma as firma_pkg  # noqa: PLC0415 - the package the firma command runs
+    import firma as firma_pkg
 
     compileall.compile_dir(os.path.dirname(firma_pkg.__file__), quiet=1)
     py = os.path.join(os.path.dirname(sys.executable), "python")

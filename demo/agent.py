@@ -22,7 +22,7 @@ def record(key, fn):
         except ValueError:
             reason = None
         results[key] = {"ok": False, "status": exc.code, "reason": reason, "detail": f"HTTP {exc.code}"}
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         results[key] = {"ok": False, "detail": f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}"}
 
 

@@ -26,7 +26,7 @@ class Upstream:
         up = self
 
         class H(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802
+            def do_GET(self):
                 up.requests.append(self.path)
                 body = b"hello from upstream"
                 self.send_response(200)
