@@ -43,6 +43,7 @@ from ..core.model import (
 )
 from .. import privfs
 from ..core.record import record
+from ..core.statelayout import run_dir_path
 from ..errors import ContractError, FirmaError, LaunchError
 from ..core import settings as env_names
 
@@ -317,7 +318,7 @@ def choose_runtime_dir(contract: Mapping[str, Any]) -> RuntimeDir:
         st = os.lstat(path)
     except FileNotFoundError:
         tmp = tempfile.mkdtemp(prefix="firma-runner-")
-        inner = os.path.join(tmp, "run", contract["sandbox_id"])
+        inner = run_dir_path(tmp, contract["sandbox_id"])  # firma's layout: the plan hides its root
         os.makedirs(inner, mode=0o700)
         return RuntimeDir(inner, tmp)
     except OSError as exc:
