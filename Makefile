@@ -14,11 +14,14 @@ $(VENV)/.installed: pyproject.toml scripts/install-system-deps.sh
 	$(PY) -m pip install -q -e '.[test,lint]'
 	touch $@
 
-# Lint, types and the layer contracts (pyproject.toml: [tool.ruff], [tool.mypy], [tool.importlinter]).
+# Lint, types and the layer contracts (pyproject.toml: [tool.ruff], [tool.mypy], [tool.importlinter]):
+# all three run, so one pass shows every finding; any finding fails the target.
 lint: setup
-	$(VENV)/bin/ruff check src tests bench demo
-	$(VENV)/bin/mypy
-	$(VENV)/bin/lint-imports
+	@rc=0; \
+	$(VENV)/bin/ruff check src tests bench demo || rc=1; \
+	$(VENV)/bin/mypy || rc=1; \
+	$(VENV)/bin/lint-imports || rc=1; \
+	exit $$rc
 
 test: lint
 	$(PY) -m pytest -q

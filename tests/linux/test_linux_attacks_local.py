@@ -8,6 +8,7 @@ socket is out of the sandbox's and other users' reach."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import secrets
@@ -263,7 +264,7 @@ def test_name_service_files_inside_are_ours_and_read_only(etc_fs_ws, tmp_path):
     assert [line.split(" ", 2)[1] for line in ctl.stdout.splitlines()] == ["writable"] * 3, ctl.stdout + ctl.stderr
     p = run_firma(["run", "--", SYSTEM_PYTHON, "-S", "-c", probe, *files], cwd=etc_fs_ws, env=base_env(tmp_path))
     assert p.returncode == 0, p.stderr
-    seen = {f: (w, eval(text)) for f, w, text in (line.split(" ", 2) for line in p.stdout.splitlines())}
+    seen = {f: (w, ast.literal_eval(text)) for f, w, text in (line.split(" ", 2) for line in p.stdout.splitlines())}
     assert {f: w for f, (w, _) in seen.items()} == dict.fromkeys(files, "EROFS"), seen  # read-only mounts
     assert seen["/etc/resolv.conf"][1] == RESOLV_CONF and seen["/etc/hosts"][1] == HOSTS
     with open("/etc/nsswitch.conf") as f:
