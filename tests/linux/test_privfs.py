@@ -171,17 +171,3 @@ def test_open_append_refuses_a_link_and_another_users_file(home):
         privfs.open_append(str(theirs))
     os.close(privfs.open_append(str(home / "mine.log")))  # control
 
-
-def test_remove_tree_never_follows_links(home):
-    outside = home / "outside"
-    outside.mkdir()
-    (outside / "keep").write_text("keep")
-    run = home / "run"
-    run.mkdir()
-    (run / "f").write_text("x")
-    (run / "to-dir").symlink_to(outside)
-    (run / "sub").mkdir()
-    (run / "sub" / "to-file").symlink_to(outside / "keep")
-    privfs.remove_tree(str(run))
-    assert not run.exists()
-    assert (outside / "keep").read_text() == "keep"
