@@ -108,6 +108,14 @@ class Protection:
     workspace: str = ""
 
 
+# Global kernel interfaces under /proc that the owner of the sandbox's user namespace could write:
+# for a root caller that owner is host root, and a sysctl such as kernel.core_pattern then runs a
+# program as host root. Bound read-only over the sandbox's fresh /proc (bwrap 0.8 cannot remount
+# them read-only in place); sysrq-trigger exists only with CONFIG_MAGIC_SYSRQ.
+PROC_READ_ONLY = ("/proc/sys", "/proc/sysrq-trigger")
+_PROC_OPTIONAL = frozenset({"/proc/sysrq-trigger"})
+
+
 @record
 class BwrapPlan:
     argv: tuple[str, ...]
@@ -324,7 +332,10 @@ def build(
     for k, v in sorted(envelope.env.items()):
         a += ["--setenv", k, v]
 
-    a += ["--ro-bind", "/", "/", "--proc", "/proc", "--dev", "/dev"]
+    a += ["--ro-bind", "/", "/", "--proc", "/proc"]
+    for p in PROC_READ_ONLY:
+        a += ["--ro-bind-try" if p in _PROC_OPTIONAL else "--ro-bind", p, p]
+    a += ["--dev", "/dev"]
 
     tmpfs: list[str] = []
     for p in SYSTEM_TMPFS:

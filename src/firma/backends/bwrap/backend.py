@@ -35,7 +35,7 @@ from .child import BLOCKING, BwrapChild, HeldSandbox, kill_and_reap, pidfd_of
 from .command import require_command
 from .facts import git_refs, kind_of, measure_facts
 from .planting import netns_interfaces, plant
-from .verify import verify_agent, verify_masks, verify_protected, verify_resolv_conf
+from .verify import verify_agent, verify_kernel_read_only, verify_masks, verify_protected, verify_resolv_conf
 
 DETAIL = (
     "network namespace isolation enabled with sandbox-local proxy bridge and DNS stub paths"
@@ -232,6 +232,7 @@ class BwrapBackend:
         try:
             verify_resolv_conf(child, add_check, waits)
             verify_masks(child, held.plan, add_check)
+            verify_kernel_read_only(child, add_check)
             verify_protected(child, held.plan, add_check)
             os.write(held.block_w, b"1")  # release: bwrap execs the agent
             os.close(held.block_w)

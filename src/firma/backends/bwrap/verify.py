@@ -98,6 +98,31 @@ def verify_masks(child: BwrapChild, plan: bwrap_plan.BwrapPlan, add_check: AddCh
         raise LaunchError(f"sandbox paths not masked as planned: {', '.join(missing)}; refusing to start the agent")
 
 
+def verify_kernel_read_only(child: BwrapChild, add_check: AddCheck) -> None:
+    """Before release: the global kernel interfaces under /proc (bwrap_plan.PROC_READ_ONLY) are
+    read-only mount points in the sandbox's final mount table, read from outside. One this host's
+    kernel does not have (no sysrq-trigger) is reported absent."""
+    top = mount_table(child.init_pid)
+    ok_paths: list[str] = []
+    absent: list[str] = []
+    bad: list[str] = []
+    for p in bwrap_plan.PROC_READ_ONLY:
+        if p in top:
+            (ok_paths if "ro" in top[p] else bad).append(p)
+        elif os.path.exists(p):
+            bad.append(p)
+        else:
+            absent.append(p)
+    detail = "read-only: " + (", ".join(ok_paths) or "(none)")
+    if absent:
+        detail += "; absent on this kernel: " + ", ".join(absent)
+    if bad:
+        detail += "; NOT read-only: " + ", ".join(bad)
+    add_check(Check("kernel_interfaces_read_only", not bad, detail))
+    if bad:
+        raise LaunchError(f"sandbox kernel interfaces not read-only as planned: {', '.join(bad)}; refusing to start the agent")
+
+
 def verify_protected(child: BwrapChild, plan: bwrap_plan.BwrapPlan, add_check: AddCheck) -> None:
     """Before release: each protected path is, in the final mount table, a read-only mount
     point at exactly that path (a bind through a link swapped in meanwhile would land

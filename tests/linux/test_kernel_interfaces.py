@@ -1,0 +1,54 @@
+"""Global kernel interfaces under /proc are read-only inside, for a root caller too: with root as
+the owner of the sandbox's user namespace, a writable /proc/sys let an agent set a sysctl such as
+kernel.core_pattern and run its own program as host root."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from linux_support import base_env, require_tools, run_firma
+
+pytestmark = pytest.mark.confinement
+
+SYSCTL = "/proc/sys/kernel/printk_ratelimit_burst"
+
+
+@pytest.fixture(autouse=True)
+def _tools():
+    require_tools()
+
+
+def _write(value: str) -> str:
+    return f"echo {value} > {SYSCTL} 2>/dev/null && echo write=ok || echo write=fail; cat {SYSCTL}"
+
+
+def test_proc_sys_is_read_only_inside_for_a_root_caller(tmp_path):
+    if os.geteuid() != 0:
+        pytest.fail("the control (a sysctl write as root outside) needs root; CI runs as root")
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    original = Path(SYSCTL).read_text().strip()
+    probe_value = str(int(original) + 1)
+    try:
+        # control: root outside writes the sysctl
+        Path(SYSCTL).write_text(probe_value)
+        assert Path(SYSCTL).read_text().strip() == probe_value
+        Path(SYSCTL).write_text(original)
+
+        p = run_firma(["run", "--", "sh", "-c", _write(probe_value)], cwd=ws, env=base_env(tmp_path))
+        assert p.returncode == 0, p.stderr
+        lines = p.stdout.split()
+        assert lines[0] == "write=fail", p.stdout
+        assert lines[1] == original  # still readable inside
+        assert Path(SYSCTL).read_text().strip() == original  # and unchanged on the host
+    finally:
+        Path(SYSCTL).write_text(original)
+
+    proof = json.loads(next((tmp_path / "state" / "proofs").glob("sbx_*.json")).read_text())
+    checks = {c["name"]: c for c in proof["checks"]}
+    check = checks["kernel_interfaces_read_only"]
+    assert check["ok"] is True and "/proc/sys" in check["detail"], check
