@@ -249,27 +249,6 @@ def test_bwrap_plan_is_immutable_data():
     assert bwrap_plan.RESOLV_CONF == "nameserver 127.0.0.1\noptions ndots:0 timeout:1 attempts:1\n"
 
 
-def test_mask_verification_reads_the_mount_table_and_refuses_gaps():
-    """The backend checks planned masks against a real mountinfo (here: this process's)."""
-    import os
-    import types
-
-    from firma.backends.bwrap.verify import unescape, verify_masks
-    from firma.errors import LaunchError
-
-    checks = []
-    hooks = types.SimpleNamespace(add_check=checks.append)
-    child = types.SimpleNamespace(init_pid=os.getpid())
-    ok_plan = types.SimpleNamespace(masked=("/proc",))
-    verify_masks(child, ok_plan, hooks.add_check)
-    assert checks[-1].ok
-    bad_plan = types.SimpleNamespace(masked=("/proc", "/definitely/not/a/mount"))
-    with pytest.raises(LaunchError, match="not masked as planned: /definitely/not/a/mount"):
-        verify_masks(child, bad_plan, hooks.add_check)
-    assert not checks[-1].ok
-    assert unescape(r"/a\040b\012c\134d") == "/a b\nc\\d"
-
-
 def test_symlinked_secret_is_masked_at_its_target():
     kinds = dict(KINDS, **{"/home/u/.ssh": "symlink", "/dotfiles/ssh": "dir", "/home/u/.aws": "symlink"})
     f = bwrap_plan.BwrapFacts(caller_uid=1000, caller_gid=1000, kinds=frozen_map(kinds),

@@ -226,3 +226,24 @@ def test_bwrap_opens_only_the_envelopes_own_seccomp_artifact(tmp_path):
     with pytest.raises(SeccompError, match="not writable by group or others"):
         open_seccomp(envelope(str(bpf), None))
     assert open_seccomp(envelope(None, None)) is None
+
+
+def test_mask_verification_reads_the_mount_table_and_refuses_gaps():
+    """The backend checks planned masks against a real mountinfo (here: this process's)."""
+    import os
+    import types
+
+    from firma.backends.bwrap.verify import unescape, verify_masks
+    from firma.errors import LaunchError
+
+    checks = []
+    hooks = types.SimpleNamespace(add_check=checks.append)
+    child = types.SimpleNamespace(init_pid=os.getpid())
+    ok_plan = types.SimpleNamespace(masked=("/proc",))
+    verify_masks(child, ok_plan, hooks.add_check)
+    assert checks[-1].ok
+    bad_plan = types.SimpleNamespace(masked=("/proc", "/definitely/not/a/mount"))
+    with pytest.raises(LaunchError, match="not masked as planned: /definitely/not/a/mount"):
+        verify_masks(child, bad_plan, hooks.add_check)
+    assert not checks[-1].ok
+    assert unescape(r"/a\040b\012c\134d") == "/a b\nc\\d"

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
+from pathlib import Path
 import socket
 import subprocess
 
@@ -86,3 +88,48 @@ def test_unprivileged_user_run(install):
         assert os.stat(ws / "proof.json").st_uid == u.pw_uid
     finally:
         tcp.close(), udp.close(), up.close()
+
+
+CREDENTIAL_STORES = (
+    ".git-credentials", ".config/gh/hosts.yml", ".npmrc", ".pypirc", ".cargo/credentials.toml",
+    ".docker/config.json", ".aws/credentials", ".config/gcloud/credentials.db", ".kube/config",
+    ".terraform.d/credentials.tfrc.json", ".bash_history", ".zsh_history", ".netrc", ".ssh/id_ed25519",
+)
+
+
+def test_credential_stores_are_unreadable_inside_for_a_non_root_caller(install):
+    """Each store is readable by the same user outside (the control) and unreadable inside. The
+    home lives under /home: a home under /tmp would be hidden inside whole (a fresh tmpfs), and
+    the test could not fail."""
+    u = install.user
+    home = Path(tempfile.mkdtemp(prefix="firma-creds-", dir="/home"))
+    os.chown(home, u.pw_uid, u.pw_gid)
+    home.chmod(0o755)
+    ws = install.root / "ws-creds"
+    ws.mkdir()
+    os.chown(ws, u.pw_uid, u.pw_gid)
+    env = install.env(HOME=str(home))
+    try:
+        for rel in CREDENTIAL_STORES:
+            path = home / rel
+            for parent in reversed(path.relative_to(home).parents[:-1]):
+                d = home / parent
+                if not d.exists():
+                    d.mkdir(mode=0o700)
+                    os.chown(d, u.pw_uid, u.pw_gid)
+            path.write_text(f"secret-{rel}\n")
+            path.chmod(0o600)
+            os.chown(path, u.pw_uid, u.pw_gid)
+        script = "; ".join(
+            f'cat "$HOME/{rel}" >/dev/null 2>&1 && echo "{rel}=read" || echo "{rel}=denied"' for rel in CREDENTIAL_STORES
+        )
+        outside = subprocess.run(install.argv("sh", "-c", script), cwd=ws, env=env, capture_output=True, text=True, timeout=60)
+        assert outside.stdout.split() == [f"{rel}=read" for rel in CREDENTIAL_STORES], outside.stdout + outside.stderr
+        drive = str(install.root / "tests" / "linux_drive.py")
+        inside = subprocess.run(install.argv(PY, drive, "run", "--", "sh", "-c", script), cwd=ws, env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert inside.returncode == 0, inside.stderr
+        assert inside.stdout.split() == [f"{rel}=denied" for rel in CREDENTIAL_STORES], inside.stdout
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+        shutil.rmtree(ws, ignore_errors=True)

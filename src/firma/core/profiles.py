@@ -9,7 +9,21 @@ from ..errors import ConfigError
 from .record import record, field
 
 COMMON_PASSTHROUGH = ("HOME", "PATH", "TERM", "LANG")
-COMMON_MASKED = (".ssh", ".aws", ".azure", ".kube", ".gnupg", ".config/gcloud", ".docker", ".netrc")
+# Home paths every profile hides: keys and the well-known credential stores of git, gh, npm, pip,
+# cargo, docker, the cloud CLIs, kube and terraform, and shell and REPL histories (they hold
+# pasted tokens). A path that does not exist is not masked (nothing to read), and home outside the
+# workspace is read-only inside, so none can be created. docs/DESIGN.md §2 lists them.
+COMMON_MASKED = (
+    ".ssh", ".gnupg", ".netrc", ".password-store",
+    ".git-credentials", ".config/git/credentials", ".config/gh", ".config/hub",
+    ".npmrc", ".yarnrc", ".yarnrc.yml", ".pypirc", ".cargo/credentials", ".cargo/credentials.toml",
+    ".gem/credentials", ".docker", ".aws", ".azure", ".config/gcloud", ".oci", ".config/doctl",
+    ".kube", ".terraform.d/credentials.tfrc.json", ".terraformrc", ".vault-token", ".pgpass",
+    ".my.cnf", ".s3cfg", ".boto",
+    ".bash_history", ".zsh_history", ".zhistory", ".history", ".sh_history",
+    ".local/share/fish/fish_history", ".python_history", ".node_repl_history", ".psql_history",
+    ".mysql_history", ".sqlite_history", ".lesshst",
+)
 
 
 @record
