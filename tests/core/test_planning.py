@@ -257,3 +257,29 @@ def test_symlinked_secret_is_masked_at_its_target():
     assert "/dotfiles/ssh" in pairs(p.argv, "--tmpfs") and "/dotfiles/ssh" in p.masked
     assert "/home/u/.ssh" not in p.argv
     assert "/home/u/.aws" not in p.argv  # dangling link: nothing to hide
+
+
+@pytest.mark.parametrize("cwd", ["/", "/etc", "/usr", "/usr/local", "/var", "/tmp", "/opt", "/proc/self", "/sys/fs", "/dev/shm"])
+def test_system_directories_are_never_the_workspace(cwd):
+    with pytest.raises(PlanError, match=f"refusing {cwd} as the workspace: the agent could write a system directory"):
+        plan(cwd=cwd)
+
+
+def test_home_and_its_ancestors_are_never_the_workspace():
+    with pytest.raises(PlanError, match="refusing /home/u as the workspace: it is your home directory"):
+        plan(cwd="/home/u")
+    elsewhere = Host(system="linux", environ={"HOME": "/data/users/u", "PATH": "/usr/bin"})
+    with pytest.raises(PlanError, match="refusing /data/users as the workspace: it is an ancestor of your home directory /data/users/u"):
+        build_plan(RunArgs(command=("agent",)), cfgmod.EMPTY, elsewhere, cwd="/data/users", unix_ms=1_700_000_000_000, rand=R)
+
+
+def test_a_symlinked_home_is_compared_resolved():
+    links = {"/home/u": "/data/u"}
+    with pytest.raises(PlanError, match="it is your home directory"):
+        build_plan(RunArgs(command=("agent",)), cfgmod.EMPTY, host(), cwd="/data/u", unix_ms=1_700_000_000_000, rand=R,
+                   realpath=lambda p: links.get(p, p))
+
+
+@pytest.mark.parametrize("cwd", ["/home/u/proj", "/srv/app", "/opt/src/x", "/var/lib/build/ws", "/work/p"])
+def test_project_directories_are_workspaces(cwd):
+    assert plan(cwd=cwd).cwd == cwd

@@ -247,3 +247,51 @@ def test_mask_verification_reads_the_mount_table_and_refuses_gaps():
         verify_masks(child, bad_plan, hooks.add_check)
     assert not checks[-1].ok
     assert unescape(r"/a\040b\012c\134d") == "/a b\nc\\d"
+
+
+def test_planting_waits_for_the_loopback_address_instead_of_failing():
+    """bwrap reports the sandbox's pid before its child has finished setting up `lo`; planting then
+    failed with EADDRNOTAVAIL (an intermittent launch failure under load). Here a namespace's `lo`
+    is up without 127.0.0.1, and the address arrives 0.3 s after planting starts: planting waits
+    and succeeds. Control: a bind in that namespace before the address exists fails with
+    EADDRNOTAVAIL."""
+    import subprocess
+    import time
+
+    from firma.backends.bwrap.planting import Addresses, plant
+
+    if os.geteuid() != 0:
+        pytest.fail("needs root to make a user+network namespace with unshare -r (CI runs as root)")
+    ns = subprocess.Popen(["unshare", "-Urn", "sh", "-c",
+                           "ip link set lo up; ip addr del 127.0.0.1/8 dev lo; read go; ip addr add 127.0.0.1/8 dev lo; sleep 30"],
+                          stdin=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.2)
+        probe = subprocess.run(["nsenter", "-t", str(ns.pid), "-U", "-n", "--preserve-credentials", "python3", "-c",
+                                "import socket; s = socket.socket()\n"
+                                "try:\n    s.bind(('127.0.0.1', 18080)); print('bound')\n"
+                                "except OSError as e:\n    print(e.errno)"],
+                               capture_output=True, text=True, timeout=10)
+        assert probe.stdout.strip() == "99", probe.stdout + probe.stderr  # control: EADDRNOTAVAIL while lo is down
+
+        def bring_lo_up_later() -> None:
+            time.sleep(0.3)
+            ns.stdin.write("go\n")
+            ns.stdin.flush()
+
+        import threading
+
+        t = threading.Thread(target=bring_lo_up_later)
+        t.start()
+        t0 = time.monotonic()
+        socks = plant(ns.pid, Addresses())
+        waited = time.monotonic() - t0
+        t.join()
+        try:
+            assert socks.proxy_tcp.getsockname() == ("127.0.0.1", 18080)
+            assert waited >= 0.2  # it did wait for lo
+        finally:
+            socks.close()
+    finally:
+        ns.kill()
+        ns.wait()

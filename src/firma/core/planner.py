@@ -56,6 +56,34 @@ def parse_identity_mode(value: str) -> IdentityMode:
         ) from None
 
 
+# Directories that are never a workspace: the agent could write the system or a user's tools there.
+# Their subdirectories can be (a checkout under /srv or /opt is a workspace like any other), except
+# under the kernel's own filesystems.
+SYSTEM_DIRS = frozenset({
+    "/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/libx32", "/media",
+    "/mnt", "/opt", "/proc", "/root", "/run", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/usr/bin",
+    "/usr/lib", "/usr/local", "/usr/local/bin", "/usr/sbin", "/usr/share", "/var", "/var/lib", "/var/tmp",
+})
+KERNEL_TREES = ("/proc", "/sys", "/dev")
+
+
+def refuse_workspace(cwd: str, home: str, realpath: Callable[[str], str]) -> None:
+    """The working directory becomes the writable workspace: never $HOME or one of its ancestors
+    (the agent could then write ~/.local/bin, ~/.config/autostart, shell rc files), `/` or a
+    system directory. PlanError names the fix."""
+    ws = posixpath.normpath(realpath(cwd))
+    fix = "cd into a project directory (or a new empty one) and run firma there"
+    if ws in SYSTEM_DIRS or any(_inside(ws, k) for k in KERNEL_TREES):
+        raise PlanError(f"refusing {ws} as the workspace: the agent could write a system directory; {fix}")
+    for h in dict.fromkeys((posixpath.normpath(home), posixpath.normpath(realpath(home)))):
+        if h != "/" and _inside(h, ws):
+            what = "your home directory" if ws == h else f"an ancestor of your home directory {h}"
+            raise PlanError(
+                f"refusing {ws} as the workspace: it is {what}, and the agent could write your "
+                f"tools' configuration and startup files there; {fix}"
+            )
+
+
 def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
@@ -111,6 +139,7 @@ def build_plan(
         rand=rand,
     )
     home = posixpath.normpath(env.get("HOME", "").strip() or ("/root" if host.is_root else "/"))
+    refuse_workspace(cwd, home, realpath)
     root = state_root(env, host.uid)
     if _inside(root, cwd):
         raise PlanError(

@@ -12,9 +12,11 @@ fork even when the launcher has threads."""
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import os
 import socket
+import time
 
 from ..base import PlantedSockets
 from ...core.model import PLANTED_DNS_ADDR, PLANTED_PROXY_ADDR
@@ -25,6 +27,10 @@ CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
 NS_GET_USERNS = 0xB701  # _IO(0xb7, 0x1): the user namespace that owns a namespace
 _HELPER_TIMEOUT = 10.0
+# bwrap reports the sandbox's pid before its child has finished setting up `lo` (up, without
+# 127.0.0.1 yet, a bind fails with EADDRNOTAVAIL); planting waits for the address rather than bringing `lo` up itself,
+# which would make bwrap's own setup fail. Bounded well below the helper's timeout.
+_LOOPBACK_WAIT = 5.0
 
 
 @record
@@ -79,13 +85,13 @@ def plant(pid: int, addrs: Addresses = Addresses()) -> PlantedSockets:
                     os._exit(3)
                 proxy = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                 proxy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                proxy.bind(addrs.proxy)
+                _bind_when_loopback_is_up(proxy, addrs.proxy)
                 proxy.listen(128)
                 dns_udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-                dns_udp.bind(addrs.dns)
+                _bind_when_loopback_is_up(dns_udp, addrs.dns)
                 dns_tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                 dns_tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                dns_tcp.bind(addrs.dns)
+                _bind_when_loopback_is_up(dns_tcp, addrs.dns)
                 dns_tcp.listen(64)
                 socket.send_fds(child, [b"OK"], [proxy.fileno(), dns_udp.fileno(), dns_tcp.fileno()])
                 code = 0
@@ -119,6 +125,19 @@ def plant(pid: int, addrs: Addresses = Addresses()) -> PlantedSockets:
     for s in socks:
         s.setblocking(False)
     return PlantedSockets(proxy_tcp=socks[0], dns_udp=socks[1], dns_tcp=socks[2])
+
+
+def _bind_when_loopback_is_up(sock: socket.socket, addr: tuple[str, int]) -> None:
+    """Bind `addr`, waiting while the namespace's loopback address does not exist yet."""
+    deadline = time.monotonic() + _LOOPBACK_WAIT
+    while True:
+        try:
+            sock.bind(addr)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EADDRNOTAVAIL or time.monotonic() > deadline:
+                raise
+        time.sleep(0.0005)
 
 
 def netns_interfaces(pid: int) -> list[str]:

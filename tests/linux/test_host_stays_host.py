@@ -1,6 +1,7 @@
-"""Global kernel interfaces under /proc are read-only inside, for a root caller too: with root as
-the owner of the sandbox's user namespace, a writable /proc/sys let an agent set a sysctl such as
-kernel.core_pattern and run its own program as host root."""
+"""The host stays the host: global kernel interfaces under /proc are read-only inside, for a root
+caller too (with root as the owner of the sandbox's user namespace, a writable /proc/sys let an
+agent set a sysctl such as kernel.core_pattern and run its own program as host root), and neither
+$HOME nor a system directory is ever the writable workspace."""
 
 from __future__ import annotations
 
@@ -52,3 +53,21 @@ def test_proc_sys_is_read_only_inside_for_a_root_caller(tmp_path):
     checks = {c["name"]: c for c in proof["checks"]}
     check = checks["kernel_interfaces_read_only"]
     assert check["ok"] is True and "/proc/sys" in check["detail"], check
+
+
+def test_home_as_the_workspace_is_refused_before_anything_starts(tmp_path):
+    """`firma run` from $HOME would let the agent write ~/.local/bin, ~/.config/autostart and shell
+    rc files; from a project directory under it (the control) the same command runs."""
+    env = base_env(tmp_path)
+    home = Path(env["HOME"])
+    marker = "touch \"$HOME/.agent-was-here\""
+    p = run_firma(["run", "--", "sh", "-c", marker], cwd=home, env=env)
+    assert p.returncode == 1, p.stdout + p.stderr
+    err = [line for line in p.stderr.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("[ERR]") and "it is your home directory" in err[0], p.stderr
+    assert not (tmp_path / "state").exists()  # nothing was started or written
+    proj = home / "proj"
+    proj.mkdir()
+    p = run_firma(["run", "--", "sh", "-c", "echo ran"], cwd=proj, env=env)
+    assert p.returncode == 0 and p.stdout.strip() == "ran", p.stderr
+    assert not (home / ".agent-was-here").exists()
