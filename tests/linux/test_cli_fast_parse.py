@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from linux_support import base_env
 
+from firma import __version__ as FIRMA_VERSION
 from firma.cli import main as cli
 from firma.cli import run as cli_run
 
@@ -195,3 +196,26 @@ def test_run_help_is_argparses_built_from_the_table(ws, tmp_path):
             assert o.help in " ".join(p.stdout.split()), o.name  # argparse rewraps help text
     top = firma(tmp_path, "--help")
     assert top.returncode == 0 and all(o.help in top.stdout for o in cli.GLOBAL_OPTIONS)
+
+
+def test_version_and_config_after_run(ws, tmp_path):
+    """`firma --version` prints the version; `--config FILE` works after `run` as before it, and
+    after `run` it wins (the control: without it, no config file is used)."""
+    v = subprocess.run([sys.executable, "-m", "firma", "--version"], capture_output=True, text=True, timeout=60)
+    assert v.returncode == 0 and v.stdout.strip() == f"firma {FIRMA_VERSION}", v.stdout + v.stderr
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[run]\nallow_hosts = ["from-config.example"]\n')
+    other = tmp_path / "other.toml"
+    other.write_text('[run]\nallow_hosts = ["from-other.example"]\n')
+
+    def plan(*argv: str) -> dict:
+        p = subprocess.run([sys.executable, "-m", "firma", *argv], cwd=ws, env=base_env(tmp_path),
+                           capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        return json.loads(p.stdout)
+
+    assert "from-config.example" not in json.dumps(plan("run", "--print-effective-config", "--", "true"))
+    for argv in (("--config", str(cfg), "run"), ("run", "--config", str(cfg)), ("run", f"--config={cfg}")):
+        assert "from-config.example" in json.dumps(plan(*argv, "--print-effective-config", "--", "true")), argv
+    both = json.dumps(plan("--config", str(other), "run", "--config", str(cfg), "--print-effective-config", "--", "true"))
+    assert "from-config.example" in both and "from-other.example" not in both

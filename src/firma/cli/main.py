@@ -16,6 +16,7 @@ import sys
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
+from .. import __version__
 from ..core.record import record
 from ..errors import FirmaError
 
@@ -97,6 +98,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         prog="firma", description="Run AI agents confined behind a policy sidecar."
     )
     add_options(parser, GLOBAL_OPTIONS)
+    parser.add_argument("--version", action="version", version=f"firma {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<command>")
     selected = {only: COMMANDS[only]} if only in COMMANDS else COMMANDS
     for modname in selected.values():

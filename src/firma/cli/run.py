@@ -17,6 +17,8 @@ from ..host import detect_host
 # `run`'s options, described once: add_parser builds the argparse subparser from them and
 # cli.fast_parse parses the plain forms of `firma run` with them, without argparse.
 OPTIONS = (
+    # Its own dest: argparse's subparser would reset a global `--config` given before `run`.
+    Opt("--config", VALUE, "run_config", metavar="FILE", help="path to firma.toml (also accepted before `run`)"),
     Opt("--profile", VALUE, "profile", help="generic | claude-code (claude) | codex"),
     Opt("--backend", VALUE, "backend", help="bwrap | vz | runner"),
     Opt("--identity-mode", VALUE, "identity_mode", help="sandbox-user | host-user"),
@@ -47,7 +49,8 @@ def add_parser(sub):
 
 def _load_config(args, host, cwd: str) -> cfgmod.ConfigFile:
     env = host.environ
-    path = settings.discover_config(getattr(args, "config", None), env, cwd, os.path.isfile)
+    explicit = getattr(args, "run_config", None) or getattr(args, "config", None)
+    path = settings.discover_config(explicit, env, cwd, os.path.isfile)
     if path is None:
         return cfgmod.EMPTY
     try:
