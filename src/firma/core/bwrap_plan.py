@@ -67,7 +67,12 @@ _GIT_SECTION = re.compile(r'^\s*\[\s*([A-Za-z0-9.-]+)(?:\s+"(?:[^"\\]|\\.)*")?\s
 _GIT_ENTRY = re.compile(r"^\s*([A-Za-z][A-Za-z0-9-]*)\s*=\s*(.*)$")
 
 RESOLV_CONF = "nameserver 127.0.0.1\noptions ndots:0 timeout:1 attempts:1\n"
-HOSTS = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+# The sandbox's own hostname resolves from the file: otherwise every tool that looks it up (git,
+# for one) sends DNS queries for it that the stub can only refuse.
+HOSTS = (
+    f"127.0.0.1\tlocalhost\n127.0.1.1\t{SANDBOX_HOSTNAME}\n"
+    f"::1\tlocalhost ip6-localhost ip6-loopback {SANDBOX_HOSTNAME}\n"
+)
 
 
 @record
