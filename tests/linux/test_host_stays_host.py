@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,31 @@ def test_home_as_the_workspace_is_refused_before_anything_starts(tmp_path):
     p = run_firma(["run", "--", "sh", "-c", "echo ran"], cwd=proj, env=env)
     assert p.returncode == 0 and p.stdout.strip() == "ran", p.stderr
     assert not (home / ".agent-was-here").exists()
+
+
+ROOT_ONLY = ("/etc/shadow-", "/etc/gshadow-", "/var/cache/debconf/passwords.dat", "/etc/ssl/private")
+
+
+def test_root_only_secrets_are_hidden_from_a_root_callers_agent(tmp_path):
+    """Host root owns a root caller's sandbox, so modes do not stop its agent: the backups of the
+    password files, debconf's stored passwords and the TLS private keys are masked. Control: root
+    outside reads each one that exists here."""
+    if os.geteuid() != 0:
+        pytest.fail("the control (reading root-only files outside) needs root; CI runs as root")
+    present = [p for p in ROOT_ONLY if os.path.exists(p)]
+    if not present:
+        pytest.fail("none of the root-only files exist on this host; the test would prove nothing")
+    script = "; ".join(
+        f'(test -d {p} && ls -A {p} | grep -q . || test -s {p} && head -c1 {p} >/dev/null) 2>/dev/null '
+        f'&& echo "{p}=visible" || echo "{p}=hidden"' for p in present
+    )
+    outside = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30)
+    seen_outside = dict(line.split("=") for line in outside.stdout.split())
+    visible_outside = [p for p in present if seen_outside.get(p) == "visible"]
+    assert visible_outside, outside.stdout  # control: at least one holds data root can read
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    p = run_firma(["run", "--", "sh", "-c", script], cwd=ws, env=base_env(tmp_path))
+    assert p.returncode == 0, p.stderr
+    seen_inside = dict(line.split("=") for line in p.stdout.split())
+    assert all(seen_inside[q] == "hidden" for q in visible_outside), (visible_outside, p.stdout)

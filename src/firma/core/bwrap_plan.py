@@ -31,7 +31,15 @@ SYMLINK = "symlink"
 SANDBOX_HOSTNAME = "firma-sandbox"
 ROOT_CALLER_INSIDE_ID = 1000  # the agent never runs as uid 0, even when firma does
 SYSTEM_TMPFS = ("/tmp", "/var/tmp", "/run", "/var/run")
-ROOT_SECRETS = ("/etc/shadow", "/etc/gshadow", "/etc/sudoers", "/etc/sudoers.d")
+# Root-only secrets hidden from a root caller's agent (host root owns its user namespace, so file
+# modes do not stop it): password hashes and their backups, sudo rules, debconf's stored answers,
+# TLS and SSH host private keys.
+ROOT_SECRETS = (
+    "/etc/shadow", "/etc/gshadow", "/etc/shadow-", "/etc/gshadow-", "/etc/sudoers", "/etc/sudoers.d",
+    "/var/cache/debconf/passwords.dat", "/etc/ssl/private",
+    "/etc/ssh/ssh_host_rsa_key", "/etc/ssh/ssh_host_ecdsa_key", "/etc/ssh/ssh_host_ed25519_key",
+    "/etc/ssh/ssh_host_dsa_key",
+)
 
 # Workspace paths that run code or set policy *outside* the sandbox later (git hooks and config,
 # editor tasks, MCP servers, firma's own project config): bound read-only when they exist.
