@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from ..backends.base import RoutingPlan
 from ..core import launchenv
 from ..core.hostfacts import Host
-from ..core.model import ExecutionEnvelope, Mount, NetworkEndpoints, RunPlan, SeccompArtifactRef
+from ..core.model import ExecutionEnvelope, Mount, NetworkEndpoints, RunPlan
 from ..core import settings as env_names
 
 if TYPE_CHECKING:
@@ -26,20 +26,6 @@ def seccomp_for(plan: RunPlan, host: Host) -> SeccompArtifact | None:
     from ..seccomp import store as seccomp  # noqa: PLC0415 - Linux only
 
     return seccomp.prepare_filter(plan.seccomp_policy, plan.state_root, host.machine)
-
-
-def _artifact_ref(artifact: SeccompArtifact) -> SeccompArtifactRef:
-    """What the backend needs to open and verify the artifact (firma.seccomp.store.open_verified)."""
-    return SeccompArtifactRef(
-        path=artifact.path,
-        sha256=artifact.sha256,
-        root=artifact.root,
-        policy_id=artifact.policy_id,
-        policy_version=artifact.policy_version,
-        arch=artifact.arch,
-        metadata_path=artifact.metadata_path,
-        metadata=artifact.metadata,
-    )
 
 
 def build_envelope(
@@ -68,7 +54,7 @@ def build_envelope(
         identity_mode=plan.identity_mode,
         home=plan.home,
         seccomp_filter_path=artifact.path if artifact is not None else None,
-        seccomp_artifact=_artifact_ref(artifact) if artifact is not None else None,
+        seccomp_artifact=artifact,
         mounts=plan.mounts + tuple(_writable_home_mounts(plan)),
         mask_home_paths=plan.mask_home_paths,
         network=NetworkEndpoints(

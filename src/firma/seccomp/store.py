@@ -109,15 +109,10 @@ def _pyseccomp():
 
 
 @record
-class SeccompArtifact:
-    path: str  # .../policy.bpf
-    metadata_path: str
-    sha256: str  # of the BPF program, from this launch's compilation
-    policy_id: str
-    policy_version: str
-    arch: str
-    root: str  # artifact root; every component below it is checked
-    metadata: bytes  # the exact metadata file content expected on disk
+class SeccompArtifact(SeccompArtifactRef):
+    """This launch's compilation: what a backend opens and verifies (the SeccompArtifactRef it is,
+    and which the envelope carries), plus what the launch itself needs."""
+
     syscalls: tuple[str, ...]  # every syscall the filter and exec gate restrict
     # Argv prefix for the agent command when the policy denies system.execute (see firma.seccomp.exec_gate).
     command_prefix: tuple[str, ...] = ()
@@ -370,7 +365,7 @@ def _write_private(dir_fd: int, name: str, data: bytes) -> None:
             os.unlink(tmp, dir_fd=dir_fd)
 
 
-def _parts(artifact: SeccompArtifact | SeccompArtifactRef) -> tuple[str, ...]:
+def _parts(artifact: SeccompArtifactRef) -> tuple[str, ...]:
     return (artifact.policy_id, artifact.policy_version, artifact.arch)
 
 
@@ -421,7 +416,7 @@ def prepare_filter(policy: SeccompPolicyRef | None, state_root: str, machine: st
     return art
 
 
-def open_verified(artifact: SeccompArtifact | SeccompArtifactRef) -> int:
+def open_verified(artifact: SeccompArtifactRef) -> int:
     """Verify the stored artifact and return a read-only descriptor of the BPF at offset 0.
     `artifact` is this launch's compilation or the reference to it an envelope carries.
 
