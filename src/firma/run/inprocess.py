@@ -14,7 +14,7 @@ from ..errors import BackendError, SidecarError
 from .gates import unreachable_external
 from .log import RunLog
 from .record import RunRecord, sidecar_listen
-from .signals import Supervisor, close_services, stop_child
+from .signals import Supervisor, cancel_current_task, close_services, stop_child
 
 
 class InProcessHosting:
@@ -45,8 +45,7 @@ class InProcessHosting:
         loop.set_exception_handler(
             lambda _loop, ctx: log(f"service error: {ctx.get('message')}: {ctx.get('exception')!r}", "error")
         )
-        main_task = asyncio.current_task()
-        self._sup = Supervisor(on_early_signal=lambda _s: _cancel(main_task))
+        self._sup = Supervisor(on_early_signal=cancel_current_task())
         self._sup.install()
 
     def restore_signals(self) -> None:
@@ -133,8 +132,3 @@ class InProcessHosting:
 
 async def _no_planting(_socks: PlantedSockets) -> None:
     raise BackendError("routing", "a HOST_LOOPBACK backend planted sockets; its routing() is wrong")
-
-
-def _cancel(task: asyncio.Task | None) -> None:
-    if task is not None:
-        task.cancel()

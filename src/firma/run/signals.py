@@ -100,6 +100,20 @@ class LaunchWaits:
         self.check()
 
 
+def cancel_current_task() -> Callable[[int], None]:
+    """An `on_early_signal` for asyncio launchers: the signal cancels the task running the launch,
+    which then tears down and reports 128+N."""
+    import asyncio  # noqa: PLC0415 - asyncio launchers only; the synchronous one never imports it
+
+    task = asyncio.current_task()
+
+    def cancel(_signum: int) -> None:
+        if task is not None:
+            task.cancel()
+
+    return cancel
+
+
 class Supervisor:
     """Owns the launcher's signal handlers for one run.
 

@@ -360,7 +360,7 @@ async def run_contract(contract: dict[str, Any], log, debug=lambda _msg: None) -
     go to stdout/stderr: the command owns those."""
     from ..backends.base import LaunchHooks  # noqa: PLC0415 - loaded once the contract is valid (a refused contract costs nothing more)
     from ..backends.bwrap.backend import BwrapBackend  # noqa: PLC0415 - loaded once the contract is valid (a refused contract costs nothing more)
-    from ..run.signals import Supervisor, close_services, stop_child  # noqa: PLC0415 - loaded once the contract is valid (a refused contract costs nothing more)
+    from ..run.signals import Supervisor, cancel_current_task, close_services, stop_child  # noqa: PLC0415 - loaded once the contract is valid (a refused contract costs nothing more)
 
     up = upstreams_from_contract(contract)
     startup_mode = next(i["mode"] for i in contract["invariants"] if i["name"] == "fail_closed_startup")
@@ -384,8 +384,7 @@ async def run_contract(contract: dict[str, Any], log, debug=lambda _msg: None) -
     rt = choose_runtime_dir(contract)
     relays = Relays(up)
     child = None
-    main_task = asyncio.current_task()
-    sup = Supervisor(on_early_signal=lambda _sig: _cancel(main_task))
+    sup = Supervisor(on_early_signal=cancel_current_task())
     sup.install()
     try:
         runtime_dir = rt.path
@@ -405,12 +404,6 @@ async def run_contract(contract: dict[str, Any], log, debug=lambda _msg: None) -
             await stop_child(child, teardown_log)
         await close_services([relays], teardown_log)
         rt.cleanup()
-
-
-
-def _cancel(task: asyncio.Task | None) -> None:
-    if task is not None:
-        task.cancel()
 
 
 def main(argv: list[str] | None = None) -> int:
