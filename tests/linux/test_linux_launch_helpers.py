@@ -233,18 +233,18 @@ def test_mask_verification_reads_the_mount_table_and_refuses_gaps():
     import os
     import types
 
-    from firma.backends.bwrap.verify import unescape, verify_masks
+    from firma.backends.bwrap.verify import mount_table, unescape, verify_masks
     from firma.errors import LaunchError
 
     checks = []
     hooks = types.SimpleNamespace(add_check=checks.append)
-    child = types.SimpleNamespace(init_pid=os.getpid())
+    top = mount_table(os.getpid())  # this process's own mount table
     ok_plan = types.SimpleNamespace(masked=("/proc",))
-    verify_masks(child, ok_plan, hooks.add_check)
+    verify_masks(top, ok_plan, hooks.add_check)
     assert checks[-1].ok
     bad_plan = types.SimpleNamespace(masked=("/proc", "/definitely/not/a/mount"))
     with pytest.raises(LaunchError, match="not masked as planned: /definitely/not/a/mount"):
-        verify_masks(child, bad_plan, hooks.add_check)
+        verify_masks(top, bad_plan, hooks.add_check)
     assert not checks[-1].ok
     assert unescape(r"/a\040b\012c\134d") == "/a b\nc\\d"
 

@@ -316,26 +316,26 @@ def test_launch_verification_reads_the_final_mount_table_and_refuses_gaps():
     mount point, or a pinned parent that is not a mount point, refuses the launch."""
     import types
 
-    from firma.backends.bwrap.verify import verify_protected
+    from firma.backends.bwrap.verify import mount_table, verify_protected
 
     checks = []
     hooks = types.SimpleNamespace(add_check=checks.append)
-    child = types.SimpleNamespace(init_pid=os.getpid())
+    top = mount_table(os.getpid())  # this process's own mount table
     ok = types.SimpleNamespace(masked=(), protection=bwrap_plan.Protection((), ("/proc",), (), ()))
-    verify_protected(child, ok, hooks.add_check)
+    verify_protected(top, ok, hooks.add_check)
     assert checks[-1].name == "workspace_protected_paths" and checks[-1].ok
     for prot in (bwrap_plan.Protection(("/proc",), (), (), ()), bwrap_plan.Protection((), ("/not/a/mount",), (), ())):
         bad = types.SimpleNamespace(masked=(), protection=prot)
         with pytest.raises(LaunchError, match="not mounted read-only as planned"):
-            verify_protected(child, bad, hooks.add_check)
+            verify_protected(top, bad, hooks.add_check)
         assert not checks[-1].ok and "NOT protected" in checks[-1].detail
     # A home mask inside the workspace (cwd = $HOME) hides a protected path even more: accepted.
     later = types.SimpleNamespace(masked=("/tmp", "/home/u/.aws"),
                                   protection=bwrap_plan.Protection(("/home/u/.aws/config",), (), (), (), "/home/u"))
-    verify_protected(child, later, hooks.add_check)
+    verify_protected(top, later, hooks.add_check)
     assert checks[-1].ok
     # ...but a mask the workspace was bound over (/tmp) hides nothing of it: refused.
     under_tmp = types.SimpleNamespace(masked=("/tmp",),
                                       protection=bwrap_plan.Protection(("/tmp/ws/.git/config",), (), (), (), "/tmp/ws"))
     with pytest.raises(LaunchError, match="not mounted read-only as planned: /tmp/ws/.git/config"):
-        verify_protected(child, under_tmp, hooks.add_check)
+        verify_protected(top, under_tmp, hooks.add_check)

@@ -35,7 +35,14 @@ from .child import BLOCKING, BwrapChild, HeldSandbox, kill_and_reap, pidfd_of
 from .command import require_command
 from .facts import git_refs, kind_of, measure_facts
 from .planting import netns_interfaces, plant
-from .verify import verify_agent, verify_kernel_read_only, verify_masks, verify_protected, verify_resolv_conf
+from .verify import (
+    mount_table,
+    verify_agent,
+    verify_kernel_read_only,
+    verify_masks,
+    verify_protected,
+    verify_resolv_conf,
+)
 
 DETAIL = (
     "network namespace isolation enabled with sandbox-local proxy bridge and DNS stub paths"
@@ -225,15 +232,17 @@ class BwrapBackend:
             os.close(info_r)
 
     def release(self, held: HeldSandbox, add_check: AddCheck, waits: Waits = BLOCKING) -> BwrapChild:
-        """Measure the built sandbox from outside (resolv.conf, masks, protected paths), release
+        """Measure the built sandbox from outside (resolv.conf, then one read of its mount table for
+        the masks, the read-only kernel interfaces and the protected paths), release
         the agent, and read its credentials. On failure the sandbox is killed and reaped; the
         planted sockets stay the caller's to close."""
         child = held.child
         try:
             verify_resolv_conf(child, add_check, waits)
-            verify_masks(child, held.plan, add_check)
-            verify_kernel_read_only(child, add_check)
-            verify_protected(child, held.plan, add_check)
+            top = mount_table(child.init_pid)  # final: bwrap built the mounts before it blocked
+            verify_masks(top, held.plan, add_check)
+            verify_kernel_read_only(top, add_check)
+            verify_protected(top, held.plan, add_check)
             os.write(held.block_w, b"1")  # release: bwrap execs the agent
             os.close(held.block_w)
             held.block_w = -1

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import time
+from typing import Mapping
 
 from ...core import bwrap_plan
 from ...core.model import Check
@@ -81,11 +82,10 @@ def verify_resolv_conf(child: BwrapChild, add_check: AddCheck, waits: Waits) -> 
         raise LaunchError("sandbox /etc/resolv.conf does not point at the planted DNS stub; refusing to start the agent")
 
 
-def verify_masks(child: BwrapChild, plan: bwrap_plan.BwrapPlan, add_check: AddCheck) -> None:
+def verify_masks(top: Mapping[str, list[str]], plan: bwrap_plan.BwrapPlan, add_check: AddCheck) -> None:
     """Before release: every masked path is a mount point in the sandbox's final mount table
-    (read from outside), so no later mount hid a mask and none was skipped."""
-    points = mount_table(child.init_pid)
-    missing = [p for p in plan.masked if p not in points]
+    (`mount_table`, read from outside), so no later mount hid a mask and none was skipped."""
+    missing = [p for p in plan.masked if p not in top]
     add_check(
         Check(
             "masked_paths",
@@ -98,11 +98,10 @@ def verify_masks(child: BwrapChild, plan: bwrap_plan.BwrapPlan, add_check: AddCh
         raise LaunchError(f"sandbox paths not masked as planned: {', '.join(missing)}; refusing to start the agent")
 
 
-def verify_kernel_read_only(child: BwrapChild, add_check: AddCheck) -> None:
+def verify_kernel_read_only(top: Mapping[str, list[str]], add_check: AddCheck) -> None:
     """Before release: the global kernel interfaces under /proc (bwrap_plan.PROC_READ_ONLY) are
     read-only mount points in the sandbox's final mount table, read from outside. One this host's
     kernel does not have (no sysrq-trigger) is reported absent."""
-    top = mount_table(child.init_pid)
     ok_paths: list[str] = []
     absent: list[str] = []
     bad: list[str] = []
@@ -123,12 +122,11 @@ def verify_kernel_read_only(child: BwrapChild, add_check: AddCheck) -> None:
         raise LaunchError(f"sandbox kernel interfaces not read-only as planned: {', '.join(bad)}; refusing to start the agent")
 
 
-def verify_protected(child: BwrapChild, plan: bwrap_plan.BwrapPlan, add_check: AddCheck) -> None:
+def verify_protected(top: Mapping[str, list[str]], plan: bwrap_plan.BwrapPlan, add_check: AddCheck) -> None:
     """Before release: each protected path is, in the final mount table, a read-only mount
     point at exactly that path (a bind through a link swapped in meanwhile would land
     elsewhere), and each pinned parent is a mount point (so it cannot be renamed away)."""
     prot = plan.protection
-    top = mount_table(child.init_pid)
     # A home mask inside the workspace (cwd = $HOME) is mounted later and hides even more.
     hidden = [m for m in plan.masked if not within(prot.workspace, m)]
 
