@@ -167,7 +167,11 @@ json.dump(out, open(sys.argv[1], "w"))
 """
 
 TARGETS = (".git/hooks/pre-commit", ".git/config", ".firma/firma.toml", ".vscode/tasks.json", ".mcp.json",
-           ".claude/settings.json")
+           ".claude/settings.json", ".git/modules/sub/config", ".cargo/config.toml", ".npmrc", ".envrc",
+           ".devcontainer/devcontainer.json", ".cursor/mcp.json")
+# tool configs that exist at launch (a submodule's git dir, cargo, npm, direnv, devcontainer, cursor)
+TOOL_CONFIGS = (".git/modules/sub/config", ".cargo/config.toml", ".npmrc", ".envrc",
+                ".devcontainer/devcontainer.json", ".cursor/mcp.json")
 
 
 def make_repo(ws: Path, toml: str = "[run]\n") -> None:
@@ -179,6 +183,9 @@ def make_repo(ws: Path, toml: str = "[run]\n") -> None:
     (ws / ".mcp.json").write_text("{}\n")
     (ws / ".claude").mkdir()
     (ws / ".claude" / "settings.json").write_text("{}\n")
+    for rel in TOOL_CONFIGS:
+        (ws / rel).parent.mkdir(parents=True, exist_ok=True)
+        (ws / rel).write_text("# harmless\n")
 
 
 def snapshot(ws: Path, rels) -> dict[str, bytes | None]:
@@ -219,7 +226,8 @@ def test_protected_files_are_read_only_inside_and_unchanged_on_the_host(ws, tmp_
     assert out["control"] == "ok" and (ws / "ordinary.txt").read_text().startswith("#!/bin/sh")
     # the final mount table inside the sandbox: read-only mount points at exactly those paths
     top = ro_mounts(out["mountinfo"])
-    for rel in (".git/hooks", ".git/config", ".git/info", ".firma", ".vscode", ".mcp.json", ".claude"):
+    for rel in (".git/hooks", ".git/config", ".git/info", ".firma", ".vscode", ".mcp.json", ".claude",
+                ".git/modules", ".cargo", ".npmrc", ".envrc", ".devcontainer", ".cursor"):
         assert top.get(f"{ws}/{rel}") is True, rel
     assert top[str(ws)] is False and top[f"{ws}/.git"] is False
     check = next(c for c in proof["checks"] if c["name"] == "workspace_protected_paths")

@@ -68,6 +68,25 @@ WORKSPACE_PROTECTED = (
     ".zprofile",
     ".zlogin",
     ".gitconfig",
+    # submodules' own git dirs (config, hooks): `git status` in the superproject runs their fsmonitor
+    ".git/modules",
+    # tool configs that run a program the next time the user runs the tool on the host
+    ".cargo",  # build.rustc-wrapper, target.*.runner, [alias]
+    ".npmrc",  # script-shell, git, node-options
+    ".yarnrc",
+    ".yarnrc.yml",  # yarnPath: the yarn binary itself
+    ".pnpmfile.cjs",  # hooks run by every pnpm install
+    ".envrc",  # direnv runs it on `cd`
+    ".mise.toml",  # mise hooks and tasks
+    "mise.toml",
+    ".devcontainer",  # initializeCommand runs on the host
+    # editor and agent settings: tasks, hooks, MCP server commands
+    ".cursor",
+    ".gemini",
+    ".windsurf",
+    ".zed",
+    ".continue",
+    ".aider.conf.yml",
 )
 GIT_DIR = ".git"  # protected itself only when it is a file (a worktree's `gitdir:` pointer)
 GIT_CONFIG_MAX = 1 << 20  # bytes of a git config file read to find hooksPath / include paths
