@@ -7,6 +7,9 @@ import errno
 import pytest
 
 from firma.core.seccomp_policy import (
+    MODE_SETTERS,
+    S_ISGID,
+    S_ISUID,
     ACTIONS,
     AF_PACKET,
     HARDENING,
@@ -93,9 +96,17 @@ def test_hardening_covers_the_spec_list():
     assert any(a.value == TIOCSTI and a.mask == 0xFFFFFFFF for r in ioctl for a in r.args)
     sock = [r for r in HARDENING if r.syscall == "socket"]
     assert [a.value for r in sock for a in r.args] == [AF_PACKET]
-    # Only clone3 differs: ENOSYS so libc falls back to the inspectable clone().
-    assert {r.errno for r in HARDENING if r.syscall != "clone3"} == {errno.EPERM}
-    assert [r.errno for r in HARDENING if r.syscall == "clone3"] == [errno.ENOSYS]
+    # Only clone3 and openat2 differ: ENOSYS so libc falls back to the inspectable clone()/openat().
+    enosys = ("clone3", "openat2")
+    assert {r.errno for r in HARDENING if r.syscall not in enosys} == {errno.EPERM}
+    assert [r.errno for r in HARDENING if r.syscall in enosys] == [errno.ENOSYS] * 2
+    # every mode-setting syscall has a setuid and a setgid rule on its mode argument
+    for syscall, mode_arg, flags_arg in MODE_SETTERS:
+        rules = [r for r in HARDENING if r.syscall == syscall]
+        bits = {a.value for r in rules for a in r.args if a.index == mode_arg}
+        assert bits == {S_ISUID, S_ISGID}, syscall
+        if flags_arg is not None:  # only when the call creates
+            assert all(any(a.index == flags_arg for a in r.args) for r in rules), syscall
 
 
 from hypothesis import given, settings, strategies as st  # noqa: E402 - the property tests below need hypothesis; the table tests above do not

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from linux_support import base_env, require_tools, run_firma
+from linux_support import SYSTEM_PYTHON, base_env, require_tools, run_firma
 
 pytestmark = pytest.mark.confinement
 
@@ -100,3 +101,35 @@ def test_root_only_secrets_are_hidden_from_a_root_callers_agent(tmp_path):
     assert p.returncode == 0, p.stderr
     seen_inside = dict(line.split("=") for line in p.stdout.split())
     assert all(seen_inside[q] == "hidden" for q in visible_outside), (visible_outside, p.stdout)
+
+
+SETID_ATTEMPTS = (
+    "cp /bin/true chmod-u && chmod 4755 chmod-u",
+    "cp /bin/true chmod-g && chmod g+s chmod-g",
+    "install -m 4755 /bin/true install-u",
+    f"{SYSTEM_PYTHON} -c \"import os; os.close(os.open('open-u', os.O_CREAT | os.O_WRONLY, 0o4755))\"",
+    "cp /bin/true ordinary && chmod 755 ordinary",  # control: an ordinary mode goes through
+)
+
+
+def _setid_files(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.lstat().st_mode & (stat.S_ISUID | stat.S_ISGID))
+
+
+def test_no_setuid_or_setgid_file_reaches_the_host(tmp_path):
+    """A setuid file the agent leaves in the workspace stays on the host (setuid-root when firma
+    runs as root). Control: the same commands outside leave exactly those files set-id."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for cmd in SETID_ATTEMPTS:
+        subprocess.run(["sh", "-c", cmd], cwd=outside, check=True, timeout=30)
+    assert _setid_files(outside) == ["chmod-g", "chmod-u", "install-u", "open-u"]
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    script = "; ".join(f"({cmd}) 2>/dev/null; echo $?" for cmd in SETID_ATTEMPTS)
+    p = run_firma(["run", "--", "sh", "-c", script], cwd=ws, env=base_env(tmp_path))
+    assert p.returncode == 0, p.stderr
+    statuses = p.stdout.split()
+    assert all(s != "0" for s in statuses[:-1]) and statuses[-1] == "0", p.stdout
+    assert _setid_files(ws) == []
+    assert (ws / "ordinary").stat().st_mode & 0o777 == 0o755

@@ -15,6 +15,7 @@
 #include <sys/mount.h>
 #include <sys/ptrace.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <termios.h>
@@ -168,6 +169,56 @@ static int t_add_key(void) {
     return id >= 0 ? 0 : fail();
 }
 
+/* Set-id probes: each creates a fresh file or directory in /tmp and asks for a setuid/setgid
+ * mode through one syscall. 0 means the call succeeded *and* the bit is on the file (so a
+ * silently dropped bit is not mistaken for success); 203 means the call succeeded without it. */
+static char setid_path[64];
+static void fresh(void) { snprintf(setid_path, sizeof setid_path, "/tmp/probe-setid-%d", (int)getpid()); }
+static int has_bit(mode_t bit) {
+    struct stat st;
+    if (stat(setid_path, &st) != 0) return 202;
+    return (st.st_mode & bit) ? 0 : 203;
+}
+static int made(long rc, mode_t bit) { return rc < 0 ? fail() : has_bit(bit); }
+static int existing(void) {
+    fresh();
+    int fd = open(setid_path, O_CREAT | O_WRONLY | O_EXCL, 0755);
+    if (fd < 0) return -1;
+    return fd;
+}
+static int t_setid(const char *t) {
+    if (!strcmp(t, "openat2")) {
+        struct { unsigned long long flags, mode, resolve; } how = { O_RDONLY, 0, 0 };
+        long fd = syscall(437, AT_FDCWD, "/", &how, sizeof how);
+        return fd < 0 ? fail() : 0;
+    }
+    if (!strncmp(t, "chmod", 5) || !strncmp(t, "fchmod", 6)) {
+        int fd = existing();
+        if (fd < 0) return 204;
+        if (!strcmp(t, "chmod_plain")) return made(chmod(setid_path, 0700), 0700);
+        if (!strcmp(t, "chmod_suid")) return made(chmod(setid_path, 04755), S_ISUID);
+        if (!strcmp(t, "chmod_sgid")) return made(chmod(setid_path, 02755), S_ISGID);
+        if (!strcmp(t, "fchmod_suid")) return made(fchmod(fd, 04755), S_ISUID);
+        if (!strcmp(t, "fchmodat_sgid")) return made(fchmodat(AT_FDCWD, setid_path, 02755, 0), S_ISGID);
+        if (!strcmp(t, "fchmodat2_suid")) return made(syscall(452, AT_FDCWD, setid_path, 04755, 0), S_ISUID);
+        return 254;
+    }
+    fresh();
+    if (!strcmp(t, "open_creat_suid")) return made(syscall(SYS_open, setid_path, O_CREAT | O_WRONLY, 04755), S_ISUID);
+    if (!strcmp(t, "openat_creat_sgid")) return made(openat(AT_FDCWD, setid_path, O_CREAT | O_WRONLY, 02755), S_ISGID);
+    if (!strcmp(t, "creat_suid")) return made(creat(setid_path, 04755), S_ISUID);
+    if (!strcmp(t, "mkdir_sgid")) return made(mkdir(setid_path, 02755), S_ISGID);
+    if (!strcmp(t, "mknod_suid")) return made(mknod(setid_path, S_IFREG | 04755, 0), S_ISUID);
+    if (!strcmp(t, "tmpfile_suid")) {
+        long fd = openat(AT_FDCWD, "/tmp", O_TMPFILE | O_WRONLY, 04755);
+        if (fd < 0) return fail();
+        struct stat st;
+        if (fstat((int)fd, &st) != 0) return 202;
+        return (st.st_mode & S_ISUID) ? 0 : 203;
+    }
+    return 254;
+}
+
 static int run(const char *t) {
     if (!strcmp(t, "tiocsti")) return t_tiocsti(TIOCSTI);
     if (!strcmp(t, "tiocsti_hibits")) return t_tiocsti(TIOCSTI | (1UL << 32));
@@ -189,7 +240,7 @@ static int run(const char *t) {
     if (!strcmp(t, "userfaultfd")) return t_userfaultfd();
     if (!strcmp(t, "add_key")) return t_add_key();
     if (!strcmp(t, "unshare_cli")) return t_unshare_cli();
-    return 254;
+    return t_setid(t);
 }
 
 int main(int argc, char **argv) {

@@ -17,6 +17,12 @@ HARDENING_TESTS = (
     "tiocsti", "tiocsti_hibits", "io_uring", "ptrace", "process_vm_writev", "unshare_net",
     "clone_newnet", "setns", "mount", "af_packet", "af_packet_hibits", "userfaultfd", "add_key",
 )
+# Every way the probe asks for a setuid/setgid mode (EPERM under the filter), and the control
+# that an ordinary chmod still works.
+SETID_TESTS = (
+    "chmod_suid", "chmod_sgid", "fchmod_suid", "fchmodat_sgid", "fchmodat2_suid", "open_creat_suid",
+    "openat_creat_sgid", "creat_suid", "mkdir_sgid", "mknod_suid", "tmpfile_suid",
+)
 
 
 def _need(tool: str) -> str:

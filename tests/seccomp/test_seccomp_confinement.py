@@ -11,7 +11,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from seccomp_support import HARDENING_TESTS, sandbox_argv, write_policy
+from seccomp_support import HARDENING_TESTS, SETID_TESTS, sandbox_argv, write_policy
 
 from firma.core.model import SeccompPolicyRef
 from firma.seccomp.store import open_verified, prepare_filter
@@ -40,6 +40,22 @@ def test_hardening_blocks_each_entry_with_eperm(run_probe, state_root, machine):
     confined = _filtered(run_probe, art, HARDENING_TESTS)
     assert confined.started and confined.done, confined.stderr
     assert confined.results == {t: EPERM for t in HARDENING_TESTS}
+
+
+def test_no_call_can_set_setuid_or_setgid_bits(run_probe, state_root, machine):
+    tests = (*SETID_TESTS, "chmod_plain", "openat2")
+    # Without the filter the bits really land, outside and inside the sandbox — except mkdir's,
+    # which Linux drops itself (a directory gets setgid only from its parent); the rule stays for
+    # filesystems that might not.
+    landed = {t: "0" for t in tests} | {"mkdir_sgid": "203"}
+    outside = run_probe(tests, sandbox=False)
+    assert outside.done, outside.stderr
+    assert outside.results == landed
+    assert run_probe(tests).results == landed
+    confined = _filtered(run_probe, prepare_filter(None, state_root, machine), tests)
+    assert confined.done, confined.stderr
+    assert confined.results == {**{t: EPERM for t in SETID_TESTS}, "chmod_plain": "0",
+                                "openat2": str(errno.ENOSYS)}
 
 
 def test_foreign_architecture_syscall_kills_the_process(run_probe, state_root, machine):

@@ -18,7 +18,7 @@ from .record import record
 DEFAULT_POLICY_ID = "firma-default"
 # Bump whenever HARDENING (or how rules compile) changes: it names the artifact directory, so an
 # old artifact is never mistaken for the current one.
-DEFAULT_POLICY_VERSION = "2"
+DEFAULT_POLICY_VERSION = "3"
 
 ACTIONS: dict[str, tuple[str, ...]] = {
     "credential.write": (
@@ -50,6 +50,17 @@ CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 _U32 = 0xFFFFFFFF
+S_ISUID = 0o4000
+S_ISGID = 0o2000
+O_CREAT = 0o100
+O_TMPFILE_BIT = 0o20000000  # __O_TMPFILE: O_TMPFILE is this bit plus O_DIRECTORY
+# Syscalls that set a mode, and which argument holds it: (syscall, mode arg, open-flags arg or None).
+# An open-family call sets a mode only when it creates (O_CREAT, or O_TMPFILE).
+MODE_SETTERS: tuple[tuple[str, int, int | None], ...] = (
+    ("chmod", 1, None), ("fchmod", 1, None), ("fchmodat", 2, None), ("fchmodat2", 2, None),
+    ("creat", 1, None), ("mkdir", 1, None), ("mkdirat", 2, None), ("mknod", 1, None),
+    ("mknodat", 2, None), ("open", 2, 1), ("openat", 3, 2),
+)
 
 
 @record
@@ -81,6 +92,22 @@ def _u32_eq(syscall: str, index: int, value: int, why: str) -> Rule:
     return Rule(syscall, args=(ArgCmp(index, MASKED_EQ, value, _U32),), why=why)
 
 
+def _no_set_id_bits() -> tuple[Rule, ...]:
+    """EPERM for every call that would give a file setuid or setgid bits: a file the agent marks
+    setuid stays on the host, and for a root caller it would be setuid-root for every local user."""
+    why = "no setuid/setgid files: they outlive the run on the host"
+    rules: list[Rule] = []
+    for syscall, mode_arg, flags_arg in MODE_SETTERS:
+        for bit in (S_ISUID, S_ISGID):
+            mode = ArgCmp(mode_arg, MASKED_EQ, bit, bit)
+            if flags_arg is None:
+                rules.append(Rule(syscall, args=(mode,), why=why))
+                continue
+            for creating in (O_CREAT, O_TMPFILE_BIT):
+                rules.append(Rule(syscall, args=(ArgCmp(flags_arg, MASKED_EQ, creating, creating), mode), why=why))
+    return tuple(rules)
+
+
 _NS_FLAGS = (
     CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID,
     CLONE_NEWNET,
@@ -109,6 +136,9 @@ HARDENING: tuple[Rule, ...] = (
     # that exploits lean on and agents do not need.
     *_eperm(("keyctl", "add_key", "request_key"), "kernel keyrings are not namespaced"),
     *_eperm(("bpf", "perf_event_open", "userfaultfd"), "kernel attack surface"),
+    *_no_set_id_bits(),
+    # openat2 passes its flags and mode in memory, out of BPF's reach: ENOSYS makes libc use openat.
+    Rule("openat2", errno=errno.ENOSYS, why="openat2 mode cannot be inspected"),
 )
 
 
