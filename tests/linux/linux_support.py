@@ -151,12 +151,23 @@ def base_env(tmp: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def searchable(path: Path) -> None:
+    """Let every uid search `path` and its parents up to /tmp (pytest makes them 0700): what runs
+    before the sandbox as a root caller's unprivileged agent uid (a bwrap wrapper, the files it
+    checks) must reach them."""
+    for d in (path, *path.parents):
+        if d == Path("/tmp") or d == d.parent:
+            break
+        d.chmod(d.stat().st_mode | 0o011)
+
+
 def wrapped_bwrap_env(tmp: Path, body: str) -> dict[str, str]:
     """base_env with a `bwrap` wrapper first on PATH: `--version` goes to the real bwrap, then
     `body` (shell lines that may exit or exec in its place), then the call goes through."""
     real = shutil.which("bwrap")
     if real is None:
         raise AssertionError("bwrap is not installed")
+    searchable(tmp)  # a root caller's bwrap runs as the agent's unprivileged uid
     bindir = tmp / "bin"
     bindir.mkdir(exist_ok=True)
     wrapper = bindir / "bwrap"

@@ -259,13 +259,19 @@ def test_name_service_files_inside_are_ours_and_read_only(etc_fs_ws, tmp_path):
         "    except OSError as e:\n"
         "        w = errno.errorcode[e.errno]\n"
         "    print(f, w, repr(open(f).read()))\n"
+        "ro = {l.split()[4] for l in open('/proc/self/mountinfo') if 'ro' in l.split()[5].split(',')}\n"
+        "print('read-only-mounts', '-', repr(sorted(set(sys.argv[1:]) & ro)))\n"
     )
     ctl = subprocess.run([SYSTEM_PYTHON, "-S", "-c", probe, *files], capture_output=True, text=True)
-    assert [line.split(" ", 2)[1] for line in ctl.stdout.splitlines()] == ["writable"] * 3, ctl.stdout + ctl.stderr
+    assert [line.split(" ", 2)[1] for line in ctl.stdout.splitlines()[:3]] == ["writable"] * 3, ctl.stdout + ctl.stderr
     p = run_firma(["run", "--", SYSTEM_PYTHON, "-S", "-c", probe, *files], cwd=etc_fs_ws, env=base_env(tmp_path))
     assert p.returncode == 0, p.stderr
     seen = {f: (w, ast.literal_eval(text)) for f, w, text in (line.split(" ", 2) for line in p.stdout.splitlines())}
-    assert {f: w for f, (w, _) in seen.items()} == dict.fromkeys(files, "EROFS"), seen  # read-only mounts
+    # firma's files are read-only mount points (nsswitch.conf is under the read-only root)
+    assert seen.pop("read-only-mounts")[1] == ["/etc/hosts", "/etc/resolv.conf"]
+    # A root caller's agent has an unprivileged host uid: the root-owned files refuse it first.
+    refused = "EACCES" if os.geteuid() == 0 else "EROFS"
+    assert {f: w for f, (w, _) in seen.items()} == dict.fromkeys(files, refused), seen
     assert seen["/etc/resolv.conf"][1] == RESOLV_CONF and seen["/etc/hosts"][1] == HOSTS
     with open("/etc/nsswitch.conf") as f:
         assert seen["/etc/nsswitch.conf"][1] == f.read()  # the host's, read-only

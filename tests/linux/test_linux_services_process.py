@@ -154,21 +154,24 @@ def test_termination_signal_while_the_sandbox_is_being_built_stops_the_launch(ws
     kills the stalled bwrap and ends with 128+15 and no agent. Control: the same wrapper without
     the stall runs the agent."""
     n = 5000 + secrets.randbelow(4000)
+    # The wrapper runs as bwrap does: as a root caller's unprivileged agent uid, which may write here.
+    (tmp_path / "marks").mkdir(mode=0o777)
+    (tmp_path / "marks").chmod(0o777)
     env = wrapped_bwrap_env(tmp_path, (
-        f"touch {ws}/wrapper-ran\n"
+        f"touch {tmp_path}/marks/wrapper-ran\n"
         f"[ -e {ws}/stall ] && exec sleep {n}.6\n"  # the stalled "bwrap" is this one process
     ))
     ctl = run_firma(["run", "--", "sh", "-c", f"touch {ws}/agent-ran"], cwd=ws, env=env)
     assert ctl.returncode == 0 and (ws / "agent-ran").exists(), ctl.stderr  # control
     (ws / "agent-ran").unlink()
-    (ws / "wrapper-ran").unlink()
+    (tmp_path / "marks" / "wrapper-ran").unlink()
     (ws / "stall").touch()
     proofs = tmp_path / "state" / "proofs"
     control_proofs = set(proofs.glob("sbx_*.json"))
     p = subprocess.Popen(firma_cmd("run", "--", "sh", "-c", f"touch {ws}/agent-ran"), cwd=ws, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for(ws / "wrapper-ran", p)
+        wait_for(tmp_path / "marks" / "wrapper-ran", p)
         assert wait_for_processes(f"sleep {n}.6", present=True)
         p.send_signal(signal.SIGTERM)
         # The signal ends the wait itself: firma is back before the 10 s after which the wait for

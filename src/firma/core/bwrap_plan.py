@@ -30,6 +30,18 @@ SYMLINK = "symlink"
 
 SANDBOX_HOSTNAME = "firma-sandbox"
 ROOT_CALLER_INSIDE_ID = 1000  # the agent never runs as uid 0, even when firma does
+# The host uid and gid a root caller's agent runs as (DESIGN §5.1): no account has it, and it lies
+# outside the ranges distributions hand out (system and login users, systemd's dynamic users
+# 61184-65519, /etc/subuid ranges from 100000, container ranges 524288-1879048191). Host root
+# would otherwise own the sandbox's user namespace, so file modes and /proc/sys would not stop it.
+ROOT_CALLER_AGENT_ID = 2_000_000_000
+# Where, in a private mount namespace of the launcher's child, the idmapped clones of the
+# workspace and the other bound sources are attached: a fresh 0755 tmpfs over /root, reachable by
+# the unprivileged agent uid whatever the real paths' parents allow. /root is the one directory a
+# root caller's sandbox always replaces with its own tmpfs, and nothing the agent uid could run
+# lives there (it is 0700 on the host).
+STAGE_ROOT = "/root"
+STAGE_DIR = "/root/firma-stage"
 SYSTEM_TMPFS = ("/tmp", "/var/tmp", "/run", "/var/run")
 # Root-only secrets hidden from a root caller's agent (host root owns its user namespace, so file
 # modes do not stop it): password hashes and their backups, sudo rules, debconf's stored answers,
@@ -118,6 +130,11 @@ class BwrapFacts:
     # Workspace paths the repository's git config points at (core.hooksPath, include.path):
     # protected like the built-in list (see git_config_refs).
     git_refs: tuple[str, ...] = ()
+    # Root caller only: owner (uid, gid) of every source bound into the sandbox, whose idmapped
+    # clone shows it as the agent's host uid; and the workspace's ancestors that the agent's
+    # uid cannot search (the sandbox could not enter the workspace).
+    owners: Mapping[str, tuple[int, int]] = field(default_factory=frozen_map)
+    unsearchable: tuple[str, ...] = ()
 
     @property
     def caller_is_root(self) -> bool:
@@ -129,6 +146,18 @@ class GeneratedFile:
     path: str  # on the host, in the run dir
     target: str  # inside the sandbox
     content: str
+
+
+@record
+class StagedSource:
+    """A host path bound into a root caller's sandbox through the stage: `source` is cloned
+    (open_tree) and, when `owner` is set, idmapped so that files of that owner are the agent's
+    host uid's, then attached at `staged`; bwrap binds `staged`, never `source`."""
+
+    source: str
+    staged: str
+    kind: str  # DIR | FILE
+    owner: tuple[int, int] | None  # (uid, gid) shown as the agent's; None: plain clone (read-only data)
 
 
 @record
@@ -158,6 +187,9 @@ class BwrapPlan:
     masked: tuple[str, ...]  # every path hidden from the agent (for the proof)
     tmpfs: tuple[str, ...]
     protection: Protection = Protection((), (), (), ())
+    agent_host_uid: int = -1  # the agent's uid as the host sees it
+    agent_host_gid: int = -1
+    staged: tuple[StagedSource, ...] = ()  # root caller: what the launcher's child attaches first
 
 
 def plan_protected(plan: RunPlan) -> tuple[str, ...]:
@@ -335,6 +367,40 @@ def _under(path: str, roots: tuple[str, ...]) -> bool:
     return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
 
 
+def stage_sources(envelope: ExecutionEnvelope, facts: BwrapFacts, files: tuple[GeneratedFile, ...]) -> tuple[StagedSource, ...]:
+    """Root caller: the workspace and every writable or read-only mount source, idmapped from its
+    owner to the agent's host uid, and the generated files (plain clones: they sit in the
+    launcher's private run directory, which the agent's uid cannot search)."""
+    out: list[StagedSource] = []
+    idmapped = [envelope.cwd] + [m.source for m in envelope.mounts]
+    for src in dict.fromkeys(idmapped):
+        kind = facts.kinds.get(src, DIR)
+        out.append(StagedSource(src, f"{STAGE_DIR}/{len(out)}", kind, facts.owners.get(src, (0, 0))))
+    for f in files:
+        out.append(StagedSource(f.path, f"{STAGE_DIR}/{len(out)}", FILE, None))
+    return tuple(out)
+
+
+def staged_path(path: str, staged: tuple[StagedSource, ...]) -> str:
+    """Where bwrap finds host `path`: under the stage when a staged source holds it (the longest
+    such source wins: a mount inside the workspace is its own tree), else `path` itself."""
+    best: StagedSource | None = None
+    for st in staged:
+        if _under(path, (st.source,)) and (best is None or len(st.source) > len(best.source)):
+            best = st
+    if best is None:
+        return path
+    return best.staged + path[len(best.source):]
+
+
+def unsearchable_error(path: str, agent_uid: int) -> LaunchError:
+    return LaunchError(
+        f"the workspace's parent directory {path} cannot be searched by the agent's host uid {agent_uid} "
+        f"(firma runs as root and gives the agent an unprivileged uid): chmod o+x {path}, or move the "
+        "workspace, or run firma as a normal user"
+    )
+
+
 def build(
     envelope: ExecutionEnvelope,
     facts: BwrapFacts,
@@ -352,8 +418,25 @@ def build(
     rt = envelope.runtime_dir
     if facts.caller_is_root:
         uid = gid = ROOT_CALLER_INSIDE_ID
+        host_uid = host_gid = ROOT_CALLER_AGENT_ID
+        if facts.unsearchable:
+            raise unsearchable_error(facts.unsearchable[0], host_uid)
     else:
         uid, gid = facts.caller_uid, facts.caller_gid
+        host_uid, host_gid = facts.caller_uid, facts.caller_gid
+    files = [
+        GeneratedFile(f"{rt}/resolv.conf", "/etc/resolv.conf", RESOLV_CONF),
+        GeneratedFile(f"{rt}/hosts", "/etc/hosts", HOSTS),
+    ]
+    if envelope.identity_mode is IdentityMode.SANDBOX_USER:
+        files += [
+            GeneratedFile(f"{rt}/passwd", "/etc/passwd", passwd_text(uid, gid, envelope.home)),
+            GeneratedFile(f"{rt}/group", "/etc/group", group_text(gid)),
+        ]
+    staged = stage_sources(envelope, facts, tuple(files)) if facts.caller_is_root else ()
+
+    def src(path: str) -> str:
+        return staged_path(path, staged)
 
     a: list[str] = [bwrap]
     a += ["--unshare-user", "--uid", str(uid), "--gid", str(gid), "--disable-userns"]
@@ -388,31 +471,22 @@ def build(
         for p in ROOT_SECRETS:
             a += _mask(p, facts, masked)
 
-    a += ["--bind", envelope.cwd, envelope.cwd]
+    a += ["--bind", src(envelope.cwd), envelope.cwd]
     for m in envelope.mounts:
-        a += ["--ro-bind" if m.read_only else "--bind", m.source, m.target]
+        a += ["--ro-bind" if m.read_only else "--bind", src(m.source), m.target]
     for p in prot.pinned:
-        a += ["--bind", p, p]
+        a += ["--bind", src(p), p]
     for p in prot.read_only:
-        a += ["--ro-bind", p, p]
+        a += ["--ro-bind", src(p), p]
 
     for rel in envelope.mask_home_paths:
         a += _mask(posixpath.join(envelope.home, rel), facts, masked)
 
-    files = [
-        GeneratedFile(f"{rt}/resolv.conf", "/etc/resolv.conf", RESOLV_CONF),
-        GeneratedFile(f"{rt}/hosts", "/etc/hosts", HOSTS),
-    ]
-    if envelope.identity_mode is IdentityMode.SANDBOX_USER:
-        files += [
-            GeneratedFile(f"{rt}/passwd", "/etc/passwd", passwd_text(uid, gid, envelope.home)),
-            GeneratedFile(f"{rt}/group", "/etc/group", group_text(gid)),
-        ]
     for f in files:
         if f.target == "/etc/resolv.conf" and facts.resolv_conf_target:
             # The symlink target may be a host resolver stub: cover it too (ATTACKS #28).
-            a += ["--ro-bind", f.path, facts.resolv_conf_target]
-        a += ["--ro-bind", f.path, f.target]
+            a += ["--ro-bind", src(f.path), facts.resolv_conf_target]
+        a += ["--ro-bind", src(f.path), f.target]
 
     if seccomp_fd is not None:
         a += ["--seccomp", str(seccomp_fd)]
@@ -431,6 +505,9 @@ def build(
         masked=tuple(masked),
         tmpfs=tuple(tmpfs),
         protection=prot,
+        agent_host_uid=host_uid,
+        agent_host_gid=host_gid,
+        staged=staged,
     )
 
 

@@ -34,6 +34,7 @@ from ..preflight import bwrap_preflight
 from .child import BLOCKING, BwrapChild, HeldSandbox, kill_and_reap, pidfd_of
 from .command import require_command
 from .facts import git_refs, kind_of, measure_facts
+from .idmap import StagedClones
 from .planting import netns_interfaces, plant
 from .verify import (
     mount_table,
@@ -189,19 +190,36 @@ class BwrapBackend:
                 fh.write(f.content)
         args_fd = _options_fd(plan)
         passed = [info_w, block_r, args_fd] + ([seccomp_fd] if seccomp_fd is not None else [])
+        clones: StagedClones | None = None
         try:
+            # A root caller's agent gets an unprivileged host uid: the child stages idmapped
+            # clones in a private mount namespace and drops to that uid before bwrap starts.
+            clones = StagedClones(plan) if plan.staged else None
             # Own process group: a terminal's ^C reaches firma only, which forwards it. Plain
             # Popen + pidfd: no child-watcher thread exists before the planting fork.
             proc = subprocess.Popen(
-                bwrap_plan.exec_argv(plan, args_fd), pass_fds=passed, start_new_session=True
+                bwrap_plan.exec_argv(plan, args_fd), pass_fds=passed, start_new_session=True,
+                preexec_fn=clones.enter if clones is not None else None,
             )
             proc_pidfd = os.pidfd_open(proc.pid)
-        except OSError as exc:
+        except (OSError, LaunchError, subprocess.SubprocessError) as exc:
+            why = clones.failure() if clones is not None and isinstance(exc, subprocess.SubprocessError) else ""
             for fd in passed + [info_r, block_w]:
                 os.close(fd)
-            raise LaunchError(f"cannot start bwrap: {exc.strerror}") from None
+            if clones is not None:
+                clones.close()
+            if isinstance(exc, LaunchError):
+                raise
+            if why:
+                raise LaunchError(
+                    f"cannot give the agent an unprivileged uid (idmapped workspace): {why}; "
+                    "run firma as a normal user instead"
+                ) from None
+            raise LaunchError(f"cannot start bwrap: {getattr(exc, 'strerror', None) or exc}") from None
         for fd in passed:
             os.close(fd)
+        if clones is not None:
+            clones.close()  # attached in the child's namespace; ours are no longer needed
         child: BwrapChild | None = None
         try:
             info = _read_info(info_r, _INFO_TIMEOUT, waits)

@@ -75,6 +75,37 @@ def xdg_runtime_dir(host: Host) -> str | None:
     return xdg if xdg.startswith("/") else None
 
 
+def _owners(envelope: ExecutionEnvelope) -> dict[str, tuple[int, int]]:
+    """(uid, gid) of the workspace and of each mount source: a root caller's idmap shows that
+    owner's files as the agent's."""
+    out: dict[str, tuple[int, int]] = {}
+    for src in (envelope.cwd, *(m.source for m in envelope.mounts)):
+        try:
+            st = os.lstat(src)
+        except OSError:
+            continue
+        out[src] = (st.st_uid, st.st_gid)
+    return out
+
+
+def _unsearchable(targets: tuple[str, ...], replaced: tuple[str, ...]) -> tuple[str, ...]:
+    """Parents of the sandbox's bind targets that an unprivileged uid cannot search (no o+x), other
+    than those the sandbox replaces with its own tmpfs (/tmp, /root, ...): a root caller's agent
+    could not reach the workspace through them."""
+    bad: list[str] = []
+    for target in targets:
+        parent = os.path.dirname(target)
+        while parent != "/" and parent:
+            if not any(within(parent, r) for r in replaced):
+                try:
+                    if not os.stat(parent).st_mode & 0o001:
+                        bad.append(parent)
+                except OSError:
+                    pass
+            parent = os.path.dirname(parent)
+    return tuple(dict.fromkeys(bad))
+
+
 def measure_facts(
     envelope: ExecutionEnvelope, host: Host, protected_extra: tuple[str, ...] = ()
 ) -> bwrap_plan.BwrapFacts:
@@ -98,7 +129,21 @@ def measure_facts(
     resolv_target = None
     if kinds.get("/etc/resolv.conf") == bwrap_plan.SYMLINK:
         resolv_target = os.path.realpath("/etc/resolv.conf")
+    owners: dict[str, tuple[int, int]] = {}
+    unsearchable: tuple[str, ...] = ()
+    if host.is_root:
+        owners = _owners(envelope)
+        for src in owners:  # the stage needs each source's kind (a file is staged on a file)
+            k = kind_of(src)
+            if k is not None:
+                kinds.setdefault(src, k)
+        replaced = bwrap_plan.hidden_dirs(
+            home=envelope.home, mask_home_paths=(), caller_is_root=True, xdg_runtime_dir=xdg, state_root=state_root
+        )
+        unsearchable = _unsearchable((envelope.cwd, *(m.target for m in envelope.mounts)), replaced)
     return bwrap_plan.BwrapFacts(
+        owners=owners,
+        unsearchable=unsearchable,
         caller_uid=host.uid,
         caller_gid=host.gid,
         kinds=kinds,

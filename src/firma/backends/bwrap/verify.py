@@ -192,6 +192,17 @@ def verify_agent(child: BwrapChild, plan: bwrap_plan.BwrapPlan, add_check: AddCh
     add_check(
         Check("agent_uid", True, f"inside uid {plan.inside_uid} gid {plan.inside_gid}")
     )
+    # The uid the host sees (this reading is from the host's user namespace): never root, and
+    # for a root caller the unprivileged agent uid the idmapped workspace was made for.
+    host_uids = status.get("Uid", "?").split()
+    uid_ok = len(host_uids) == 4 and set(host_uids) == {str(plan.agent_host_uid)} and plan.agent_host_uid != 0
+    staged = "; workspace idmapped to it" if plan.staged else ""
+    add_check(Check("agent_host_uid", uid_ok, f"{subject} host uid {'/'.join(host_uids)}{staged}"))
+    if not uid_ok:
+        raise LaunchError(
+            f"sandboxed agent runs as host uid {'/'.join(host_uids)}, not the planned {plan.agent_host_uid}; "
+            "refusing to continue"
+        )
     if not (cap_ok and nnp_ok):
         raise LaunchError(
             f"sandboxed agent holds privileges (CapEff={capeff}, NoNewPrivs={nnp}); refusing to continue"
