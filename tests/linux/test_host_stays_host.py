@@ -133,3 +133,28 @@ def test_no_setuid_or_setgid_file_reaches_the_host(tmp_path):
     assert all(s != "0" for s in statuses[:-1]) and statuses[-1] == "0", p.stdout
     assert _setid_files(ws) == []
     assert (ws / "ordinary").stat().st_mode & 0o777 == 0o755
+
+
+def test_mask_paths_hide_what_the_user_lists(tmp_path):
+    """`[run].mask_paths`: an absolute file and a `~/` directory are empty inside; control: the
+    same reads outside see the content. An entry that would hide the workspace is refused."""
+    env = base_env(tmp_path)
+    home = Path(env["HOME"])
+    (home / "vault").mkdir()
+    (home / "vault" / "token").write_text("home-secret\n")
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / "key").write_text("abs-secret\n")
+    cfg = tmp_path / "firma.toml"
+    cfg.write_text(f'[run]\nmask_paths = ["{other}/key", "~/vault"]\n')
+    ws = home / "proj"
+    ws.mkdir()
+    script = f"cat {other}/key ~/vault/token 2>&1; ls -A ~/vault | wc -l"
+    outside = subprocess.run(["sh", "-c", script], env=env, capture_output=True, text=True)
+    assert "abs-secret" in outside.stdout and "home-secret" in outside.stdout  # control
+    p = run_firma(["--config", str(cfg), "run", "--", "sh", "-c", script], cwd=ws, env=env)
+    assert p.returncode == 0, p.stderr
+    assert "secret" not in p.stdout and p.stdout.split()[-1] == "0", p.stdout
+    cfg.write_text(f'[run]\nmask_paths = ["{home}"]\n')
+    p = run_firma(["--config", str(cfg), "run", "--", "true"], cwd=ws, env=env)
+    assert p.returncode == 1 and "would hide the workspace" in p.stderr, p.stderr

@@ -12,6 +12,7 @@ from typing import Awaitable, Callable, Protocol
 from ..core.model import Check, EnforcementProof, ExecutionEnvelope, RunPlan
 from ..core.record import record, field
 from ..core.hostfacts import Host
+from ..errors import LaunchError
 
 
 class RoutingMode(Enum):
@@ -138,3 +139,12 @@ class PlantingBackend(Backend, Protocol):
 
     def abort(self, held: HeldSandbox) -> None:
         """Kill and reap a built sandbox that will not be released (idempotent)."""
+
+
+def refuse_mask_paths(plan: RunPlan, backend: str) -> None:
+    """`[run].mask_paths` is enforced by the bwrap backend only: elsewhere the launch is refused
+    rather than run with paths shown that the user asked to hide."""
+    if plan.mask_paths:
+        raise LaunchError(
+            f"[run].mask_paths is not enforced by the {backend} backend; remove it or use the bwrap backend"
+        )

@@ -45,7 +45,7 @@ from ..errors import BackendError, ContractError
 from ..core.hostfacts import Host
 from .preflight import vz_host_check
 from . import external
-from .base import LaunchedChild, LaunchHooks, RoutingMode, RoutingPlan
+from .base import LaunchedChild, LaunchHooks, RoutingMode, RoutingPlan, refuse_mask_paths
 from ..core import settings as env_names
 
 DNS_STUB_ENV = env_names.DNS_STUB_ADDR
@@ -143,6 +143,7 @@ class VzBackend:
         return self._prepared
 
     def prepare(self, plan: RunPlan, host: Host) -> EnforcementProof:
+        refuse_mask_paths(plan, "vz")
         vz_host_check(host)
         mode = select_mode(plan.vz)  # once per launch; launch() reuses it
         guest = None

@@ -328,6 +328,7 @@ def candidate_paths(
     if xdg_runtime_dir:
         paths.append(xdg_runtime_dir)
     paths += [posixpath.join(envelope.home, p) for p in envelope.mask_home_paths]
+    paths += list(envelope.mask_paths)
     paths += protected_candidates(envelope.cwd, protected_extra)
     return tuple(dict.fromkeys(paths))
 
@@ -481,6 +482,8 @@ def build(
 
     for rel in envelope.mask_home_paths:
         a += _mask(posixpath.join(envelope.home, rel), facts, masked)
+    for p in envelope.mask_paths:
+        a += _mask(p, facts, masked)
 
     for f in files:
         if f.target == "/etc/resolv.conf" and facts.resolv_conf_target:

@@ -37,6 +37,7 @@ SETTING_KINDS: Mapping[str, str] = MappingProxyType(
         "env_set": _MAP,
         "mounts": _MOUNTS,
         "mask_home_paths": _LIST,
+        "mask_paths": _LIST,
         "allow_hosts": _LIST,
         "policy": _PATH,
         "seccomp_policy": _SECCOMP,

@@ -117,6 +117,7 @@ class RunPlan:
     seccomp_policy: SeccompPolicyRef | None = None
     mounts: tuple[Mount, ...] = ()
     mask_home_paths: tuple[str, ...] = ()  # relative to home
+    mask_paths: tuple[str, ...] = ()  # absolute, `[run].mask_paths` ("~/" expanded)
     writable_home_paths: tuple[str, ...] = ()  # relative to home, bound read-write when present
     sidecar: SidecarChoice = field(default_factory=SidecarChoice)
     allow_non_structural: bool = False
@@ -210,6 +211,7 @@ class ExecutionEnvelope:
     mounts: tuple[Mount, ...]
     mask_home_paths: tuple[str, ...]
     network: NetworkEndpoints
+    mask_paths: tuple[str, ...] = ()  # absolute; only the bwrap backend enforces them
     invariants: tuple[Invariant, ...] = DEFAULT_INVARIANTS
     # firma's own artifact for seccomp_filter_path, verified when opened; None for a bare path
     # (a runner enforcing a contract), which gets the owner and mode checks only.

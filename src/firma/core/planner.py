@@ -84,6 +84,21 @@ def refuse_workspace(cwd: str, home: str, realpath: Callable[[str], str]) -> Non
             )
 
 
+def _mask_paths(entries, home: str, cwd: str) -> tuple[str, ...]:
+    """`[run].mask_paths`: absolute or `~/`-relative paths hidden inside (an empty tmpfs over a
+    directory, /dev/null over a file), after every mount. Never the workspace or a parent of it."""
+    out: list[str] = []
+    for raw in entries:
+        p = posixpath.join(home, raw[2:]) if raw.startswith("~/") else raw
+        if not p.startswith("/") or ".." in p.split("/"):
+            raise ConfigError(f"mask_paths entries must be absolute or start with ~/ (no ..): {raw}")
+        p = posixpath.normpath(p)
+        if _inside(cwd, p):
+            raise ConfigError(f"mask_paths entry {raw} would hide the workspace {cwd}; mask something inside it")
+        out.append(p)
+    return tuple(dict.fromkeys(out))
+
+
 def _inside(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
@@ -150,6 +165,7 @@ def build_plan(
         if p.startswith("/") or ".." in p.split("/"):
             raise ConfigError(f"mask_home_paths entries must be relative to $HOME: {p}")
     check_mounts(settings.get("mounts", ()), state_root=root, realpath=realpath)
+    mask_paths = _mask_paths(settings.get("mask_paths", ()), home, cwd)
 
     endpoint = args.sidecar or env.get(env_names.SIDECAR_ENDPOINT, "").strip() or settings.get(
         "sidecar_endpoint"
@@ -179,6 +195,7 @@ def build_plan(
         seccomp_policy=settings.get("seccomp_policy"),
         mounts=tuple(settings.get("mounts", ())),
         mask_home_paths=tuple(settings.get("mask_home_paths", ())),
+        mask_paths=mask_paths,
         writable_home_paths=tuple(settings.get("writable_home_paths", ())),
         sidecar=SidecarChoice(
             endpoint=validate_endpoint(endpoint),
@@ -236,6 +253,7 @@ def plan_to_json(plan: RunPlan) -> dict[str, Any]:
             {"source": m.source, "target": m.target, "read_only": m.read_only} for m in plan.mounts
         ],
         "mask_home_paths": list(plan.mask_home_paths),
+        "mask_paths": list(plan.mask_paths),
         "protected_paths": list(plan.protected_paths),
         "writable_home_paths": list(plan.writable_home_paths),
         "sidecar": {

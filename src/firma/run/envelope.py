@@ -57,6 +57,7 @@ def build_envelope(
         seccomp_artifact=artifact,
         mounts=plan.mounts + tuple(_writable_home_mounts(plan)),
         mask_home_paths=plan.mask_home_paths,
+        mask_paths=plan.mask_paths,
         network=NetworkEndpoints(
             proxy_url=proxy_url,
             dns_stub_addr=dns_stub_addr,

@@ -21,7 +21,7 @@ def require_command(plan: RunPlan, host: Host) -> None:
     hidden = bwrap_plan.hidden_dirs(
         home=plan.home, mask_home_paths=plan.mask_home_paths, caller_is_root=host.is_root,
         xdg_runtime_dir=xdg_runtime_dir(host), state_root=plan.state_root,
-    )
+    ) + plan.mask_paths
     shown = (plan.cwd,) + tuple(m.target for m in plan.mounts) + tuple(
         os.path.join(plan.home, rel) for rel in plan.writable_home_paths
     )

@@ -95,17 +95,16 @@ def _userns_fd(sys_: _Sys, owner: tuple[int, int], agent: tuple[int, int]) -> in
     r, w = os.pipe2(os.O_CLOEXEC)
     ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        code = 0
+    if pid == 0:  # pragma: no cover - child: never returns into the launcher's code
         try:
             os.close(w)
             os.close(ready_r)
             sys_.unshare(_CLONE_NEWUSER)
             os.write(ready_w, b"1")
             os.read(r, 1)
-        except BaseException:
-            code = 1
-        os._exit(code)
+            os._exit(0)
+        finally:
+            os._exit(1)
     os.close(r)
     os.close(ready_w)
     try:
