@@ -239,24 +239,18 @@ def exit_code(checks: list[DoctorCheck]) -> int:
 
 
 def _config(host: Host, cli_path: str | None, cwd: str):
-    """Find and parse firma.toml exactly as `firma run` does (core.config)."""
-    from .core import config as cfgmod
+    """Find, read and trust-filter the config files exactly as `firma run` does (configfiles):
+    (highest-precedence path, that file as honoured, error)."""
+    from .configfiles import load
 
     try:
-        path = env_names.discover_config(cli_path, host.environ, cwd, os.path.isfile)
+        cfgs = load(cli_path, host, cwd)
     except FirmaError as exc:
         return None, None, str(exc)
-    if path is None:
-        return None, None, None
-    try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        return path, None, f"{path} cannot be read: {exc}"
-    try:
-        return path, cfgmod.parse(text, path), None
-    except FirmaError as exc:
-        return path, None, str(exc)
+    if not cfgs.files:
+        refused = next((s for s in cfgs.sources if s.state.startswith("not read")), None)
+        return (refused.path, None, f"{refused.path} {refused.state}") if refused else (None, None, None)
+    return cfgs.paths[-1], cfgs.files[-1][0], None
 
 
 def _seccomp_refs(cfg) -> list:

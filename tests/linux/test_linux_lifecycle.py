@@ -395,6 +395,8 @@ def test_config_file_discovered_and_strict(ws, tmp_path):
     (ws / ".firma").mkdir()
     cfg = ws / ".firma" / "firma.toml"
     cfg.write_text('[run]\nagent_id = "from-config"\n[run.defaults]\nenv_set = { FROM_CONFIG = "yes" }\n')
+    t = run_firma(["trust"], cwd=ws, env=base_env(tmp_path))  # a project config widens only once trusted
+    assert t.returncode == 0, t.stderr
     p = run_firma(["run", "--", "sh", "-c", 'echo "$FIRMA_AGENT_ID $FROM_CONFIG"'], cwd=ws, env=base_env(tmp_path))
     assert p.returncode == 0 and p.stdout == "from-config yes\n", p.stderr
     cfg.write_text("[run]\nallow_host = []\n")

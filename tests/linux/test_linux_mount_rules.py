@@ -62,7 +62,7 @@ def test_firma_run_refuses_a_procfs_mount_and_starts_nothing(ws, tmp_path):
     (ws / ".firma" / "firma.toml").write_text(
         f'[run]\nmounts = [{{source = "/proc", target = "{target}", read_only = true}}]\n'
     )
-    p = run_firma(["run", "--", "sh", "-c", f"touch {ws}/ran"], cwd=ws, env=base_env(tmp_path))
+    p = run_firma(["run", "--config", f"{ws}/.firma/firma.toml", "--", "sh", "-c", f"touch {ws}/ran"], cwd=ws, env=base_env(tmp_path))
     assert p.returncode == 1
     assert p.stderr.startswith(f"[ERR]  mount /proc -> {target}: the source is (or resolves to) /proc")
     assert p.stderr.count("\n") == 1
@@ -74,7 +74,7 @@ def test_firma_run_refuses_a_procfs_mount_and_starts_nothing(ws, tmp_path):
     (ws / ".firma" / "firma.toml").write_text(
         f'[run]\nmounts = [{{source = "{data}", target = "{target}", read_only = true}}]\n'
     )
-    ok = run_firma(["run", "--", "cat", f"{target}/hello"], cwd=ws, env=base_env(tmp_path))
+    ok = run_firma(["run", "--config", f"{ws}/.firma/firma.toml", "--", "cat", f"{target}/hello"], cwd=ws, env=base_env(tmp_path))
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout == "hi"
     assert os.path.exists(ws / ".firma" / "firma.toml")
@@ -88,7 +88,7 @@ def test_bwrap_refusing_a_mount_is_reported_as_such(ws, tmp_path):
     (ws / ".firma" / "firma.toml").write_text(
         f'[run]\nmounts = [{{source = "{data}", target = "/nonexistent-firma-test/x", read_only = true}}]\n'
     )
-    p = run_firma(["run", "--", "sh", "-c", f"touch {ws}/ran"], cwd=ws, env=base_env(tmp_path))
+    p = run_firma(["run", "--config", f"{ws}/.firma/firma.toml", "--", "sh", "-c", f"touch {ws}/ran"], cwd=ws, env=base_env(tmp_path))
     assert p.returncode == 1
     assert "/nonexistent-firma-test/x" in p.stderr  # bwrap's own reason
     assert p.stderr.splitlines()[-1] == (

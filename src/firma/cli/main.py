@@ -31,6 +31,7 @@ COMMANDS = {
     "audit": "firma.cli.audit",
     "contract": "firma.cli.contract",
     "conformance": "firma.cli.conformance",
+    "trust": "firma.cli.trust",
 }
 
 # Option kinds: FLAG is store_true, VALUE takes one value, APPEND takes one value per use.

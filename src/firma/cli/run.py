@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 from .main import APPEND, FLAG, VALUE, Opt, add_options
 from ..core import config as cfgmod
-from ..core import settings
+from ..core.configtrust import notice
 from ..core.planner import RunArgs, build_plan, plan_to_json
-from ..errors import ConfigError, PlanError
+from ..errors import PlanError
 from ..host import detect_host
 
 
@@ -47,18 +48,15 @@ def add_parser(sub):
     return p
 
 
-def _load_config(args, host, cwd: str) -> cfgmod.ConfigFile:
-    env = host.environ
+def _load_config(args, host, cwd: str) -> cfgmod.ConfigSet:
+    from ..configfiles import load
+
     explicit = getattr(args, "run_config", None) or getattr(args, "config", None)
-    path = settings.discover_config(explicit, env, cwd, os.path.isfile)
-    if path is None:
-        return cfgmod.EMPTY
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read config file {path}: {exc}") from None
-    return cfgmod.parse(text, path)
+    cfgs = load(explicit, host, cwd)
+    line = notice(cfgs.sources)
+    if line is not None:
+        print(f"[WARN] {line}", file=sys.stderr)
+    return cfgs
 
 
 def run(args) -> int:

@@ -196,7 +196,7 @@ def plan_protected(plan: RunPlan) -> tuple[str, ...]:
     """Run-specific absolute paths to protect besides WORKSPACE_PROTECTED: the config file in
     use, the policy and seccomp policy sources and the user's `[run].protected_paths`. Paths
     outside the workspace are already read-only (the root is) and are dropped."""
-    paths = [plan.config_path, plan.policy_path]
+    paths = [*plan.config_paths, plan.config_path, plan.policy_path]
     if plan.seccomp_policy is not None:
         paths.append(plan.seccomp_policy.source_policy_path)
     paths += [posixpath.join(plan.cwd, rel) for rel in plan.protected_paths]

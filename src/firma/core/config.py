@@ -210,8 +210,44 @@ def merge(layers: list[Layer]) -> dict[str, Any]:
     return out
 
 
-def effective(profile: Profile, cfg: ConfigFile, cli: Layer) -> dict[str, Any]:
-    """The merged settings for one run."""
-    return merge(
-        [profile_layer(profile), cfg.run, cfg.defaults, cfg.profiles.get(profile.name, {}), cli]
-    )
+@record
+class ConfigSet:
+    """The config files of one run, lowest precedence first, each with whether it is trusted (an
+    untrusted one is already reduced to its narrowing keys: see core.configtrust)."""
+
+    files: tuple[tuple[ConfigFile, bool], ...] = ()
+    sources: tuple[Any, ...] = ()  # configtrust.ConfigSource, for the notice and the proof
+
+    @staticmethod
+    def single(cfg: ConfigFile) -> "ConfigSet":
+        return ConfigSet(((cfg, True),) if cfg.path is not None else ())
+
+    @property
+    def profile(self) -> str | None:
+        """`[run].profile` of the highest trusted file that sets it."""
+        for cfg, trusted in reversed(self.files):
+            if trusted and cfg.profile is not None:
+                return cfg.profile
+        return None
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return tuple(cfg.path for cfg, _ in self.files if cfg.path is not None)
+
+
+def effective(profile: Profile, cfgs: ConfigSet | ConfigFile, cli: Layer) -> dict[str, Any]:
+    """The merged settings for one run: the profile, then each file (its [run], [run.defaults],
+    [run.profiles.<name>]), then the command line. An untrusted file's lists only add."""
+    from .configtrust import union_lists  # noqa: PLC0415 - configtrust imports this module
+
+    if isinstance(cfgs, ConfigFile):
+        cfgs = ConfigSet.single(cfgs)
+    out = merge([profile_layer(profile)])
+    for cfg, trusted in cfgs.files:
+        layers = [cfg.run, cfg.defaults, cfg.profiles.get(profile.name, {})]
+        if trusted:
+            out = merge([out, *layers])
+        else:
+            for layer in layers:
+                out = union_lists(out, layer)
+    return merge([out, cli])

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from types import MappingProxyType
-from typing import Mapping
+from typing import Any, Mapping
 
 from . import wire
 from .statelayout import run_dir_path
@@ -126,7 +126,9 @@ class RunPlan:
     keep_markers: bool = False
     vz: VzInputs = field(default_factory=VzInputs)
     runner_path: str | None = None  # raw FIRMA_RUN_RUNNER (None = unset)
-    config_path: str | None = None
+    config_path: str | None = None  # the highest-precedence config file
+    config_paths: tuple[str, ...] = ()  # every config file read (protected when in the workspace)
+    config_sources: tuple[Any, ...] = ()  # configtrust.ConfigSource of every file considered
     # Extra workspace-relative paths bound read-only (besides the built-in list), `[run].protected_paths`.
     protected_paths: tuple[str, ...] = ()
 

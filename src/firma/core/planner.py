@@ -105,7 +105,7 @@ def _inside(path: str, root: str) -> bool:
 
 def build_plan(
     args: RunArgs,
-    cfg: cfgmod.ConfigFile,
+    cfg: cfgmod.ConfigSet | cfgmod.ConfigFile,
     host: Host,
     *,
     cwd: str,
@@ -114,6 +114,8 @@ def build_plan(
     realpath: Callable[[str], str] = lambda p: p,
 ) -> RunPlan:
     """`realpath` resolves symlinks of mount sources (the CLI passes os.path.realpath)."""
+    if isinstance(cfg, cfgmod.ConfigFile):
+        cfg = cfgmod.ConfigSet.single(cfg)
     env = host.environ
     if RESERVED_SANDBOX_ID in env:
         raise PlanError(
@@ -214,7 +216,9 @@ def build_plan(
         keep_markers=bool(env.get(env_names.RUN_KEEP_MARKERS, "").strip()),
         vz=vz_inputs_from_environ(env),
         runner_path=env.get(env_names.RUN_RUNNER),
-        config_path=cfg.path,
+        config_path=cfg.paths[-1] if cfg.paths else None,
+        config_paths=cfg.paths,
+        config_sources=cfg.sources,
         protected_paths=tuple(settings.get("protected_paths", ())),
     )
 
@@ -227,6 +231,7 @@ def plan_to_json(plan: RunPlan) -> dict[str, Any]:
     """The resolved plan for `--print-effective-config` (secret-looking values redacted)."""
     return {
         "config_path": plan.config_path,
+        "config_sources": [s.as_json() for s in plan.config_sources],
         "backend": plan.backend,
         "profile": plan.identity.profile,
         "agent_id": plan.identity.agent_id,

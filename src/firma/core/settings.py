@@ -37,6 +37,41 @@ CAPABILITY_TOKEN = "FIRMA_CAPABILITY_TOKEN"
 
 CONFIG_DIR = ".firma"
 CONFIG_NAME = "firma.toml"
+USER_CONFIG_NAME = "config.toml"  # $XDG_CONFIG_HOME/firma/config.toml
+TRUST_NAME = "trust.toml"  # $XDG_CONFIG_HOME/firma/trust.toml (never in the state root)
+
+
+def user_config_dir(environ: Mapping[str, str]) -> str | None:
+    """`$XDG_CONFIG_HOME/firma`, else `$HOME/.config/firma` (None without either)."""
+    xdg = environ.get("XDG_CONFIG_HOME", "").strip()
+    if xdg.startswith("/"):
+        return posixpath.join(posixpath.normpath(xdg), "firma")
+    home = environ.get("HOME", "").strip()
+    if home.startswith("/"):
+        return posixpath.join(posixpath.normpath(home), ".config", "firma")
+    return None
+
+
+def explicit_config(explicit: str | None, environ: Mapping[str, str], cwd: str) -> tuple[str, str] | None:
+    """(path, origin) of `--config`, else `FIRMA_CONFIG`, else None."""
+    for origin, value in (("--config", explicit), (CONFIG, environ.get(CONFIG))):
+        if value is not None and value.strip():
+            return posixpath.normpath(posixpath.join(cwd, value.strip())), origin
+    return None
+
+
+def project_config(environ: Mapping[str, str], cwd: str, is_file: Callable[[str], bool]) -> str | None:
+    """The nearest `.firma/firma.toml` from cwd upwards, stopping at `$HOME` or `/`."""
+    d = posixpath.normpath(cwd)
+    home = environ.get("HOME")
+    stop = posixpath.normpath(home) if home else None
+    while True:
+        candidate = posixpath.join(d, CONFIG_DIR, CONFIG_NAME)
+        if is_file(candidate):
+            return candidate
+        if d == "/" or d == stop:
+            return None
+        d = posixpath.dirname(d)
 
 
 def is_truthy(value: str | None) -> bool:
@@ -65,19 +100,10 @@ def discover_config(
 ) -> str | None:
     """`--config`, then `FIRMA_CONFIG`, then the nearest `.firma/firma.toml` from cwd upwards,
     stopping at `$HOME` or `/`. An explicitly named file that does not exist is an error."""
-    for origin, value in (("--config", explicit), (CONFIG, environ.get(CONFIG))):
-        if value is not None and value.strip():
-            path = posixpath.normpath(posixpath.join(cwd, value.strip()))
-            if not is_file(path):
-                raise ConfigError(f"config file {path} (from {origin}) does not exist; fix the path")
-            return path
-    d = posixpath.normpath(cwd)
-    home = environ.get("HOME")
-    stop = posixpath.normpath(home) if home else None
-    while True:
-        candidate = posixpath.join(d, CONFIG_DIR, CONFIG_NAME)
-        if is_file(candidate):
-            return candidate
-        if d == "/" or d == stop:
-            return None
-        d = posixpath.dirname(d)
+    named = explicit_config(explicit, environ, cwd)
+    if named is not None:
+        path, origin = named
+        if not is_file(path):
+            raise ConfigError(f"config file {path} (from {origin}) does not exist; fix the path")
+        return path
+    return project_config(environ, cwd, is_file)
