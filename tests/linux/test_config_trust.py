@@ -196,3 +196,56 @@ def test_what_one_run_writes_into_firma_dirs_does_not_change_the_next(tmp_path):
         assert listener.hits == 1
     finally:
         listener.close()
+
+
+def _proof(tmp_path: Path) -> dict:
+    (path,) = (tmp_path / "state" / "proofs").glob("sbx_*.json")
+    return json.loads(path.read_text())
+
+
+def test_a_monitor_run_is_not_called_enforced(tmp_path):
+    require_tools()
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    p = run_firma(["run", "--monitor", "--", "true"], cwd=ws, env=_env(tmp_path))
+    assert p.returncode == 0, p.stderr
+    proof = _proof(tmp_path)
+    assert proof["enforced"] is False and proof["mode"] == "monitor"
+    assert {"setting": "monitor", "detail": "monitor mode: denials are logged, the traffic passes",
+            "source": "command line"} in proof["weakenings"]
+    # control: the same run without --monitor is enforced, with no weakening
+    shutil.rmtree(tmp_path / "state")
+    assert run_firma(["run", "--", "true"], cwd=ws, env=_env(tmp_path)).returncode == 0
+    proof = _proof(tmp_path)
+    assert proof["enforced"] is True and proof["mode"] == "enforce" and proof["weakenings"] == []
+
+
+def test_the_proof_names_the_run_and_each_weakening_with_its_source(tmp_path):
+    require_tools()
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    env = _env(tmp_path)
+    data = tmp_path / "data"
+    data.mkdir()
+    cfg = _project(ws, (
+        '[run]\nallow_hosts = ["api.example.com"]\npolicy = "permit.cedar"\n'
+        '[run.defaults]\nmask_home_paths = [".aws"]\nenv_passthrough = ["HOME", "PATH", "GITHUB_TOKEN"]\n'
+        f'mounts = [{{source = "{data}", target = "/tmp/data-inside"}}]\n'
+    ))
+    assert run_firma(["trust"], cwd=ws, env=env).returncode == 0
+    p = run_firma(["run", "--", "sh", "-c", "exit 7"], cwd=ws, env=env)
+    assert p.returncode == 7, p.stderr
+    proof = _proof(tmp_path)
+    assert proof["command"] == ["sh", "-c", "exit 7"] and proof["cwd"] == str(ws) and proof["exit_status"] == 7
+    assert proof["allow_hosts"] == ["api.example.com"]
+    import hashlib
+    assert proof["policy"] == {"path": str(ws / ".firma" / "permit.cedar"),
+                               "sha256": hashlib.sha256((ws / ".firma" / "permit.cedar").read_bytes()).hexdigest()}
+    (source,) = proof["config"]
+    assert source["path"] == str(cfg) and source["trusted"] is True
+    where = f"{cfg} [run.defaults]"
+    got = {(w["setting"], w["detail"], w["source"]) for w in proof["weakenings"]}
+    assert ("mask_home_paths", "~/.ssh is not masked", where) in got
+    assert ("env_passthrough", "GITHUB_TOKEN is passed to the agent", where) in got
+    assert ("mounts", f"{data} -> /tmp/data-inside (read-write)", where) in got
+    assert all(w["source"] == where for w in proof["weakenings"])

@@ -238,16 +238,27 @@ class ConfigSet:
 def effective(profile: Profile, cfgs: ConfigSet | ConfigFile, cli: Layer) -> dict[str, Any]:
     """The merged settings for one run: the profile, then each file (its [run], [run.defaults],
     [run.profiles.<name>]), then the command line. An untrusted file's lists only add."""
+    return effective_with_sources(profile, cfgs, cli)[0]
+
+
+def effective_with_sources(
+    profile: Profile, cfgs: ConfigSet | ConfigFile, cli: Layer
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """`effective`, and for each setting the layer that last set it ("profile claude-code",
+    "/path/firma.toml [run.defaults]", "command line"): the proof names where a weakening came from."""
     from .configtrust import union_lists  # noqa: PLC0415 - configtrust imports this module
 
     if isinstance(cfgs, ConfigFile):
         cfgs = ConfigSet.single(cfgs)
-    out = merge([profile_layer(profile)])
+    base = profile_layer(profile)
+    out = merge([base])
+    sources = {k: f"profile {profile.name}" for k, v in base.items() if v is not None}
     for cfg, trusted in cfgs.files:
-        layers = [cfg.run, cfg.defaults, cfg.profiles.get(profile.name, {})]
-        if trusted:
-            out = merge([out, *layers])
-        else:
-            for layer in layers:
-                out = union_lists(out, layer)
-    return merge([out, cli])
+        named = (("run", cfg.run), ("run.defaults", cfg.defaults),
+                 (f"run.profiles.{profile.name}", cfg.profiles.get(profile.name, {})))
+        for where, layer in named:
+            out = merge([out, layer]) if trusted else union_lists(out, layer)
+            sources.update({k: f"{cfg.path} [{where}]" for k in layer})
+    out = merge([out, cli])
+    sources.update({k: "command line" for k, v in cli.items() if v is not None})
+    return out, sources

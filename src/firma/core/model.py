@@ -50,6 +50,15 @@ class Mount:
 
 
 @record
+class Weakening:
+    """A setting that loosens a default, and where it came from (for the proof)."""
+
+    setting: str
+    detail: str
+    source: str
+
+
+@record
 class SeccompPolicyRef:
     source_policy_path: str
     artifact_dir: str
@@ -129,6 +138,7 @@ class RunPlan:
     config_path: str | None = None  # the highest-precedence config file
     config_paths: tuple[str, ...] = ()  # every config file read (protected when in the workspace)
     config_sources: tuple[Any, ...] = ()  # configtrust.ConfigSource of every file considered
+    weakenings: tuple[Weakening, ...] = ()  # every loosened default, with its source
     # Extra workspace-relative paths bound read-only (besides the built-in list), `[run].protected_paths`.
     protected_paths: tuple[str, ...] = ()
 

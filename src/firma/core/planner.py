@@ -14,7 +14,7 @@ from . import config as cfgmod
 from . import launchenv, profiles
 from .endpoint import validate_endpoint
 from .identity import build_identity
-from .model import BACKENDS, IdentityMode, RunPlan, SidecarChoice
+from .model import BACKENDS, IdentityMode, RunPlan, SidecarChoice, Weakening
 from .mountcheck import check_mounts
 from .record import record
 from .vzinputs import vz_inputs_from_environ
@@ -139,7 +139,7 @@ def build_plan(
         cli_layer["identity_mode"] = IdentityMode.HOST_USER.value
     if args.policy is not None:
         cli_layer["policy"] = posixpath.normpath(posixpath.join(cwd, args.policy))
-    settings = cfgmod.effective(profile, cfg, cli_layer)
+    settings, sources = cfgmod.effective_with_sources(profile, cfg, cli_layer)
     # --allow-host adds to whatever the layers resolved to.
     allow_hosts = tuple(dict.fromkeys(tuple(settings.get("allow_hosts", ())) + args.allow_hosts))
 
@@ -220,7 +220,47 @@ def build_plan(
         config_paths=cfg.paths,
         config_sources=cfg.sources,
         protected_paths=tuple(settings.get("protected_paths", ())),
+        weakenings=weakenings(profile, settings, sources, monitor=args.monitor, endpoint=endpoint,
+                              allow_non_structural_env=is_truthy(env.get(env_names.RUN_ALLOW_NON_STRUCTURAL))),
     )
+
+
+# Variables that change what every program in the sandbox loads or runs.
+_LOADER_VARS = re.compile(r"^(LD_|DYLD_)|^(PYTHONPATH|PYTHONSTARTUP|NODE_OPTIONS|PERL5OPT|RUBYOPT|BASH_ENV|ENV)$")
+
+
+def weakenings(
+    profile: profiles.Profile, settings: Mapping[str, Any], sources: Mapping[str, str], *, monitor: bool,
+    endpoint: str, allow_non_structural_env: bool,
+) -> tuple[Weakening, ...]:
+    """Every setting that loosens a default, each with the layer it came from. Pure."""
+    out: list[Weakening] = []
+
+    def add(key: str, detail: str, source: str | None = None) -> None:
+        out.append(Weakening(key, detail, source or sources.get(key, "default")))
+
+    masked = set(settings.get("mask_home_paths", ()))
+    for rel in profile.mask_home_paths:
+        if rel not in masked:
+            add("mask_home_paths", f"~/{rel} is not masked")
+    for m in settings.get("mounts", ()):
+        add("mounts", f"{m.source} -> {m.target} ({'read-only' if m.read_only else 'read-write'})")
+    for rel in settings.get("writable_home_paths", ()):
+        add("writable_home_paths", f"~/{rel} is writable (outside the workspace)")
+    for name in settings.get("env_passthrough", ()):
+        if _SECRETISH.search(name) or _LOADER_VARS.search(name):
+            add("env_passthrough", f"{name} is passed to the agent")
+    for name in settings.get("env_set", {}):
+        if _SECRETISH.search(name) or _LOADER_VARS.search(name):
+            add("env_set", f"{name} is set for the agent")
+    if endpoint != "local":
+        add("sidecar_endpoint", f"external sidecar {endpoint}: its decisions and audit are not firma's",
+            sources.get("sidecar_endpoint", "command line or FIRMA_SIDECAR_ENDPOINT"))
+    if monitor:
+        add("monitor", "monitor mode: denials are logged, the traffic passes", "command line")
+    if settings.get("allow_non_structural") or allow_non_structural_env:
+        add("allow_non_structural", "a non-structural backend may run", sources.get("allow_non_structural", "environment"))
+    return tuple(out)
 
 
 def redact_env(env: Mapping[str, str]) -> dict[str, str]:
@@ -232,6 +272,7 @@ def plan_to_json(plan: RunPlan) -> dict[str, Any]:
     return {
         "config_path": plan.config_path,
         "config_sources": [s.as_json() for s in plan.config_sources],
+        "weakenings": [{"setting": w.setting, "detail": w.detail, "source": w.source} for w in plan.weakenings],
         "backend": plan.backend,
         "profile": plan.identity.profile,
         "agent_id": plan.identity.agent_id,

@@ -5,14 +5,30 @@ from __future__ import annotations
 import json
 from typing import Any, Iterable
 
-from .model import Check, EnforcementProof, Identity, Invariant
+from .model import Check, EnforcementProof, Identity, Invariant, RunPlan
 
 PROOF_VERSION = 1
 
 
-def enforced(proof: EnforcementProof) -> bool:
-    """Egress is mandatorily confined only by a structural, fail-closed backend."""
-    return proof.structural and proof.fail_closed
+def enforced(proof: EnforcementProof, *, monitor: bool = False) -> bool:
+    """Egress is mandatorily confined only by a structural, fail-closed backend, and never in
+    monitor mode (denials are logged but the traffic passes)."""
+    return proof.structural and proof.fail_closed and not monitor
+
+
+def run_facts(plan: RunPlan, *, policy_sha256: str | None) -> dict[str, Any]:
+    """What the proof says about the run itself, so it can be matched to one: the command, the
+    workspace, the allow list, the policy, the config files with their trust state, and every
+    weakened default with where it came from."""
+    return {
+        "mode": "monitor" if plan.monitor else "enforce",
+        "command": list(plan.argv),
+        "cwd": plan.cwd,
+        "allow_hosts": list(plan.allow_hosts),
+        "policy": {"path": plan.policy_path, "sha256": policy_sha256} if plan.policy_path else None,
+        "config": [s.as_json() for s in plan.config_sources],
+        "weakenings": [{"setting": w.setting, "detail": w.detail, "source": w.source} for w in plan.weakenings],
+    }
 
 
 def build(
@@ -26,7 +42,9 @@ def build(
     started_at: str,
     ended_at: str | None,
     exit_status: int | None,
+    facts: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    facts = facts or {}
     return {
         "version": PROOF_VERSION,
         "sandbox_id": identity.sandbox_id,
@@ -37,7 +55,8 @@ def build(
         "fail_closed": proof.fail_closed,
         "network_confinement": proof.network_confinement.value,
         "detail": proof.detail,
-        "enforced": enforced(proof),
+        "enforced": enforced(proof, monitor=facts.get("mode") == "monitor"),
+        **facts,
         "invariants": [{"name": i.name, "mode": i.mode} for i in invariants],
         "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in checks],
         "sidecar": {"endpoint": sidecar_endpoint, "embedded": sidecar_embedded},

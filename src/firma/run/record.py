@@ -29,10 +29,20 @@ class RunRecord:
     socket_dir: str | None = None  # private short dir holding the sidecar socket, when used
     started_at: str = field(default_factory=now)
     proof_path: str | None = None
+    policy_sha256: str | None = None  # hashed once, at the launch's first proof
 
     def add_check(self, check: Check) -> None:
         self.checks.append(check)
         self.log(f"check {check.name} ok={str(check.ok).lower()} {check.detail}", "info" if check.ok else "error")
+
+    def _policy_sha256(self) -> str | None:
+        if self.plan.policy_path is None:
+            return None
+        if self.policy_sha256 is None:
+            from ..configfiles import file_sha256  # noqa: PLC0415 - only with a Cedar policy
+
+            self.policy_sha256 = file_sha256(self.plan.policy_path) or None
+        return self.policy_sha256
 
     def write_proof(self, invariants, *, ended: bool, exit_status: int | None) -> None:
         doc = proofdoc.build(
@@ -45,6 +55,7 @@ class RunRecord:
             started_at=self.started_at,
             ended_at=now() if ended else None,
             exit_status=exit_status,
+            facts=proofdoc.run_facts(self.plan, policy_sha256=self._policy_sha256()),
         )
         text = proofdoc.dumps(doc)
         path = self.dirs.proof_path(self.plan.identity.sandbox_id)
