@@ -249,3 +249,25 @@ def test_the_proof_names_the_run_and_each_weakening_with_its_source(tmp_path):
     assert ("env_passthrough", "GITHUB_TOKEN is passed to the agent", where) in got
     assert ("mounts", f"{data} -> /tmp/data-inside (read-write)", where) in got
     assert all(w["source"] == where for w in proof["weakenings"])
+
+
+def test_firma_proofs_lists_runs_and_keep_proofs_prunes(tmp_path):
+    require_tools()
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    env = _env(tmp_path)
+    env["XDG_CONFIG_HOME"] = str(tmp_path / "xdg")
+    (tmp_path / "xdg" / "firma").mkdir(parents=True)
+    (tmp_path / "xdg" / "firma" / "config.toml").write_text("[state]\nkeep_proofs = 2\n")
+    _project(ws, "[state]\nkeep_proofs = 100\n")  # untrusted: may not keep more (widening)
+    for code in (3, 4, 5):
+        p = run_firma(["run", "--", "sh", "-c", f"exit {code}"], cwd=ws, env=env)
+        assert p.returncode == code and "ignored state.keep_proofs" in p.stderr, p.stderr
+    assert len(list((tmp_path / "state" / "proofs").glob("sbx_*.json"))) == 2  # pruned to the user's 2
+    listing = run_firma(["proofs", "--json"], cwd=ws, env=env)
+    rows = [json.loads(line) for line in listing.stdout.splitlines()]
+    assert [r["exit_status"] for r in rows] == [5, 4]  # newest first
+    assert rows[0]["command"] == ["sh", "-c", "exit 5"] and rows[0]["enforced"] is True
+    pruned = run_firma(["proofs", "--prune", "--keep", "1"], cwd=ws, env=env)
+    assert pruned.returncode == 0 and "pruned 1 proofs" in pruned.stdout
+    assert len(list((tmp_path / "state" / "proofs").glob("sbx_*.json"))) == 1

@@ -32,6 +32,7 @@ COMMANDS = {
     "contract": "firma.cli.contract",
     "conformance": "firma.cli.conformance",
     "trust": "firma.cli.trust",
+    "proofs": "firma.cli.proofs",
 }
 
 # Option kinds: FLAG is store_true, VALUE takes one value, APPEND takes one value per use.

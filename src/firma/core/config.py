@@ -57,6 +57,21 @@ class ConfigFile:
     run: Layer = field(default_factory=dict)  # settings directly under [run]
     defaults: Layer = field(default_factory=dict)  # [run.defaults]
     profiles: Mapping[str, Layer] = field(default_factory=dict)  # [run.profiles.<name>]
+    state: Layer = field(default_factory=dict)  # [state]: keep_proofs
+
+
+DEFAULT_KEEP_PROOFS = 1000  # proofs (and kept run logs) older than the newest N are pruned
+
+
+def _state_table(table: Any, path: str) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: 'state' must be a table")
+    for key, value in table.items():
+        if key != "keep_proofs":
+            raise ConfigError(f"{path}: unknown key '{key}' in [state]; known: keep_proofs")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{path}: state.keep_proofs must be a positive integer")
+    return dict(table)
 
 
 EMPTY = ConfigFile()
@@ -72,8 +87,9 @@ def parse(text: str, path: str) -> ConfigFile:
         raise ConfigError(f"{path}: invalid TOML: {exc}; fix the file") from None
     base = posixpath.dirname(path)
     for key in doc:
-        if key != "run":
-            raise ConfigError(f"{path}: unknown key '{key}'; only [run] is supported")
+        if key not in ("run", "state"):
+            raise ConfigError(f"{path}: unknown key '{key}'; only [run] and [state] are supported")
+    state = _state_table(doc.get("state", {}), path)
     run = doc.get("run", {})
     if not isinstance(run, dict):
         raise ConfigError(f"{path}: 'run' must be a table")
@@ -104,6 +120,7 @@ def parse(text: str, path: str) -> ConfigFile:
     return ConfigFile(
         path=path,
         profile=profile,
+        state=state,
         run=_layer(top, "run", path, base),
         defaults=_layer(defaults, "run.defaults", path, base),
         profiles=profiles,
@@ -229,6 +246,14 @@ class ConfigSet:
             if trusted and cfg.profile is not None:
                 return cfg.profile
         return None
+
+    @property
+    def keep_proofs(self) -> int:
+        """`[state].keep_proofs` of the highest trusted file that sets it."""
+        for cfg, trusted in reversed(self.files):
+            if trusted and "keep_proofs" in cfg.state:
+                return int(cfg.state["keep_proofs"])
+        return DEFAULT_KEEP_PROOFS
 
     @property
     def paths(self) -> tuple[str, ...]:

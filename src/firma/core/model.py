@@ -139,6 +139,7 @@ class RunPlan:
     config_paths: tuple[str, ...] = ()  # every config file read (protected when in the workspace)
     config_sources: tuple[Any, ...] = ()  # configtrust.ConfigSource of every file considered
     weakenings: tuple[Weakening, ...] = ()  # every loosened default, with its source
+    keep_proofs: int = 1000  # `[state].keep_proofs`: older proofs are pruned at teardown
     # Extra workspace-relative paths bound read-only (besides the built-in list), `[run].protected_paths`.
     protected_paths: tuple[str, ...] = ()
 

@@ -219,6 +219,7 @@ def build_plan(
         config_path=cfg.paths[-1] if cfg.paths else None,
         config_paths=cfg.paths,
         config_sources=cfg.sources,
+        keep_proofs=cfg.keep_proofs,
         protected_paths=tuple(settings.get("protected_paths", ())),
         weakenings=weakenings(profile, settings, sources, monitor=args.monitor, endpoint=endpoint,
                               allow_non_structural_env=is_truthy(env.get(env_names.RUN_ALLOW_NON_STRUCTURAL))),

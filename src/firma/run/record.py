@@ -75,6 +75,9 @@ class RunRecord:
             self.log(f"proof written to {self.proof_path}", "info")
         except OSError as exc:
             self.log(f"teardown: cannot write proof: {exc}", "error")
+        pruned = statedir.prune_proofs(self.dirs.proofs_dir, self.plan.keep_proofs)
+        if pruned:
+            self.log(f"pruned {len(pruned)} old proofs ([state].keep_proofs = {self.plan.keep_proofs})", "info")
         if not self.plan.keep_markers:
             keep = None
             if failed:

@@ -138,3 +138,25 @@ def remove_run_dir(dirs: RunDirs, *, keep_log_as: str | None) -> None:
         except OSError:
             pass
     privfs.remove_tree(dirs.run_dir)
+
+
+def prune_proofs(proofs_dir: str, keep: int) -> list[str]:
+    """Remove all but the newest `keep` proofs (by modification time), each with the run log kept
+    beside it; returns the removed sandbox ids. Only names firma writes are touched."""
+    try:
+        entries = [e for e in os.scandir(proofs_dir) if e.name.startswith("sbx_") and e.name.endswith(".json")]
+    except OSError:
+        return []
+    if len(entries) <= keep:
+        return []
+    entries.sort(key=lambda e: e.stat(follow_symlinks=False).st_mtime_ns, reverse=True)
+    removed = []
+    for e in entries[keep:]:
+        sid = e.name[: -len(".json")]
+        for name in (e.name, f"{sid}.run.log"):
+            try:
+                os.unlink(os.path.join(proofs_dir, name))
+            except FileNotFoundError:
+                pass
+        removed.append(sid)
+    return removed
