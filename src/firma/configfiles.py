@@ -13,12 +13,12 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+from typing import Mapping
 
 from . import privfs
 from .core import config as cfgmod
 from .core import configtrust as trust
 from .core import settings
-from .core.hostfacts import Host
 from .errors import ConfigError
 from .privfs import PrivatePathError
 
@@ -95,8 +95,9 @@ def _trusted(path: str, origin: str) -> tuple[cfgmod.ConfigFile, trust.ConfigSou
     return _parse(data, path), trust.ConfigSource(path, origin, True, "trusted (named by you)" if origin != trust.USER else "trusted (your user config)", sha)
 
 
-def load(explicit: str | None, host: Host, cwd: str) -> cfgmod.ConfigSet:
-    env = host.environ
+def load(explicit: str | None, environ: Mapping[str, str], cwd: str) -> cfgmod.ConfigSet:
+    """Read before the host is detected: `[host]` in trusted files names the binaries to use."""
+    env = environ
     files: list[tuple[cfgmod.ConfigFile, bool]] = []
     sources: list[trust.ConfigSource] = []
     entries: dict[str, trust.TrustEntry] | None = None

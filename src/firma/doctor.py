@@ -83,9 +83,12 @@ def _os_check(host: Host) -> DoctorCheck:
 def _linux_checks(host: Host, obs: Observations) -> list[DoctorCheck]:
     out = []
     version = _version_tuple(host.bwrap_version)
-    if host.bwrap_path is None:
-        out.append(DoctorCheck("bubblewrap", FAIL, "bwrap not found on PATH",
-                               "install it with: apt-get install bubblewrap"))
+    if "bwrap" in host.refused_binaries:
+        out.append(DoctorCheck("bubblewrap", FAIL, host.refused_binaries["bwrap"],
+                               "use a root-owned bwrap (apt-get install bubblewrap) or fix [host].bwrap"))
+    elif host.bwrap_path is None:
+        out.append(DoctorCheck("bubblewrap", FAIL, "bwrap not found in the system directories",
+                               "install it with: apt-get install bubblewrap (or set [host].bwrap)"))
     elif host.bwrap_version is None:
         out.append(DoctorCheck("bubblewrap", FAIL, f"{host.bwrap_path} --version failed",
                                "reinstall bubblewrap: apt-get install --reinstall bubblewrap"))
@@ -244,7 +247,7 @@ def _config(host: Host, cli_path: str | None, cwd: str):
     from .configfiles import load
 
     try:
-        cfgs = load(cli_path, host, cwd)
+        cfgs = load(cli_path, host.environ, cwd)
     except FirmaError as exc:
         return None, None, str(exc)
     if not cfgs.files:

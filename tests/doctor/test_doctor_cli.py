@@ -48,27 +48,63 @@ def test_doctor_json_ok_on_this_host_and_agrees_with_run(tmp_path):
     assert checks["seccomp"]["status"] == "OK"
 
 
-def test_doctor_fails_when_bwrap_is_not_on_path(tmp_path):
-    bindir = tmp_path / "bin"
-    bindir.mkdir()
-    for tool in ("true",):  # a PATH that works, minus bwrap
-        os.symlink(shutil.which(tool), bindir / tool)
-    proc = doctor(tmp_path, path=str(bindir))
+def _host_config(tmp_path, bwrap: str):
+    cfg = tmp_path / "host.toml"
+    cfg.write_text(f'[host]\nbwrap = "{bwrap}"\n')
+    return {"FIRMA_CONFIG": str(cfg)}
+
+
+def test_doctor_fails_when_the_configured_bwrap_is_missing(tmp_path):
+    proc = doctor(tmp_path, _host_config(tmp_path, str(tmp_path / "no-bwrap")))
     doc, checks = checks_of(proc)
     assert proc.returncode == 1
     assert doc["ok"] is False
-    assert checks["bubblewrap"]["status"] == "FAIL"
-    assert "apt-get install bubblewrap" in checks["bubblewrap"]["remediation"]
+    assert checks["bubblewrap"]["status"] == "FAIL" and "[host].bwrap" in checks["bubblewrap"]["detail"]
     assert checks["bwrap_backend"]["status"] == "FAIL"
     # firma run on the same host refuses for the same reason.
-    run_host = detect_host({"PATH": str(bindir)})
+    run_host = detect_host({}, binaries={"bwrap": str(tmp_path / "no-bwrap")})
     with pytest.raises(Exception) as info:
         bwrap_preflight(run_host)
     assert str(info.value) in checks["bwrap_backend"]["detail"]
 
 
+def test_a_bwrap_others_can_write_is_refused_and_never_run(tmp_path):
+    """[host].bwrap naming a group-writable copy: refused by doctor and by run, and the copy never
+    ran (it would leave a marker). Control: the same copy, made writable only by its owner, runs."""
+    fake = tmp_path / "bin" / "bwrap"
+    fake.parent.mkdir()
+    marker = tmp_path / "fake-ran"
+    fake.write_text(f"#!/bin/sh\ntouch {marker}\nexec /usr/bin/bwrap \"$@\"\n")
+    fake.chmod(0o775)
+    env = _host_config(tmp_path, str(fake))
+    doc, checks = checks_of(doctor(tmp_path, env))
+    assert checks["bubblewrap"]["status"] == "FAIL" and "writable by group or others" in checks["bubblewrap"]["detail"]
+    assert not marker.exists()
+    fake.chmod(0o755)
+    doc, checks = checks_of(doctor(tmp_path, env))
+    assert checks["bubblewrap"]["status"] == "OK" and str(fake) in checks["bubblewrap"]["detail"]
+    assert marker.exists()
+
+
+def test_bwrap_on_path_is_never_taken(tmp_path):
+    """A workspace venv first on PATH holding a `bwrap` the agent wrote earlier: firma uses the
+    system one. Control: the shell's own lookup on the same PATH finds the planted one."""
+    venv_bin = tmp_path / "ws" / ".venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    marker = tmp_path / "planted-ran"
+    (venv_bin / "bwrap").write_text(f"#!/bin/sh\ntouch {marker}\nexec /usr/bin/bwrap \"$@\"\n")
+    (venv_bin / "bwrap").chmod(0o755)
+    path = f"{venv_bin}::{os.environ.get('PATH', '/usr/bin:/bin')}"
+    found = subprocess.run(["sh", "-c", "command -v bwrap"], env={"PATH": path}, capture_output=True, text=True)
+    assert found.stdout.strip() == str(venv_bin / "bwrap")  # control
+    doc, checks = checks_of(doctor(tmp_path, path=path))
+    assert checks["bubblewrap"]["status"] == "OK" and "/usr/bin/bwrap" in checks["bubblewrap"]["detail"]
+    assert not marker.exists()
+    assert detect_host({"PATH": path}).bwrap_path == "/usr/bin/bwrap"
+
+
 def test_doctor_text_output(tmp_path):
-    proc = doctor(tmp_path, path="/nonexistent", args=())
+    proc = doctor(tmp_path, _host_config(tmp_path, "/nonexistent/bwrap"), args=())
     assert proc.returncode == 1
     assert "FAIL  bubblewrap" in proc.stdout and "fix: " in proc.stdout
 
@@ -196,9 +232,8 @@ def test_smoke_sandbox_failure_fails_even_when_preflight_passes(tmp_path):
     fake.write_text('#!/bin/sh\nif [ "$1" = --version ]; then echo "bubblewrap 0.8.0"; exit 0; fi\n'
                     'echo "bwrap: setting up uid map: Permission denied" >&2\nexit 1\n')
     fake.chmod(0o755)
-    path = f"{bindir}:/usr/bin:/bin"
-    bwrap_preflight(detect_host({"PATH": path}))  # run's preflight: passes
-    proc = doctor(tmp_path, path=path)
+    bwrap_preflight(detect_host({}, binaries={"bwrap": str(fake)}))  # run's preflight: passes
+    proc = doctor(tmp_path, _host_config(tmp_path, str(fake)))
     _, checks = checks_of(proc)
     assert proc.returncode == 1
     assert checks["bubblewrap"]["status"] == "OK"

@@ -162,11 +162,12 @@ def searchable(path: Path) -> None:
 
 
 def wrapped_bwrap_env(tmp: Path, body: str) -> dict[str, str]:
-    """base_env with a `bwrap` wrapper first on PATH: `--version` goes to the real bwrap, then
+    """base_env with a `bwrap` wrapper named by `[host].bwrap` in a config file the user controls
+    (FIRMA_CONFIG; firma never takes bwrap from PATH): `--version` goes to the real bwrap, then
     `body` (shell lines that may exit or exec in its place), then the call goes through."""
-    real = shutil.which("bwrap")
-    if real is None:
-        raise AssertionError("bwrap is not installed")
+    real = "/usr/bin/bwrap"
+    if not os.access(real, os.X_OK):
+        raise AssertionError("bwrap is not installed at /usr/bin/bwrap; run scripts/install-system-deps.sh")
     searchable(tmp)  # a root caller's bwrap runs as the agent's unprivileged uid
     bindir = tmp / "bin"
     bindir.mkdir(exist_ok=True)
@@ -174,7 +175,9 @@ def wrapped_bwrap_env(tmp: Path, body: str) -> dict[str, str]:
     wrapper.write_text(f'#!/bin/sh\n[ "$1" = --version ] && exec {real} --version\n{body}exec {real} "$@"\n')
     wrapper.chmod(0o755)
     env = base_env(tmp)
-    env["PATH"] = f"{bindir}:{env['PATH']}"
+    cfg = tmp / "host-bwrap.toml"
+    cfg.write_text(f'[host]\nbwrap = "{wrapper}"\n')
+    env["FIRMA_CONFIG"] = str(cfg)
     return env
 
 

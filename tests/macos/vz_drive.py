@@ -12,8 +12,8 @@ from firma.core.record import replace
 from firma.host import detect_host as real_detect_host
 
 
-def macos_host(environ=None):
-    host = real_detect_host(environ)
+def macos_host(environ=None, binaries=None):
+    host = real_detect_host(environ, binaries)
     return replace(
         host, system="darwin", kernel_osrelease="24.0.0",
         sandbox_exec_path=os.environ.get("VZ_TEST_SANDBOX_EXEC") or None,

@@ -30,6 +30,12 @@ def bwrap_preflight(host: Host) -> None:
             "user namespaces are restricted: /proc/sys/user/max_user_namespaces is 0; "
             "enable them with: sysctl -w user.max_user_namespaces=15000"
         )
+    if "bwrap" in host.refused_binaries:
+        raise BackendError(
+            "bwrap",
+            f"{host.refused_binaries['bwrap']}; firma runs only host binaries from system "
+            "directories or an absolute [host].bwrap in your own configuration",
+        )
     if host.bwrap_path is None or host.bwrap_version is None:
         raise BackendError(
             "bwrap",

@@ -15,8 +15,20 @@ def add_parser(sub):
     return p
 
 
+def _host_binaries(config: str | None) -> dict[str, str]:
+    """`[host]` from trusted configuration, as `firma run` would use it; a config that cannot be
+    read leaves the defaults (the config check reports why)."""
+    from ..configfiles import load
+    from ..errors import FirmaError
+
+    try:
+        return load(config, os.environ, os.getcwd()).host_binaries
+    except (FirmaError, OSError):
+        return {}
+
+
 def run(args) -> int:
-    host = detect_host()
+    host = detect_host(binaries=_host_binaries(getattr(args, "config", None)))
     checks = evaluate(host, gather(host, config_path=getattr(args, "config", None)))
     try:
         print(report_json(checks) if args.json else report_text(checks), flush=True)

@@ -48,7 +48,7 @@ def run(args) -> int:
         if keep is None:
             from ..configfiles import load
 
-            keep = load(None, host, os.getcwd()).keep_proofs
+            keep = load(None, host.environ, os.getcwd()).keep_proofs
         removed = prune_proofs(proofs_dir, max(keep, 0))
         print(f"pruned {len(removed)} proofs; kept the newest {keep} in {proofs_dir}")
         return 0

@@ -48,11 +48,11 @@ def add_parser(sub):
     return p
 
 
-def _load_config(args, host, cwd: str) -> cfgmod.ConfigSet:
+def _load_config(args, environ, cwd: str) -> cfgmod.ConfigSet:
     from ..configfiles import load
 
     explicit = getattr(args, "run_config", None) or getattr(args, "config", None)
-    cfgs = load(explicit, host, cwd)
+    cfgs = load(explicit, environ, cwd)
     line = notice(cfgs.sources)
     if line is not None:
         print(f"[WARN] {line}", file=sys.stderr)
@@ -65,12 +65,12 @@ def run(args) -> int:
         cmd = cmd[1:]
     if not cmd:
         raise PlanError("no command given; usage: firma run [options] -- CMD [ARGS...]")
-    host = detect_host()
     try:
         cwd = os.getcwd()
     except OSError as exc:
         raise PlanError(f"cannot read the working directory: {exc.strerror}") from None
-    cfg = _load_config(args, host, cwd)
+    cfg = _load_config(args, os.environ, cwd)
+    host = detect_host(binaries=cfg.host_binaries)
     run_args = RunArgs(
         command=tuple(cmd),
         profile=args.profile,

@@ -78,7 +78,7 @@ def run(args) -> int:
         print(f"trust withdrawn: {target}")
         return 0
     # Read exactly as `firma run` would name it explicitly: the private-path rule, then parse.
-    loaded = configfiles.load(target, host, cwd)
+    loaded = configfiles.load(target, env, cwd)
     cfg, source = loaded.files[-1][0], loaded.sources[-1]
     sha = source.sha256 or ""
     files = {p: configfiles.file_sha256(p) for p in trust.referenced_files(cfg)}

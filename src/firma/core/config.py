@@ -58,9 +58,24 @@ class ConfigFile:
     defaults: Layer = field(default_factory=dict)  # [run.defaults]
     profiles: Mapping[str, Layer] = field(default_factory=dict)  # [run.profiles.<name>]
     state: Layer = field(default_factory=dict)  # [state]: keep_proofs
+    host: Mapping[str, str] = field(default_factory=dict)  # [host]: bwrap, python3 (absolute paths)
 
 
 DEFAULT_KEEP_PROOFS = 1000  # proofs (and kept run logs) older than the newest N are pruned
+
+
+HOST_BINARIES = ("bwrap", "python3")
+
+
+def _host_table(table: Any, path: str) -> dict[str, str]:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: 'host' must be a table")
+    for key, value in table.items():
+        if key not in HOST_BINARIES:
+            raise ConfigError(f"{path}: unknown key '{key}' in [host]; known: {', '.join(HOST_BINARIES)}")
+        if not isinstance(value, str) or not value.startswith("/"):
+            raise ConfigError(f"{path}: host.{key} must be an absolute path")
+    return {k: posixpath.normpath(v) for k, v in table.items()}
 
 
 def _state_table(table: Any, path: str) -> dict[str, Any]:
@@ -87,9 +102,10 @@ def parse(text: str, path: str) -> ConfigFile:
         raise ConfigError(f"{path}: invalid TOML: {exc}; fix the file") from None
     base = posixpath.dirname(path)
     for key in doc:
-        if key not in ("run", "state"):
-            raise ConfigError(f"{path}: unknown key '{key}'; only [run] and [state] are supported")
+        if key not in ("run", "state", "host"):
+            raise ConfigError(f"{path}: unknown key '{key}'; only [run], [state] and [host] are supported")
     state = _state_table(doc.get("state", {}), path)
+    host = _host_table(doc.get("host", {}), path)
     run = doc.get("run", {})
     if not isinstance(run, dict):
         raise ConfigError(f"{path}: 'run' must be a table")
@@ -121,6 +137,7 @@ def parse(text: str, path: str) -> ConfigFile:
         path=path,
         profile=profile,
         state=state,
+        host=host,
         run=_layer(top, "run", path, base),
         defaults=_layer(defaults, "run.defaults", path, base),
         profiles=profiles,
@@ -246,6 +263,15 @@ class ConfigSet:
             if trusted and cfg.profile is not None:
                 return cfg.profile
         return None
+
+    @property
+    def host_binaries(self) -> dict[str, str]:
+        """`[host]` paths, from trusted files only (a higher file wins per key)."""
+        out: dict[str, str] = {}
+        for cfg, trusted in self.files:
+            if trusted:
+                out.update(cfg.host)
+        return out
 
     @property
     def keep_proofs(self) -> int:

@@ -22,6 +22,10 @@ class Host:
     bwrap_path: str | None = None
     bwrap_version: str | None = None  # first line of `bwrap --version`, None when it failed
     sandbox_exec_path: str | None = None
+    python3_path: str | None = None  # the system python3 the exec gate runs inside the sandbox
+    # Why a configured or found binary was refused (trusted-binary rule), by name: preflight and
+    # doctor report it instead of "not installed".
+    refused_binaries: Mapping[str, str] = field(default_factory=dict)
     # The user's environment, captured once; the plan reads it, backends never do.
     environ: Mapping[str, str] = field(default_factory=dict)
 

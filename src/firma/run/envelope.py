@@ -25,7 +25,7 @@ def seccomp_for(plan: RunPlan, host: Host) -> SeccompArtifact | None:
         return None
     from ..seccomp import store as seccomp  # noqa: PLC0415 - Linux only
 
-    return seccomp.prepare_filter(plan.seccomp_policy, plan.state_root, host.machine)
+    return seccomp.prepare_filter(plan.seccomp_policy, plan.state_root, host.machine, host.python3_path)
 
 
 def build_envelope(

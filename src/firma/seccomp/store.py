@@ -139,13 +139,13 @@ def _arch_token(machine: str) -> tuple[str, int]:
     return name.lower(), getattr(pyseccomp.Arch, name)
 
 
-def _exec_gate_prefix(machine: str) -> tuple[str, ...]:
+def _exec_gate_prefix(machine: str, python3: str | None = None) -> tuple[str, ...]:
     """`python3 -I -S -c <gate source> ARCH NR_EXECVE NR_EXECVEAT --` (see firma.seccomp.exec_gate)."""
     pyseccomp = _pyseccomp()
 
     _, arch = _arch_token(machine)
-    python = next((p for p in _GATE_PYTHONS if os.access(p, os.X_OK)),
-                  os.path.realpath(sys.executable))
+    python = python3 or next((p for p in _GATE_PYTHONS if os.access(p, os.X_OK)),
+                             os.path.realpath(sys.executable))
     try:
         with open(_EXEC_GATE_SCRIPT) as f:
             source = f.read()
@@ -370,7 +370,7 @@ def _parts(artifact: SeccompArtifactRef) -> tuple[str, ...]:
 
 
 def plan_artifact(
-    policy: SeccompPolicyRef | None, state_root: str, machine: str
+    policy: SeccompPolicyRef | None, state_root: str, machine: str, python3: str | None = None
 ) -> tuple[SeccompArtifact, bytes]:
     """Compile in memory and describe where the artifact lives; writes nothing."""
     pol = load_policy(policy)
@@ -385,7 +385,7 @@ def plan_artifact(
     bpf = compile_bpf(pol, machine)
     sha = hashlib.sha256(bpf).hexdigest()
     meta = _metadata(pol, arch, sha)
-    prefix = _exec_gate_prefix(machine) if pol.exec_gate else ()
+    prefix = _exec_gate_prefix(machine, python3) if pol.exec_gate else ()
     directory = os.path.join(root, pol.policy_id, pol.policy_version, arch)
     art = SeccompArtifact(
         path=os.path.join(directory, BPF_NAME),
@@ -397,11 +397,13 @@ def plan_artifact(
     return art, bpf
 
 
-def prepare_filter(policy: SeccompPolicyRef | None, state_root: str, machine: str) -> SeccompArtifact:
+def prepare_filter(
+    policy: SeccompPolicyRef | None, state_root: str, machine: str, python3: str | None = None
+) -> SeccompArtifact:
     """Compile the policy (built-in default when None), store it if absent, verify it, describe it.
 
     The hardening rules are part of every filter. Raises SeccompError with a one-line reason."""
-    art, bpf = plan_artifact(policy, state_root, machine)
+    art, bpf = plan_artifact(policy, state_root, machine, python3)
     directory = os.path.dirname(art.path)
     dfd = _open_dir_chain(art.root, _parts(art), create=True)
     try:
