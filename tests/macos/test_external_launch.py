@@ -55,8 +55,12 @@ def test_runner_gets_exactly_two_arguments_and_a_private_contract(tmp_path, monk
     assert SECRET_VALUE not in copy
     runner_env = (out / "env").read_text()
     assert SECRET_VALUE not in runner_env and "FIRMA_CAPABILITY_TOKEN" not in runner_env
-    assert "HTTP_PROXY=http://127.0.0.1:41000" in runner_env.splitlines()
-    assert (out / "cwd").read_text().strip() == str(tmp_path)
+    # The runner's environment is firma's own, not the agent's (command.env stays in the contract).
+    names = {line.split("=", 1)[0] for line in runner_env.splitlines() if "=" in line} - {"PWD", "SHLVL", "_"}
+    assert names <= {"PATH", "HOME", "LANG", "TERM"}, names
+    assert "PATH=/usr/sbin:/usr/bin:/sbin:/bin" in runner_env.splitlines()
+    assert json.loads(copy)["command"]["env"]["HTTP_PROXY"] == "http://127.0.0.1:41000"  # the agent's: in the contract
+    assert (out / "cwd").read_text().strip() == "/"
     # Removed once the runner exited; the directory stays private.
     assert not os.path.exists(path)
     assert mode_of(os.path.dirname(path)) == 0o700

@@ -22,7 +22,13 @@ HERE = Path(__file__).resolve().parent
 DRIVE = HERE / "vz_drive.py"
 SECRET = "cap-token-must-never-appear-7c1e"
 
+# The runner reads the host bridge and stub from its contract (its own environment is firma's
+# minimal one, not the agent's).
 PROBES = r'''
+if [ "$1" = --launch-contract ]; then
+  HTTP_PROXY=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["network"]["proxy_url"])' "$2")
+  FIRMA_DNS_STUB_ADDR=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["network"]["dns_stub_addr"])' "$2")
+fi
 code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 20 -x "$HTTP_PROXY" http://denied.invalid/x)
 echo "$code" > "$OUT/curl"
 dig +tries=1 +time=5 -p "${FIRMA_DNS_STUB_ADDR##*:}" @"${FIRMA_DNS_STUB_ADDR%:*}" probe.invalid A \

@@ -175,3 +175,59 @@ def test_launch_refuses_without_network_runtime(tmp_path, runner):
     with pytest.raises(FirmaError, match=r"^backend error \(runner\): runner launch requires proxy_url from network runtime; sidecar bridge was not prepared$"):
         asyncio.run(backend.launch(env, LaunchHooks(serve_planted=None, add_check=lambda c: None)))
     assert not os.path.exists(f"{tmp_path}/runner/launch.json")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_the_runner_dies_with_a_killed_launcher_and_gets_no_agent_environment(tmp_path):
+    """SIGKILL of firma leaves no runner behind (its egress would go to whatever bound the freed
+    bridge port); and the runner's environment is firma's, not the agent's — PYTHONPATH and
+    LD_PRELOAD set for the agent never reach it. Control: without the kill the runner keeps
+    running (its sleep is long), so its disappearance is the parent-death signal."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "out"
+    out.mkdir()
+    script = tmp_path / "runner.sh"
+    script.write_text(f"#!/bin/sh\necho $$ > {out}/pid\nenv > {out}/env\nexec sleep 300\n")
+    script.chmod(0o755)
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    home = tmp_path / "home"
+    home.mkdir()
+    cfg = tmp_path / "agent-env.toml"
+    cfg.write_text('[run]\nenv_set = { PYTHONPATH = "/ws/evil", LD_PRELOAD = "/ws/evil.so" }\n')
+    env = {"HOME": str(home), "PATH": "/usr/bin:/bin", "FIRMA_STATE_DIR": str(tmp_path / "state"),
+           "FIRMA_RUN_RUNNER": str(script), "LANG": "C.UTF-8"}
+    proc = subprocess.Popen([sys.executable, "-m", "firma", "--config", str(cfg), "run", "--backend", "runner",
+                             "--", "true"], cwd=ws, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while not (out / "pid").exists() or not (out / "pid").read_text().strip():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.02)
+        runner = int((out / "pid").read_text())
+        time.sleep(0.3)
+        assert _alive(runner)  # control: running while firma runs
+        names = {line.split("=", 1)[0] for line in (out / "env").read_text().splitlines() if "=" in line}
+        assert not names & {"PYTHONPATH", "LD_PRELOAD", "FIRMA_RUN_SANDBOX_ID", "HTTP_PROXY"}, names
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        deadline = time.monotonic() + 10
+        while _alive(runner) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not _alive(runner)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if (out / "pid").exists() and _alive(int((out / "pid").read_text() or 0)):
+            os.kill(int((out / "pid").read_text()), signal.SIGKILL)

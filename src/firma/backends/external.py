@@ -6,8 +6,10 @@ file created with O_EXCL|O_NOFOLLOW at mode 0600 relative to a directory fd open
 following links, written, then fsynced — before the runner starts, and removed when the runner
 has exited or the run is torn down. The runner is started as exactly
 `<runner> --launch-contract <absolute path>` in its own session (so its own process group, and no
-controlling terminal to inject into), stdio inherited, with the contract's `command.env` as its
-environment: it never sees firma's own environment or any secret."""
+controlling terminal to inject into), stdio inherited, in `/`, with an environment of firma's own
+(`runner_env`: system PATH, HOME, LANG, TERM) — never `command.env`, which is the agent's and
+could carry PYTHONPATH or LD_PRELOAD into a trusted host process. Every process started here dies
+with the launcher (parent-death signal), so no runner or agent outlives a SIGKILLed firma."""
 
 from __future__ import annotations
 
@@ -136,6 +138,36 @@ class GroupChild:
         """Nothing to release: the leader is reaped by `wait`."""
 
 
+# The runner's own environment: nothing of the agent's (or the caller's) beyond these.
+RUNNER_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+_PR_SET_PDEATHSIG = 1
+
+
+def runner_env(agent_env: Mapping[str, str], home: str) -> dict[str, str]:
+    """A trusted host process's environment: system PATH, the caller's HOME, LANG and TERM."""
+    env = {"PATH": RUNNER_PATH, "HOME": home}
+    for key in ("LANG", "TERM"):
+        if agent_env.get(key):
+            env[key] = agent_env[key]
+    return env
+
+
+def _die_with_launcher() -> Callable[[], None]:
+    """A preexec step: SIGKILL when the launcher dies, and exit at once if it already has (the
+    signal is only armed for a parent that is still there). Resolved before the fork."""
+    import ctypes  # noqa: PLC0415 - only when an external enforcer starts
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent = os.getpid()
+
+    def arm() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return arm
+
+
 async def spawn_group(
     argv: Sequence[str],
     *,
@@ -143,7 +175,8 @@ async def spawn_group(
     cwd: str,
     on_exit: Sequence[Callable[[], None]] = (),
 ) -> GroupChild:
-    """Start `argv` with exactly `env`, stdio inherited, as the leader of a new session."""
+    """Start `argv` with exactly `env`, stdio inherited, as the leader of a new session that dies
+    with the launcher."""
     try:
         proc = await asyncio.create_subprocess_exec(
             *argv,
@@ -151,6 +184,7 @@ async def spawn_group(
             cwd=cwd,
             start_new_session=True,
             close_fds=True,
+            preexec_fn=_die_with_launcher(),
         )
     except OSError as exc:
         for cb in on_exit:
@@ -205,8 +239,8 @@ async def launch_contract(
     command = contract["command"]
     return await spawn_group(
         runner_argv(runner_path, contract_path),
-        env=command["env"],
-        cwd=command["cwd"],
+        env=runner_env(command["env"], command["env"].get("HOME") or "/"),
+        cwd="/",
         on_exit=(lambda: remove_contract(contract_path),),
     )
 
