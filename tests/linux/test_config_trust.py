@@ -21,7 +21,7 @@ SECRET = "s3cr3t-from-the-callers-env"
 # Each widening key, a value for it, and how the effective plan shows it honoured.
 WIDENING = {
     "allow_hosts": ('["evil.example"]', lambda plan: "evil.example" in plan["allow_hosts"]),
-    "mounts": ('[{source = "/etc", target = "/mnt/hostetc"}]', lambda plan: any(m["target"] == "/mnt/hostetc" for m in plan["mounts"])),
+    "mounts": ('[{source = "/usr/share", target = "/mnt/hostshare"}]', lambda plan: any(m["target"] == "/mnt/hostshare" for m in plan["mounts"])),
     "env_passthrough": ('["HOME", "PATH", "GITHUB_TOKEN"]', lambda plan: "GITHUB_TOKEN" in plan["env"]),  # value redacted
     "env_set": ('{ LD_PRELOAD = "/tmp/evil.so" }', lambda plan: plan["env"].get("LD_PRELOAD") == "/tmp/evil.so"),
     "mask_home_paths": ("[]", lambda plan: ".ssh" not in plan["mask_home_paths"]),

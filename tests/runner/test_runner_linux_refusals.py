@@ -207,3 +207,68 @@ def test_measured_checks_go_to_the_log_file_not_the_commands_output(tmp_path, st
                  "agent_no_new_privs"):
         assert f"firma-runner-linux: check {name} ok=true" in text, text
     assert os.stat(log).st_mode & 0o077 == 0
+
+
+BAD_MOUNTS = {
+    "/": "exposes the host's /proc or /sys",
+    "/proc": "exposes the host's /proc or /sys",
+    "/dev": "exposes the host's /dev",
+    "/etc/shadow": "root-only secret",
+    "/etc": "root-only secret",
+    "/usr/../etc": "must not contain '..'",
+}
+
+
+@pytest.mark.parametrize("source", sorted(BAD_MOUNTS))
+def test_contract_mounts_follow_the_config_mount_rules(tmp_path, standins, source):
+    """A contract mounting the host's /, /proc, /dev, a root-only secret or a `..` path read-write:
+    `firma contract validate` and the reference runner refuse it in one line and nothing runs.
+    Control: the same contract without that mount runs (the other tests)."""
+    target = tmp_path / "mnt"
+    target.mkdir()
+    path, work = write_contract(tmp_path, standins.proxy_url, standins.dns, "echo ran > marker",
+                                extra_mounts=(Mount(source, str(target), False),))
+    r = run_runner(path, work)
+    assert r.returncode == 1 and not (work / "marker").exists(), r.stderr
+    assert r.stderr.startswith("[ERR]  ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "/mounts/1" in r.stderr and BAD_MOUNTS[source] in r.stderr
+    v = subprocess.run([sys.executable, "-m", "firma", "contract", "validate", str(path)], capture_output=True, text=True)
+    assert v.returncode == 1 and BAD_MOUNTS[source] in v.stderr
+
+
+def test_sandbox_id_that_is_not_firmas_format_is_refused(tmp_path, standins):
+    path, work = write_contract(tmp_path, standins.proxy_url, standins.dns, "echo ran > marker")
+    data = json.loads(path.read_text())
+    bad = "sbx_../../../../tmp/escape"
+    data["sandbox_id"] = bad
+    data["network"]["attribution_headers"]["x-firma-sandbox-id"] = bad
+    path.write_text(json.dumps(data))
+    r = run_runner(path, work)
+    assert r.returncode == 1 and not (work / "marker").exists()
+    assert "/sandbox_id: must be firma's sandbox id format" in r.stderr
+    assert not Path("/tmp/escape").exists()
+
+
+def test_a_lone_surrogate_is_one_line_not_a_traceback(tmp_path, standins):
+    path, work = write_contract(tmp_path, standins.proxy_url, standins.dns, "echo ran > marker")
+    text = path.read_text().replace('"-c"', '"\\ud800"', 1)
+    path.write_text(text)
+    r = run_runner(path, work)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "/command/args/0: contains a lone surrogate" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_contract_without_a_filter_still_gets_the_hardening_filter(tmp_path, standins):
+    """`seccomp_filter_path: null`: the reference runner applies firma's built-in filter, so a
+    set-id mode is refused inside. Control: the same chmod outside succeeds."""
+    ctl = tmp_path / "ctl"
+    ctl.write_text("x")
+    os.chmod(ctl, 0o4755)
+    assert ctl.stat().st_mode & 0o4000  # control
+    path, work = write_contract(tmp_path, standins.proxy_url, standins.dns,
+                                "cp /bin/true t && chmod 4755 t; echo $? > status")
+    assert json.loads(path.read_text())["command"]["seccomp_filter_path"] is None
+    r = run_runner(path, work)
+    assert r.returncode == 0, r.stderr
+    assert (work / "status").read_text().strip() != "0"
+    assert not (work / "t").stat().st_mode & 0o4000

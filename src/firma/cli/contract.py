@@ -33,7 +33,7 @@ def run(args) -> int:
         print(json.dumps(contract_schema(), indent=2))
         return 0
     raw, mode = read_contract_file(args.file)
-    violations = validate_contract_bytes(raw, mode, file_exists=regular_file_exists)
+    violations = validate_contract_bytes(raw, mode, file_exists=regular_file_exists, realpath=os.path.realpath)
     if violations:
         for v in violations:
             print(f"{args.file}: {v}", file=sys.stderr)

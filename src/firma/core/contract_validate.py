@@ -14,8 +14,11 @@ import json
 import stat as stat_mod
 from typing import Any, Callable, Mapping
 
+import re
+
 from .contract import is_secret_env_name
-from .model import INVARIANT_NAMES
+from .model import INVARIANT_NAMES, Mount
+from .mountcheck import mount_problem
 from .record import record
 from . import settings as env_names
 from . import wire
@@ -179,10 +182,29 @@ def _esc(key: str) -> str:
     return str(key).replace("~", "~0").replace("/", "~1")
 
 
+SANDBOX_ID = re.compile(r"^sbx_[0-9a-f]{32}$")  # firma's ids (core.identity): safe as a path name
+
+
+def _surrogates(v: Any, where: str, out: list[Violation]) -> None:
+    """Every string (keys too) must be Unicode scalar values: JSON's \\ud800 escapes decode to lone
+    surrogates that cannot be encoded for exec, a path or a log line."""
+    if isinstance(v, str):
+        if any(0xD800 <= ord(ch) <= 0xDFFF for ch in v):
+            out.append(Violation(where, "contains a lone surrogate (not a Unicode scalar value)"))
+    elif isinstance(v, dict):
+        for k, x in v.items():
+            _surrogates(k, where, out)
+            _surrogates(x, f"{where}/{_esc(k) if isinstance(k, str) else k}", out)
+    elif isinstance(v, list):
+        for i, x in enumerate(v):
+            _surrogates(x, f"{where}/{i}", out)
+
+
 def validate_contract(
     data: Any,
     *,
     file_exists: Callable[[str], bool] | None = None,
+    realpath: Callable[[str], str] = lambda p: p,
 ) -> list[Violation]:
     """Every runner-side rule of DESIGN §7 except the file mode. Empty list = valid.
 
@@ -191,14 +213,19 @@ def validate_contract(
     c = _Checker()
     if not c.obj(data, "", TOP_KEYS, OPTIONAL_TOP_KEYS):
         return c.out
+    before = len(c.out)
+    _surrogates(data, "", c.out)
+    if len(c.out) > before:
+        return c.out  # the other rules would trip over the same strings
 
     v = data.get("version")
     if "version" in data and (type(v) is not int or v != CONTRACT_VERSION):
         c.bad("/version", f"unsupported contract version {json.dumps(v)}; expected 1")
 
     sandbox_id = data.get("sandbox_id")
-    if "sandbox_id" in data:
-        c.string(sandbox_id, "/sandbox_id", nonblank=True)
+    if "sandbox_id" in data and c.string(sandbox_id, "/sandbox_id", nonblank=True):
+        if not SANDBOX_ID.match(sandbox_id):
+            c.bad("/sandbox_id", "must be firma's sandbox id format sbx_<32 lowercase hex digits>")
     if "runtime_dir" in data:
         c.string(data["runtime_dir"], "/runtime_dir", absolute=True)
 
@@ -217,7 +244,7 @@ def validate_contract(
     if "command" in data:
         _check_command(c, data["command"])
     if "mounts" in data:
-        _check_mounts(c, data["mounts"])
+        _check_mounts(c, data["mounts"], realpath)
     if "network" in data:
         _check_network(c, data["network"], sandbox_id if isinstance(sandbox_id, str) else None)
     if "invariants" in data:
@@ -278,7 +305,7 @@ def _check_command(c: _Checker, cmd: Any) -> None:
         c.string(cmd["seccomp_filter_path"], "/command/seccomp_filter_path", absolute=True)
 
 
-def _check_mounts(c: _Checker, mounts: Any) -> None:
+def _check_mounts(c: _Checker, mounts: Any, realpath: Callable[[str], str]) -> None:
     if not isinstance(mounts, list):
         c.bad("/mounts", f"must be an array, got {_typename(mounts)}")
         return
@@ -294,6 +321,11 @@ def _check_mounts(c: _Checker, mounts: Any) -> None:
             c.string(m["target"], f"{w}/target", absolute=True)
         if "read_only" in m and not isinstance(m["read_only"], bool):
             c.bad(f"{w}/read_only", f"must be a boolean, got {_typename(m['read_only'])}")
+        elif all(isinstance(m.get(k), str) and m[k].startswith("/") for k in ("source", "target")):
+            why = mount_problem(Mount(m["source"], m["target"], bool(m.get("read_only"))),
+                                state_root=None, realpath=realpath)
+            if why is not None:
+                c.bad(w, why)
 
 
 def _check_network(c: _Checker, net: Any, sandbox_id: str | None) -> None:
@@ -359,14 +391,15 @@ MAX_CONTRACT_BYTES = 4 * 1024 * 1024  # a contract file larger than this is refu
 
 
 def validate_contract_bytes(
-    raw: bytes, mode: int, *, file_exists: Callable[[str], bool] | None = None
+    raw: bytes, mode: int, *, file_exists: Callable[[str], bool] | None = None,
+    realpath: Callable[[str], str] = lambda p: p,
 ) -> list[Violation]:
     """Every rule, file mode included, for a file's bytes and its `st_mode`."""
     out = check_file_mode(mode)
     data, errs = parse_contract(raw)
     if errs:
         return out + errs
-    return out + validate_contract(data, file_exists=file_exists)
+    return out + validate_contract(data, file_exists=file_exists, realpath=realpath)
 
 
 # ---------------------------------------------------------------------------------------------

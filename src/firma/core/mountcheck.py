@@ -12,9 +12,10 @@ import posixpath
 from typing import Callable, Iterable
 
 from ..errors import ConfigError
+from .bwrap_plan import ROOT_SECRETS
 from .model import Mount
 
-KERNEL_SOURCES = ("/proc", "/sys")
+KERNEL_SOURCES = ("/proc", "/sys", "/dev")
 RESERVED_TARGET_TREES = ("/proc", "/sys", "/dev")
 GENERATED_FILES = ("/etc/resolv.conf", "/etc/hosts", "/etc/passwd", "/etc/group")
 
@@ -23,29 +24,40 @@ def _within(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
+def mount_problem(m: Mount, *, state_root: str | None, realpath: Callable[[str], str]) -> str | None:
+    """Why `m` would weaken the sandbox (one clause), or None. Shared by `[run].mounts` and the
+    launch contract's mounts (a runner must refuse what firma refuses)."""
+    if not m.source.startswith("/") or not m.target.startswith("/"):
+        return "source and target must be absolute paths"
+    if ".." in m.source.split("/") or ".." in m.target.split("/"):
+        return "source and target must not contain '..'"
+    src = posixpath.normpath(realpath(m.source))
+    tgt = posixpath.normpath(m.target)
+    if src == "/" or any(_within(src, k) for k in KERNEL_SOURCES):
+        return f"the source is (or resolves to) {src}, which exposes the host's {_kernel_name(src)}; mount a narrower directory"
+    if any(_within(src, s) or _within(s, src) for s in ROOT_SECRETS):
+        return f"the source {src} holds or is a root-only secret (password hashes, sudo rules, host keys)"
+    if state_root is not None:
+        state = posixpath.normpath(realpath(state_root))
+        if _within(src, state) or _within(state, src):
+            return (f"the source overlaps firma's state root {state} (audit key, proofs); "
+                    "mount a directory outside it or move FIRMA_STATE_DIR")
+    if tgt == "/" or any(_within(tgt, r) for r in RESERVED_TARGET_TREES) or tgt in GENERATED_FILES:
+        return (f"the target {tgt} is managed by the sandbox (/, /proc, /sys, /dev, "
+                "resolv.conf, hosts, passwd, group); choose another target")
+    return None
+
+
+def _kernel_name(src: str) -> str:
+    return "/proc or /sys" if src == "/" or not src.startswith("/dev") else "/dev"
+
+
 def check_mounts(
     mounts: Iterable[Mount], *, state_root: str, realpath: Callable[[str], str]
 ) -> None:
     """Raise ConfigError naming the first mount that would weaken the sandbox."""
-    state = posixpath.normpath(realpath(state_root))
     for m in mounts:
-        what = f"mount {m.source} -> {m.target}"
-        if not m.source.startswith("/") or not m.target.startswith("/"):
-            raise ConfigError(f"{what}: source and target must be absolute paths; fix [run].mounts")
-        src = posixpath.normpath(realpath(m.source))
-        tgt = posixpath.normpath(m.target)
-        if src == "/" or any(_within(src, k) for k in KERNEL_SOURCES):
-            raise ConfigError(
-                f"{what}: the source is (or resolves to) {src}, which exposes the host's /proc or "
-                "/sys; mount a narrower directory"
-            )
-        if _within(src, state) or _within(state, src):
-            raise ConfigError(
-                f"{what}: the source overlaps firma's state root {state} (audit key, proofs); "
-                "mount a directory outside it or move FIRMA_STATE_DIR"
-            )
-        if tgt == "/" or any(_within(tgt, r) for r in RESERVED_TARGET_TREES) or tgt in GENERATED_FILES:
-            raise ConfigError(
-                f"{what}: the target {tgt} is managed by the sandbox (/, /proc, /sys, /dev, "
-                "resolv.conf, hosts, passwd, group); choose another target"
-            )
+        why = mount_problem(m, state_root=state_root, realpath=realpath)
+        if why is not None:
+            fix = "; fix [run].mounts" if why.startswith("source and") else ""
+            raise ConfigError(f"mount {m.source} -> {m.target}: {why}{fix}")

@@ -42,7 +42,7 @@ from ..core.model import (
     frozen_map,
 )
 from .. import privfs
-from ..core.record import record
+from ..core.record import record, replace
 from ..core.statelayout import run_dir_path
 from ..errors import ContractError, FirmaError, LaunchError
 from ..core import settings as env_names
@@ -128,6 +128,18 @@ def envelope_from_contract(contract: Mapping[str, Any], runtime_dir: str) -> Exe
         ),
         invariants=tuple(Invariant(i["name"], i["mode"]) for i in contract["invariants"]),
     )
+
+
+def with_hardening(envelope: ExecutionEnvelope, runtime_dir: str) -> ExecutionEnvelope:
+    """A contract without a seccomp filter still gets firma's built-in hardening filter (io_uring,
+    TIOCSTI, ptrace, mounts, namespaces, set-id modes, ...): null means "no policy", never "no
+    filter". Compiled into this runner's private runtime directory."""
+    if envelope.seccomp_filter_path is not None:
+        return envelope
+    from ..seccomp.store import prepare_filter  # noqa: PLC0415 - only for a contract without a filter
+
+    art = prepare_filter(None, runtime_dir, os.uname().machine)
+    return replace(envelope, seccomp_filter_path=art.path, seccomp_artifact=art)
 
 
 # --- fail_closed_startup: the host paths must answer before the command may start -------------
@@ -344,7 +356,7 @@ def load_contract(path: str) -> dict[str, Any]:
     if not path.startswith("/"):
         path = os.path.abspath(path)
     raw, mode = read_contract_file(path)
-    problems = validate_contract_bytes(raw, mode, file_exists=os.path.isfile)
+    problems = validate_contract_bytes(raw, mode, file_exists=os.path.isfile, realpath=os.path.realpath)
     if problems:
         raise ContractError(
             f"launch contract {path} is invalid ({len(problems)} problem(s)): "
@@ -388,7 +400,7 @@ async def run_contract(contract: dict[str, Any], log, debug=lambda _msg: None) -
     sup.install()
     try:
         runtime_dir = rt.path
-        envelope = envelope_from_contract(contract, runtime_dir)
+        envelope = with_hardening(envelope_from_contract(contract, runtime_dir), runtime_dir)
         hooks = LaunchHooks(serve_planted=relays.serve, add_check=add_check, log=debug)
         try:
             child = await BwrapBackend().launch(envelope, hooks)
