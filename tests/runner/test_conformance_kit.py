@@ -152,3 +152,52 @@ def test_missing_runner_is_one_error_line(tmp_path):
     )
     assert r.returncode == 1
     assert r.stderr.strip().startswith("[ERR]  runner ") and len(r.stderr.strip().splitlines()) == 1
+
+
+def _lazy(tmp_path: Path) -> str:
+    lazy = tmp_path / "lazy_runner"
+    lazy.write_text("#!/bin/sh\nexit 0\n")
+    lazy.chmod(0o755)
+    return str(lazy)
+
+
+def test_an_evidence_dir_of_another_user_is_refused_and_its_probes_never_run(tmp_path):
+    """Another user's directory given as --evidence-dir: refused in one line, and the probes.py
+    planted there never runs. Control: a fresh directory is created privately and used."""
+    import pwd
+
+    if os.geteuid() != 0:
+        pytest.fail("the test chowns a directory to another user; CI runs as root")
+    other = pwd.getpwnam("firma-test").pw_uid
+    ev = tmp_path / "theirs"
+    (ev / "probe").mkdir(parents=True)
+    marker = tmp_path / "planted-ran"
+    (ev / "probe" / "probes.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    for p in (ev, ev / "probe", ev / "probe" / "probes.py"):
+        os.chown(p, other, other)
+    r = subprocess.run([sys.executable, "-m", "firma", "conformance", "--runner", _lazy(tmp_path),
+                        "--evidence-dir", str(ev)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.startswith("[ERR]  ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"owned by uid {other}" in r.stderr
+    assert not marker.exists()
+    fresh = tmp_path / "mine"
+    r = subprocess.run([sys.executable, "-m", "firma", "conformance", "--runner", _lazy(tmp_path),
+                        "--evidence-dir", str(fresh)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "[ERR]" not in r.stderr, r.stderr  # ran (and the lazy runner failed)
+    assert fresh.stat().st_mode & 0o777 == 0o700 and (fresh / "probe" / "probes.py").is_file()
+
+
+def test_a_symlinked_probes_py_is_replaced_never_followed(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("keep\n")
+    victim.chmod(0o600)
+    ev = tmp_path / "ev"
+    (ev / "probe").mkdir(parents=True, mode=0o700)
+    ev.chmod(0o700)
+    (ev / "probe").chmod(0o700)
+    os.symlink(victim, ev / "probe" / "probes.py")
+    r = subprocess.run([sys.executable, "-m", "firma", "conformance", "--runner", _lazy(tmp_path),
+                        "--evidence-dir", str(ev)], capture_output=True, text=True, timeout=120)
+    assert "[ERR]" not in r.stderr, r.stderr
+    assert victim.read_text() == "keep\n" and victim.stat().st_mode & 0o777 == 0o600
+    assert not (ev / "probe" / "probes.py").is_symlink()

@@ -10,6 +10,7 @@ import json
 import os
 import tempfile
 
+from .. import privfs
 from ..runner.conformance.kit import run_conformance
 
 
@@ -33,7 +34,8 @@ def add_parser(sub):
 def run(args) -> int:
     work = args.evidence_dir or tempfile.mkdtemp(prefix="firma-conformance-")
     if args.evidence_dir:
-        os.makedirs(work, mode=0o700, exist_ok=True)
+        # created privately, or an existing directory of the caller's with mode 0700 (§14)
+        privfs.ensure_dir(os.path.abspath(work))
     report = run_conformance(args.runner, work, python=args.probe_python)
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))

@@ -16,7 +16,6 @@ import json
 import os
 import queue
 import secrets
-import shutil
 import signal
 import socket
 import subprocess
@@ -35,6 +34,7 @@ from ...core.model import (
     NetworkEndpoints,
     frozen_map,
 )
+from ... import privfs
 from ...core import wire
 from ...core.record import record
 from ...core.statelayout import audit_key_path, audit_log_path
@@ -139,17 +139,29 @@ class Kit:
             from ...services.sidecar import Sidecar, SidecarConfig
         except ImportError as exc:
             raise ConformanceError(f"conformance kit needs the firma host services: {exc}") from exc
-        self.work.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(self.work, 0o700)
-        for sub in ("evidence", "contracts", "probe", "run", "state"):
-            (self.work / sub).mkdir(exist_ok=True, mode=0o700)
+        # Private-path rule: the work tree is ours and 0700 (an existing one of another user, with
+        # loose modes or behind a symlink is refused), so nobody else can plant the probes run here.
+        try:
+            privfs.ensure_dir(str(self.work))
+            for sub in ("evidence", "contracts", "probe", "run", "state"):
+                privfs.ensure_dir(str(self.work / sub))
+        except privfs.PrivatePathError as exc:
+            raise ConformanceError(f"evidence directory: {exc}") from None
         self.evidence_dir = str(self.work / "evidence")
         self.probe_dir = str(self.work / "probe")
         self.probe_script = str(self.work / "probe" / "probes.py")
-        shutil.copyfile(probes_module.__file__, self.probe_script)
+        with open(probes_module.__file__, "rb") as f:
+            source = f.read()
+        try:
+            os.unlink(self.probe_script)  # a leftover (or planted link) is removed, never followed
+        except FileNotFoundError:
+            pass
         # The probe dir is mounted read-only for the sandbox user; the script itself is not secret.
+        fd = os.open(self.probe_script, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "wb") as out:
+            out.write(source)
+            os.fchmod(out.fileno(), 0o644)
         os.chmod(self.probe_dir, 0o755)
-        os.chmod(self.probe_script, 0o644)
 
         self.upstream = Upstream(self.token)
         self.trap = TrapTcp("127.0.0.1")
