@@ -38,10 +38,13 @@ def _tools():
 
 
 def test_exit_code_kept_and_stdout_stderr_separate(ws, tmp_path):
-    p = run_firma(["run", "--", "sh", "-c", "echo to-out; echo to-err >&2; exit 42"], cwd=ws, env=base_env(tmp_path))
+    p = run_firma(["run", "--quiet", "--", "sh", "-c", "echo to-out; echo to-err >&2; exit 42"], cwd=ws, env=base_env(tmp_path))
     assert p.returncode == 42
     assert p.stdout == "to-out\n"
     assert p.stderr == "to-err\n"  # and none of firma's own lines
+    # without --quiet the run summary follows the agent's own output, after it exited
+    p = run_firma(["run", "--", "sh", "-c", "echo to-err >&2; exit 42"], cwd=ws, env=base_env(tmp_path))
+    assert p.stderr.startswith("to-err\nfirma: run sbx_") and "ended with status 42" in p.stderr
 
 
 def test_death_by_signal_is_128_plus_n(ws, tmp_path):
@@ -220,7 +223,7 @@ def test_second_signal_escalates_to_kill(ws, tmp_path):
 
 def test_firma_log_lines_stay_off_the_terminal_but_in_run_log(ws, tmp_path):
     log = tmp_path / "firma.log"
-    p = run_firma(["--log-file", str(log), "run", "--", "true"], cwd=ws, env=base_env(tmp_path))
+    p = run_firma(["--log-file", str(log), "run", "--quiet", "--", "true"], cwd=ws, env=base_env(tmp_path))
     assert p.returncode == 0 and p.stderr == ""
     text = log.read_text()
     assert "backend network enforcement proof" in text and "enforced=true" in text

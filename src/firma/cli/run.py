@@ -33,6 +33,8 @@ OPTIONS = (
     Opt("--print-effective-config", FLAG, "print_effective_config", help="print the resolved plan as JSON and exit"),
     Opt("--proof-file", VALUE, "proof_file", metavar="PATH", help="also write the proof document here"),
     Opt("--monitor", FLAG, "monitor", help="observe only: log denies, let traffic pass"),
+    Opt("--quiet", FLAG, "quiet", help="no run summary on stderr when the run ends"),
+    Opt("--summary-json", VALUE, "summary_json", metavar="FILE", help="write the run summary as JSON here"),
 )
 
 
@@ -85,6 +87,8 @@ def run(args) -> int:
         allow_non_structural=args.allow_non_structural,
         proof_file=args.proof_file,
         monitor=args.monitor,
+        quiet=args.quiet,
+        summary_json=args.summary_json,
     )
     plan = build_plan(
         run_args, cfg, host, cwd=cwd, unix_ms=time.time_ns() // 1_000_000, rand=os.urandom(20),

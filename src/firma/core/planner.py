@@ -39,6 +39,8 @@ class RunArgs:
     startup_timeout_secs: float | None = None
     allow_non_structural: bool = False
     proof_file: str | None = None
+    quiet: bool = False
+    summary_json: str | None = None
     monitor: bool = False
 
 
@@ -220,6 +222,8 @@ def build_plan(
         config_paths=cfg.paths,
         config_sources=cfg.sources,
         keep_proofs=cfg.keep_proofs,
+        quiet=args.quiet,
+        summary_json=posixpath.normpath(posixpath.join(cwd, args.summary_json)) if args.summary_json else None,
         protected_paths=tuple(settings.get("protected_paths", ())),
         weakenings=weakenings(profile, settings, sources, monitor=args.monitor, endpoint=endpoint,
                               allow_non_structural_env=is_truthy(env.get(env_names.RUN_ALLOW_NON_STRUCTURAL))),

@@ -8,7 +8,7 @@ import time
 from typing import TYPE_CHECKING
 
 from .. import privfs
-from ..core import proofdoc
+from ..core import proofdoc, runsummary
 from ..core.model import DEFAULT_INVARIANTS, Check, EnforcementProof, ExecutionEnvelope, RunPlan
 from ..core.record import field, record
 from . import state as statedir
@@ -30,6 +30,8 @@ class RunRecord:
     started_at: str = field(default_factory=now)
     proof_path: str | None = None
     policy_sha256: str | None = None  # hashed once, at the launch's first proof
+    audit_offset: int = 0  # the shared audit log's size when the run opened: its lines start there
+    summary: runsummary.RunSummary | None = None  # once the agent has exited
 
     def add_check(self, check: Check) -> None:
         self.checks.append(check)
@@ -57,6 +59,9 @@ class RunRecord:
             exit_status=exit_status,
             facts=proofdoc.run_facts(self.plan, policy_sha256=self._policy_sha256()),
         )
+        if self.summary is not None:
+            doc["denied"] = self.summary.denied_total
+            doc["summary"] = self.summary.as_json()
         text = proofdoc.dumps(doc)
         path = self.dirs.proof_path(self.plan.identity.sandbox_id)
         privfs.write_private(path, text)
@@ -70,6 +75,14 @@ class RunRecord:
         if self.socket_dir is not None:
             privfs.remove_tree(self.socket_dir)
         invariants = envelope.invariants if envelope is not None else DEFAULT_INVARIANTS
+        if status is not None and envelope is not None:
+            from . import summary  # noqa: PLC0415 - only once an agent ran
+
+            self.summary = summary.collect(
+                self.plan.state_root, self.audit_offset, sandbox_id=self.plan.identity.sandbox_id,
+                exit_status=status, proof_path=self.dirs.proof_path(self.plan.identity.sandbox_id),
+                monitor=self.plan.monitor,
+            )
         try:
             self.write_proof(invariants, ended=True, exit_status=status)
             self.log(f"proof written to {self.proof_path}", "info")
@@ -89,7 +102,9 @@ def open_run(plan: RunPlan, proof: EnforcementProof, log: RunLog, artifact: Secc
     """The run's directory and record, once the gates passed: run.log joins firma's log, stale
     run dirs of dead launchers are swept, the seccomp artifact is recorded."""
     dirs = statedir.create(plan.state_root, plan.identity.sandbox_id)
-    run = RunRecord(plan=plan, proof=proof, dirs=dirs, log=log)
+    from .summary import audit_size  # noqa: PLC0415 - tiny; kept next to its reader
+
+    run = RunRecord(plan=plan, proof=proof, dirs=dirs, log=log, audit_offset=audit_size(plan.state_root))
     log.add_file(dirs.run_log)
     for stale in statedir.sweep_stale(plan.state_root, time.time()):
         log(f"removed stale run directory of a launcher that died: {stale}", "info")

@@ -15,11 +15,14 @@ launcher never imports asyncio (importing it is a third of a launch)."""
 from __future__ import annotations
 
 import gc
+import json
 import sys
 from typing import TYPE_CHECKING, Coroutine, Protocol, TextIO, TypeVar, cast
 
+from .. import privfs
 from ..backends.base import Backend, LaunchedChild, PlantingBackend, RoutingMode, RoutingPlan
 from ..core.hostfacts import Host
+from ..core import runsummary
 from ..core.model import EnforcementProof, ExecutionEnvelope, RunPlan
 from ..errors import FirmaError
 from .envelope import build_envelope, seccomp_for
@@ -182,6 +185,24 @@ async def _run(
         log.quiet = False
         await hosting.teardown(run, child)
         run.finish(envelope, status, failed=failed)
+        _report(run)
+
+
+def _report(run: RunRecord) -> None:
+    """The run summary: on stderr unless --quiet, as JSON with --summary-json (DESIGN §4)."""
+    if run.summary is None:
+        return
+    if not run.plan.quiet:
+        try:
+            sys.stderr.write(runsummary.render(run.summary))
+            sys.stderr.flush()
+        except OSError:
+            pass
+    if run.plan.summary_json:
+        try:
+            privfs.write_private(run.plan.summary_json, json.dumps(run.summary.as_json(), indent=2) + "\n")
+        except OSError as exc:
+            run.log(f"cannot write --summary-json {run.plan.summary_json}: {exc}", "error")
 
 
 def _startup_done() -> None:
