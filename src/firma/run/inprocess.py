@@ -5,6 +5,7 @@ loopback before the sandbox is built, and their addresses go to the backend in t
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 from ..backends.base import Backend, LaunchedChild, LaunchHooks, PlantedSockets, RoutingPlan
@@ -20,7 +21,9 @@ from .signals import Supervisor, cancel_current_task, close_services, stop_child
 class InProcessHosting:
     """The services in this process's event loop, on host loopback ephemeral ports."""
 
-    def __init__(self, backend: Backend, log: RunLog) -> None:
+    def __init__(self, backend: Backend, log: RunLog, *, owner_only: bool = False) -> None:
+        """`owner_only`: attribute every loopback connection and datagram to a uid (Linux
+        sock_diag) and serve only this user's."""
         try:
             from ..services import bridge, dns_stub, sidecar  # noqa: PLC0415 - the services load only for an in-process hosting
         except ImportError as exc:
@@ -31,6 +34,8 @@ class InProcessHosting:
         self._sup: Supervisor | None = None
         self._sidecar: Any = None
         self._services: list[Any] = []  # sidecar, bridge, DNS stub: closed in reverse
+        self._serve_owner_only = owner_only
+        self._peers: Any = None
 
     async def probe_external(self, plan: RunPlan) -> None:
         try:
@@ -68,17 +73,36 @@ class InProcessHosting:
             reporter = self._sidecar.dns_reporter(plan.identity.sandbox_id, plan.identity.session_id)
         else:
             endpoint, reporter = plan.sidecar.endpoint, None
-        bridge = self._svc_bridge.Bridge(sidecar_endpoint=endpoint, attribution=plan.identity.attribution_headers())
+        peers = self._owner_peers(run)
+        bridge = self._svc_bridge.Bridge(sidecar_endpoint=endpoint, attribution=plan.identity.attribution_headers(), peers=peers)
         self._services.append(bridge)
         bport = await bridge.serve_address("127.0.0.1", 0)
         dns_addr = None
         if routing.dns_stub:
-            stub = self._svc_dns.DnsStub(on_query=reporter)
+            stub = self._svc_dns.DnsStub(on_query=reporter, peers=peers)
             self._services.append(stub)
             dport = await stub.serve_address("127.0.0.1", 0)
             dns_addr = f"127.0.0.1:{dport}"
-        run.add_check(Check("host_services", True, f"bridge 127.0.0.1:{bport}" + (f", dns stub {dns_addr}" if dns_addr else "")))
+        owner = f"; only uid {peers.owner_uid}'s sockets are served (sock_diag)" if peers is not None else ""
+        run.add_check(Check("host_services", True, f"bridge 127.0.0.1:{bport}" + (f", dns stub {dns_addr}" if dns_addr else "") + owner))
         return f"http://127.0.0.1:{bport}", dns_addr
+
+    def _owner_peers(self, run: RunRecord) -> Any:
+        if not self._serve_owner_only:
+            return None
+        from ..services.peers import PeerUids  # noqa: PLC0415 - host-loopback backends on Linux only
+
+        peers = PeerUids(os.geteuid())
+        try:
+            peers.warm()
+        except Exception as exc:  # noqa: BLE001 - without attribution the ports would serve anyone
+            peers.close()
+            raise SidecarError(
+                f"cannot attribute loopback connections to users (sock_diag: {exc}); the bridge would "
+                "serve every local user, so firma refuses: load the inet_diag/tcp_diag/udp_diag modules"
+            ) from None
+        self._peers = peers
+        return peers
 
     async def _start_sidecar(self, run: RunRecord) -> str:
         plan = run.plan
@@ -128,6 +152,10 @@ class InProcessHosting:
         if child is not None:
             await stop_child(child, run.log)
         await close_services(self._services, run.log)
+        if self._peers is not None:
+            if self._peers.refused:
+                run.log(f"refused {self._peers.refused} connections or datagrams from other users' sockets", "warn")
+            self._peers.close()
 
 
 async def _no_planting(_socks: PlantedSockets) -> None:

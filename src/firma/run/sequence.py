@@ -106,7 +106,7 @@ def run(
 
         from .inprocess import InProcessHosting  # noqa: PLC0415 - only the hosting in use is loaded
 
-        return asyncio.run(_launch(plan, host, proof, routing, InProcessHosting(backend, log), log))
+        return asyncio.run(_launch(plan, host, proof, routing, InProcessHosting(backend, log, owner_only=host.is_linux), log))
     finally:
         log.close()
 

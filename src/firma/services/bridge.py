@@ -32,6 +32,7 @@ class Bridge:
         audit: Any = None,
         max_head: int = http1.MAX_HEAD,
         max_connections: int = 1024,
+        peers: Any = None,
     ) -> None:
         parse_endpoint(sidecar_endpoint)  # fail early on a bad endpoint
         self.sidecar_endpoint = sidecar_endpoint
@@ -39,6 +40,8 @@ class Bridge:
         self.audit = audit  # optional AuditWriter-like (.submit(**fields)); else reported via the sidecar
         self.max_head = max_head
         self.max_connections = max_connections
+        # services.peers.PeerUids on a host-loopback listener: only the owner's sockets are served
+        self.peers = peers
         self._servers: list[asyncio.base_events.Server] = []
         self._tasks: set[asyncio.Task] = set()
 
@@ -64,6 +67,11 @@ class Bridge:
 
     # ------------------------------------------------------------------------------------------
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.peers is not None:
+            peer, local = writer.get_extra_info("peername"), writer.get_extra_info("sockname")
+            if not (peer and await self.peers.allows(socket.IPPROTO_TCP, peer, local)):
+                writer.transport.abort()  # another user's connection: no answer, no audit line
+                return
         task = asyncio.current_task()
         if len(self._tasks) >= self.max_connections:
             # Bounded: an agent cannot exhaust the launcher's descriptors through the bridge.

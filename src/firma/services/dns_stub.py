@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from typing import Callable
+from typing import Any, Callable
 
 from ..core import dnsmsg
 
 MAX_TCP_FRAME = 4096  # a real query is a few hundred bytes; anything larger closes the connection
 TCP_IDLE_SECS = 10.0
 MAX_TCP_CLIENTS = 256
+MAX_PENDING_CHECKS = 512  # datagrams awaiting attribution; beyond, dropped (a flood gets no answers)
 
 
 class _Udp(asyncio.DatagramProtocol):
@@ -26,6 +27,20 @@ class _Udp(asyncio.DatagramProtocol):
         self.transport = transport
 
     def datagram_received(self, data: bytes, addr) -> None:
+        if self.stub.peers is not None:
+            # Attribute the datagram first (off the loop); only the owner's are answered.
+            task = asyncio.ensure_future(self._checked(data, addr))
+            self.stub._conns.add(task)
+            task.add_done_callback(self.stub._conns.discard)
+            return
+        self._reply(data, addr)
+
+    async def _checked(self, data: bytes, addr) -> None:
+        if len(self.stub._conns) > MAX_PENDING_CHECKS or not await self.stub.peers.allows(socket.IPPROTO_UDP, addr, None):
+            return
+        self._reply(data, addr)
+
+    def _reply(self, data: bytes, addr) -> None:
         reply = self.stub._answer(data)
         if reply is not None and self.transport is not None:
             try:
@@ -38,8 +53,9 @@ class _Udp(asyncio.DatagramProtocol):
 
 
 class DnsStub:
-    def __init__(self, *, on_query: Callable[[str, int], None] | None = None) -> None:
+    def __init__(self, *, on_query: Callable[[str, int], None] | None = None, peers: Any = None) -> None:
         self._on_query = on_query
+        self.peers = peers  # services.peers.PeerUids on a host-loopback listener
         self._udp: list[asyncio.DatagramTransport] = []
         self._servers: list[asyncio.base_events.Server] = []
         self._conns: set[asyncio.Task] = set()
@@ -65,6 +81,10 @@ class DnsStub:
         try:
             if self._tcp_clients > MAX_TCP_CLIENTS:
                 return
+            if self.peers is not None:
+                peer, local = writer.get_extra_info("peername"), writer.get_extra_info("sockname")
+                if not (peer and await self.peers.allows(socket.IPPROTO_TCP, peer, local)):
+                    return
             buf = bytearray()
             while True:
                 chunk = await asyncio.wait_for(reader.read(65536), TCP_IDLE_SECS)
