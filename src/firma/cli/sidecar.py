@@ -46,9 +46,14 @@ async def _serve(args) -> int:
         ensure_private_dir(root)
         audit = audit_log_path(root)
     key = args.audit_key or audit_key_beside(os.path.abspath(audit))
+    from ..core.allowlist import check
+
+    allowed = check(tuple(args.allow_host))
+    for line in allowed.notes + allowed.warnings:
+        print(f"firma sidecar: {line}", file=sys.stderr)
     sidecar = Sidecar(
         SidecarConfig(
-            allow_hosts=tuple(args.allow_host), policy_path=args.policy, audit_path=audit, key_path=key, monitor=args.monitor
+            allow_hosts=allowed.patterns, policy_path=args.policy, audit_path=audit, key_path=key, monitor=args.monitor
         )
     )
     stop = asyncio.Event()

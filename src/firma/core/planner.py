@@ -14,6 +14,7 @@ from . import config as cfgmod
 from . import launchenv, profiles
 from .endpoint import validate_endpoint
 from .identity import build_identity
+from . import allowlist
 from .model import BACKENDS, IdentityMode, RunPlan, SidecarChoice, Weakening
 from .mountcheck import check_mounts
 from .record import record
@@ -143,7 +144,8 @@ def build_plan(
         cli_layer["policy"] = posixpath.normpath(posixpath.join(cwd, args.policy))
     settings, sources = cfgmod.effective_with_sources(profile, cfg, cli_layer)
     # --allow-host adds to whatever the layers resolved to.
-    allow_hosts = tuple(dict.fromkeys(tuple(settings.get("allow_hosts", ())) + args.allow_hosts))
+    checked_allow = allowlist.check(tuple(dict.fromkeys(tuple(settings.get("allow_hosts", ())) + args.allow_hosts)))
+    allow_hosts = checked_allow.patterns
 
     backend = settings.get("backend") or default_backend(host)
     if backend not in BACKENDS:
@@ -226,7 +228,9 @@ def build_plan(
         summary_json=posixpath.normpath(posixpath.join(cwd, args.summary_json)) if args.summary_json else None,
         protected_paths=tuple(settings.get("protected_paths", ())),
         weakenings=weakenings(profile, settings, sources, monitor=args.monitor, endpoint=endpoint,
-                              allow_non_structural_env=is_truthy(env.get(env_names.RUN_ALLOW_NON_STRUCTURAL))),
+                              allow_non_structural_env=is_truthy(env.get(env_names.RUN_ALLOW_NON_STRUCTURAL)))
+        + tuple(Weakening("allow_hosts", w, sources.get("allow_hosts", "command line")) for w in checked_allow.warnings),
+        allow_notes=checked_allow.notes,
     )
 
 
@@ -291,6 +295,7 @@ def plan_to_json(plan: RunPlan) -> dict[str, Any]:
         "state_root": plan.state_root,
         "env": redact_env(plan.base_env),
         "allow_hosts": list(plan.allow_hosts),
+        "allow_host_notes": list(plan.allow_notes),
         "policy": plan.policy_path,
         "seccomp_policy": (
             None

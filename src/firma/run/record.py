@@ -82,6 +82,7 @@ class RunRecord:
                 self.plan.state_root, self.audit_offset, sandbox_id=self.plan.identity.sandbox_id,
                 exit_status=status, proof_path=self.dirs.proof_path(self.plan.identity.sandbox_id),
                 monitor=self.plan.monitor,
+                notes=tuple(f"warning: {w.detail}" for w in self.plan.weakenings if w.setting == "allow_hosts"),
             )
         try:
             self.write_proof(invariants, ended=True, exit_status=status)
