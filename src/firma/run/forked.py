@@ -210,6 +210,10 @@ def _fork_services(run: RunRecord, embedded: EmbeddedSidecar | None, socks: Plan
         code = 1
         try:
             os.close(serving_r)
+            # A process group of its own: a signal to the launcher's group (timeout(1), a CI
+            # cancel, systemd stop, ^C) must not end the services while the agent shuts down and
+            # may still talk to the network; the launcher ends them at teardown.
+            os.setpgid(0, 0)
             code = _services_main(run, embedded, socks, serving_w, ppid)
         except BaseException as exc:  # noqa: BLE001 - the services process never returns into the launcher
             try:
@@ -220,6 +224,10 @@ def _fork_services(run: RunRecord, embedded: EmbeddedSidecar | None, socks: Plan
             os._exit(code)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
     os.close(serving_w)
+    try:
+        os.setpgid(pid, pid)  # also here, so no group signal can reach it before the child's own call
+    except OSError:
+        pass  # the child did it already (EACCES after its exec-free start) or is gone
     try:
         pidfd = os.pidfd_open(pid)
     except OSError as exc:
