@@ -464,3 +464,34 @@ def test_bwrap_refused_by_the_host_is_one_line_with_the_way_out(ws, tmp_path):
     bwrap_line, err = p.stderr.splitlines()
     assert bwrap_line == "bwrap: setting up uid map: Permission denied"
     assert err.startswith("[ERR]  bwrap failed before the sandbox started") and err.endswith("run `firma doctor` for the fix")
+
+
+def test_a_script_whose_interpreter_the_sandbox_hides_is_refused_in_one_line(ws, tmp_path):
+    """A venv made with an interpreter under a hidden directory: the script in the workspace is
+    visible, its `#!` interpreter (directly, or through `env NAME` on PATH, or a symlink to it) is
+    not. Refused before anything starts, naming the hidden path. Control: the same script with a
+    visible interpreter runs."""
+    hidden = tmp_path / "pyenv" / "bin"  # under /tmp: a fresh tmpfs inside
+    hidden.mkdir(parents=True)
+    (hidden / "python3").symlink_to("/usr/bin/python3")
+    (ws / "venv-bin").mkdir()
+    (ws / "venv-bin" / "python").symlink_to(hidden / "python3")  # the venv's link to a hidden python
+    scripts = {
+        "direct": f"#!{hidden / 'python3'}\nprint('ran')\n",
+        "through-venv-link": f"#!{ws / 'venv-bin' / 'python'}\nprint('ran')\n",
+        "env": "#!/usr/bin/env firma-hidden-python\nprint('ran')\n",
+        "control": "#!/usr/bin/python3\nprint('ran')\n",
+    }
+    (hidden / "firma-hidden-python").symlink_to("/usr/bin/python3")
+    for name, text in scripts.items():
+        (ws / name).write_text(text)
+        (ws / name).chmod(0o755)
+    env = base_env(tmp_path)
+    env["PATH"] = f"{env['PATH']}:{hidden}"
+    ok = run_firma(["run", "--quiet", "--", "./control"], cwd=ws, env=env)
+    assert ok.returncode == 0 and ok.stdout == "ran\n", ok.stderr
+    for name in ("direct", "through-venv-link", "env"):
+        p = run_firma(["run", "--", f"./{name}"], cwd=ws, env=env)
+        assert p.returncode == 1 and p.stdout == "", (name, p.stderr)
+        assert p.stderr.startswith(f"[ERR]  command ./{name} runs through ") and p.stderr.count("\n") == 1, p.stderr
+        assert "which the sandbox does not show" in p.stderr and "/tmp" in p.stderr
