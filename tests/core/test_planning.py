@@ -81,7 +81,7 @@ mask_home_paths = []
     eff = cfgmod.effective(p, cfg, {"agent_id": "cli"})
     assert eff["agent_id"] == "cli"
     assert eff["allow_hosts"] == ("a.com",)  # list replaced the profile's
-    assert eff["env_set"] == {"A": "1", "B": "2"}  # maps merge key by key
+    assert eff["env_set"] == {"DISABLE_AUTOUPDATER": "1", "A": "1", "B": "2"}  # maps merge key by key (the profile's too)
     assert eff["mask_home_paths"] == ()  # empty list clears
     assert eff["policy"] == "/proj/.firma/pol/a.cedar"
     assert eff["mounts"] == (Mount("/proj/.firma/data", "/data", True),)

@@ -43,7 +43,13 @@ BUILTIN: Mapping[str, Profile] = MappingProxyType(
             "claude-code",
             env_passthrough=COMMON_PASSTHROUGH
             + ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "ANTHROPIC_BASE_URL"),
-            allow_hosts=("api.anthropic.com", "statsig.anthropic.com"),
+            # The API, feature flags, and sign-in / token refresh of subscription logins (claude.ai
+            # OAuth, the console). Telemetry and error reports (sentry.io) and the auto-updater's
+            # downloads are not allowed: the run summary names them if the user wants them.
+            allow_hosts=("api.anthropic.com", "statsig.anthropic.com", "claude.ai", "platform.claude.com",
+                         "console.anthropic.com"),
+            # The sandbox's root is read-only: an update could not be installed, only downloaded.
+            env_set=MappingProxyType({"DISABLE_AUTOUPDATER": "1"}),
             writable_home_paths=(".claude", ".claude.json"),
         ),
         "codex": Profile(
