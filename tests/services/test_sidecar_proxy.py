@@ -128,6 +128,10 @@ def test_resolved_non_public_addresses_are_refused(tmp_path, name, addrs, cls):
     for status, _hdr, body in (d1, d2):
         assert status == 403 and body["reason"] == "blocked_address" and cls in body["detail"]
     assert [e["decision"] for e in s.events()] == [2, 2]
+    # the audit names the address the name resolved to
+    import ipaddress
+    want = str(ipaddress.ip_address(addrs[-1]))  # the non-public one (listed last)
+    assert [e["deny_reason"] for e in s.events()] == [f"blocked_address:{want}"] * 2
 
 
 @pytest.mark.parametrize("lit", ["169.254.169.254", "2852039166", "[::ffff:169.254.169.254]", "[64:ff9b::a9fe:a9fe]", "[2002:a9fe:a9fe::]", "10.0.0.1", "0x7f.1"])

@@ -129,7 +129,7 @@ def summarize(
             key = reason.split(":", 1)[0] or action
             other[key] = other.get(key, 0) + n
             continue
-        k = (where[0], where[1], reason)
+        k = (where[0], where[1], reason.split(":", 1)[0])  # `blocked_address:<ip>` counts as its code
         dests[k] = dests.get(k, 0) + n
     denied = []
     for (host, port, reason), count in sorted(dests.items(), key=lambda kv: (-kv[1], kv[0])):

@@ -237,7 +237,8 @@ class Sidecar:
             cls = addrclass.forbidden_class(ip)
             if cls and not exact:
                 if not self.config.monitor:
-                    return _Verdict(False, "blocked_address", f"{host} resolves to {ip} ({cls})", 403, host=authority_host, port=port)
+                    return _Verdict(False, "blocked_address", f"{host} resolves to {ip} ({cls})", 403, (str(ip),),
+                                    host=authority_host, port=port)
                 monitored = monitored or "blocked_address"
             checked.append(str(ip))
         return _Verdict(True, "", d.detail, 200, tuple(checked), authority_host, port, monitored)
@@ -334,8 +335,11 @@ class Sidecar:
         except (OSError, RuntimeError):
             pass
 
-    def _deny(self, ctx: Attribution, s: netio.Stream, action: str, resource: str, reason: str, detail: str, status: int, t0: int, decision: int = auditfmt.DENY) -> None:
-        self._audit(ctx, action=action, resource=resource, decision=decision, reason=reason, t0=t0)
+    def _deny(self, ctx: Attribution, s: netio.Stream, action: str, resource: str, reason: str, detail: str, status: int, t0: int, decision: int = auditfmt.DENY, addrs: tuple[str, ...] = ()) -> None:
+        # A blocked address is recorded with the address the name resolved to (the reason code
+        # first, as monitor mode's `monitor_mode:<code>`): the audit says what was refused.
+        audited = f"{reason}:{','.join(addrs)}" if reason == "blocked_address" and addrs else reason
+        self._audit(ctx, action=action, resource=resource, decision=decision, reason=audited, t0=t0)
         try:
             s.w.write(deny_response(status, reason, detail))
         except (OSError, RuntimeError):
@@ -379,7 +383,7 @@ class Sidecar:
             return False
         v = await self.authorize(HTTP_REQUEST, host, port, head.method, path_noq, ctx.agent_id)
         if not v.allowed:
-            self._deny(ctx, s, HTTP_REQUEST, resource, v.reason, v.detail, v.status, t0, auditfmt.ABORT if v.status in (502, 504) else auditfmt.DENY)
+            self._deny(ctx, s, HTTP_REQUEST, resource, v.reason, v.detail, v.status, t0, auditfmt.ABORT if v.status in (502, 504) else auditfmt.DENY, v.addrs)
             return False
         deny_reason = f"monitor_mode:{v.monitored}" if v.monitored else ""
         enforce_us = (time.perf_counter_ns() - t0) // 1000
@@ -535,7 +539,7 @@ class Sidecar:
         resource = host.authority(port)
         v = await self.authorize(NETWORK_CONNECT, host, port, "CONNECT", "", ctx.agent_id)
         if not v.allowed:
-            self._deny(ctx, s, NETWORK_CONNECT, resource, v.reason, v.detail, v.status, t0, auditfmt.ABORT if v.status in (502, 504) else auditfmt.DENY)
+            self._deny(ctx, s, NETWORK_CONNECT, resource, v.reason, v.detail, v.status, t0, auditfmt.ABORT if v.status in (502, 504) else auditfmt.DENY, v.addrs)
             return
         deny_reason = f"monitor_mode:{v.monitored}" if v.monitored else ""
         s.w.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
