@@ -119,3 +119,21 @@ def test_audit_tail_follow_prints_new_matching_lines(tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_audit_tail_not_allowed_shows_denies_aborts_and_monitor_passes(tmp_path):
+    log = tmp_path / "audit.jsonl"
+    rows = [
+        {"decision": 1, "deny_reason": "", "resource": "plain-allow.example:443"},
+        {"decision": 2, "deny_reason": "host_not_allowed", "resource": "denied.example:443"},
+        {"decision": 3, "deny_reason": "resolve_failed", "resource": "nxdomain.example:443"},
+        {"decision": 1, "deny_reason": "monitor_mode:host_not_allowed", "resource": "monitored.example:443"},
+    ]
+    log.write_text("".join(json.dumps({"timestamp": 1, "sandbox_id": "sbx_x", "action": "network.connect", **r}) + "\n"
+                           for r in rows))
+    r = firma("audit", "tail", str(log), "--json", "--not-allowed")
+    assert r.returncode == 0, r.stderr
+    got = [json.loads(line)["resource"] for line in r.stdout.splitlines()]
+    assert got == ["denied.example:443", "nxdomain.example:443", "monitored.example:443"]
+    deny_only = firma("audit", "tail", str(log), "--json", "--decision", "deny")  # control: the narrow filter
+    assert [json.loads(line)["resource"] for line in deny_only.stdout.splitlines()] == ["denied.example:443"]

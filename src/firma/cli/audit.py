@@ -20,6 +20,9 @@ def add_parser(sub):
     t = asub.add_parser("tail", help="print (and optionally follow) decisions")
     t.add_argument("file", nargs="?", help="audit log (default <state root>/audit.jsonl)")
     t.add_argument("--decision", choices=["allow", "deny", "abort"], action="append")
+    t.add_argument("--not-allowed", action="store_true",
+                   help="everything that was not plainly allowed: denies, aborts (e.g. resolve_failed) and "
+                        "monitor-mode passes")
     t.add_argument("--sandbox-id")
     t.add_argument("--since", help="Unix seconds, ISO-8601 time, or a duration like 10m / 2h / 1d")
     t.add_argument("--json", action="store_true", help="print matching lines as JSON")
@@ -82,8 +85,12 @@ def parse_since(text: str, now: float | None = None) -> int:
     return int(d.timestamp() * 1e9)
 
 
-def matches(ev: dict, decisions: set[int] | None, sandbox_id: str | None, since_ns: int | None) -> bool:
+def matches(ev: dict, decisions: set[int] | None, sandbox_id: str | None, since_ns: int | None,
+            not_allowed: bool = False) -> bool:
     if decisions and ev.get("decision") not in decisions:
+        return False
+    # A plain allow has no reason; a monitor-mode pass is an allow that carries the deny reason.
+    if not_allowed and ev.get("decision") == DECISIONS["allow"] and not ev.get("deny_reason"):
         return False
     if sandbox_id is not None and ev.get("sandbox_id") != sandbox_id:
         return False
@@ -132,7 +139,7 @@ def run(args) -> int:
             ev = json.loads(line)
         except ValueError:
             return
-        if isinstance(ev, dict) and matches(ev, decisions, args.sandbox_id, since):
+        if isinstance(ev, dict) and matches(ev, decisions, args.sandbox_id, since, args.not_allowed):
             out.append(json.dumps(ev) if args.json else format_row(ev))
 
     with f:
