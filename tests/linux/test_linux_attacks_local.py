@@ -161,7 +161,7 @@ def test_near_limit_arguments_and_environment_reach_the_agent_intact(etc_fs_ws, 
 def test_name_to_address_pairing_tricks_do_not_reach_an_allowed_address(etc_fs_ws, tmp_path):
     """ATTACKS #3: curl's --resolve / --connect-to pair a denied name with an allowed address
     (`localhost:P` is allowed). Through the proxy the sidecar decides on the name (403); a tunnel
-    to the allowed name carrying a plain request for the other name is refused (http_in_tunnel);
+    to the allowed name carrying a plain request for the other name is refused (tls_required);
     with the proxy bypassed there is no route. Controls: outside, the same --resolve request
     reaches the upstream; inside, the allowed name itself works."""
     up = Upstream()
@@ -190,7 +190,7 @@ def test_name_to_address_pairing_tricks_do_not_reach_an_allowed_address(etc_fs_w
             denied = [(e["resource"], e["deny_reason"]) for e in map(json.loads, f) if e["decision"] != 1]
         assert denied == [
             (f"http://evil.example:{port}/r1-{tag}", "host_not_allowed"),
-            (f"localhost:{port}", "http_in_tunnel"),
+            (f"localhost:{port}", "tls_required"),
             (f"evil.example:{port}", "host_not_allowed"),
         ]
     finally:

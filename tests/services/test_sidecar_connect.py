@@ -7,6 +7,8 @@ import os
 import ssl
 
 import pytest
+
+from firma.core.record import replace
 import trustme
 
 from upstreams import ATTR, HttpUpstream, RawUpstream, Stack, fake_resolver, run
@@ -82,46 +84,93 @@ def test_sni_matching_host_passes_and_mismatch_never_reaches_upstream(tmp_path, 
     assert {e["sandbox_id"] for e in evs} == {ATTR["x-firma-sandbox-id"]}
 
 
-def test_plain_http_inside_a_hostname_tunnel_is_refused(tmp_path):
-    """Plain-text domain fronting (ATTACKS #3/#16): CONNECT allowed.test:P, then `GET /` with
-    `Host: evil.test` in the tunnel would let the Host header pick another site behind the
-    allowed address. A plain HTTP request in a tunnel to a hostname is refused (http_in_tunnel)
-    and dials nothing, also when its request line arrives in pieces. Controls: other protocols to
-    the same hostname tunnel pass (a banner-like line, and silence for server-speaks-first), and a
-    tunnel to an allowed IP literal may carry HTTP (the rule names that address itself)."""
+FRONTING = {
+    "at once": [b"GET / HTTP/1.1\r\nHost: evil.test\r\n\r\n"],
+    "in pieces": [b"GET / HT", b"TP/1.1\r\nHost: evil.test\r\n\r\n"],
+    "after a pause": [0.5, b"GET / HTTP/1.1\r\nHost: evil.test\r\n\r\n"],
+    "after two silent seconds": [2.0, b"GET / HTTP/1.1\r\nHost: evil.test\r\n\r\n"],
+    "two spaces": [b"GET  / HTTP/1.1\r\nHost: evil.test\r\n\r\n"],
+    "trailing space": [b"GET / HTTP/1.1 \r\nHost: evil.test\r\n\r\n"],
+    "HTTP/1.10": [b"GET / HTTP/1.10\r\nHost: evil.test\r\n\r\n"],
+    "a client-first banner": [b"SSH-2.0-firma_probe\r\n"],
+}
 
-    async def tunnel(s, target: str, *chunks: bytes) -> bytes:
-        r, w, line = await open_tunnel(s.bridge_port, target)
-        assert line.startswith(b"HTTP/1.1 200")
-        for c in chunks:
-            w.write(c)
-            await w.drain()
-            await asyncio.sleep(0.05)
-        try:
-            return await asyncio.wait_for(r.read(4096), 5)
-        finally:
-            w.close()
+
+async def _tunnel(port: int, target: str, steps, read_timeout: float = 12) -> bytes:
+    r, w, line = await open_tunnel(port, target)
+    assert line.startswith(b"HTTP/1.1 200")
+    for step in steps:
+        if isinstance(step, float):
+            await asyncio.sleep(step)
+            continue
+        w.write(step)
+        await w.drain()
+        await asyncio.sleep(0.05)
+    try:
+        return await asyncio.wait_for(r.read(4096), read_timeout)
+    finally:
+        w.close()
+
+
+def test_a_hostname_tunnel_carries_tls_with_its_sni_or_nothing(tmp_path):
+    """Domain fronting through a tunnel (ATTACKS #3/#16; issue "what the policy says"): CONNECT
+    allowed.test:P, then anything but a TLS ClientHello naming allowed.test — a plain request for
+    another Host, however it is spelled or timed, a banner — is refused (`tls_required`) and dials
+    nothing: no timing window or parser leniency decides. Controls: a ClientHello with the allowed
+    SNI reaches the upstream; a tunnel to an allowed IP literal may carry HTTP (the rule names the
+    address itself)."""
+    from test_tls_hello_and_framing import client_hello
 
     async def main():
         srv = await RawUpstream(echo=True).start()
         res = fake_resolver({"allowed.test": ["127.0.0.1"]})
         host = f"allowed.test:{srv.port}"
         async with Stack(tmp_path, allow=[host, f"127.0.0.1:{srv.port}"], resolver=res) as s:
-            fronted = b"GET / HTTP/1.1\r\nHost: evil.test\r\n\r\n"
-            assert await tunnel(s, host, fronted) == b""
-            assert await tunnel(s, host, b"GET / HT", b"TP/1.1\r\nHost: evil.test\r\n\r\n") == b""
-            assert srv.connections == 0  # neither dialed
-            assert await tunnel(s, host, b"SSH-2.0-firma_probe\r\n") == b"SSH-2.0-firma_probe\r\n"
-            assert await tunnel(s, f"127.0.0.1:{srv.port}", fronted) == fronted
+            refused = {name: await _tunnel(s.bridge_port, host, steps) for name, steps in FRONTING.items()}
+            assert srv.connections == 0, refused  # nothing was dialed
+            hello = client_hello("allowed.test")
+            tls = await _tunnel(s.bridge_port, host, [hello], read_timeout=5)
+            ip = await _tunnel(s.bridge_port, f"127.0.0.1:{srv.port}", FRONTING["at once"], read_timeout=5)
             await asyncio.sleep(0.2)
             dialed = srv.connections
         await srv.aclose()
-        return dialed, host, s
+        return refused, tls, hello, ip, dialed, host, s
 
-    dialed, host, s = run(main())
-    assert dialed == 2  # the two controls
+    refused, tls, hello, ip, dialed, host, s = run(main())
+    assert refused == dict.fromkeys(FRONTING, b"")
+    assert tls == hello and ip == FRONTING["at once"][0] and dialed == 2  # the controls
     denied = [(e["resource"], e["deny_reason"]) for e in s.events() if e["decision"] == 2]
-    assert denied == [(host, "http_in_tunnel")] * 2
+    assert denied == [(host, "tls_required")] * len(FRONTING)
+
+
+def test_a_declared_opaque_destination_carries_any_protocol_labelled_in_the_audit(tmp_path):
+    """`allow_tcp = ["db.test:P"]`: a server-speaks-first protocol through a hostname tunnel, no
+    peeking; the audit labels the tunnel `opaque_tcp`. Control: the same destination merely
+    allowed (allow_hosts) refuses the same exchange."""
+
+    async def exchange(allow_tcp):
+        srv = await RawUpstream(reply=b"220 db.test ready\r\n").start()
+        res = fake_resolver({"db.test": ["127.0.0.1"]})
+        host = f"db.test:{srv.port}"
+        from firma.services.sidecar import SidecarLimits
+
+        stack = Stack(tmp_path / ("opaque" if allow_tcp else "plain"), allow=[] if allow_tcp else [host], resolver=res,
+                      limits=SidecarLimits(setup_timeout=2.0))  # the control's wait for a ClientHello
+        stack.config = replace(stack.config, allow_tcp=(host,) if allow_tcp else ())
+        async with stack as s:
+            got = await _tunnel(s.bridge_port, host, [], read_timeout=15)
+        await srv.aclose()
+        return got, host, s
+
+    (tmp_path / "opaque").mkdir()
+    (tmp_path / "plain").mkdir()
+    got, host, s = run(exchange(True))
+    assert got == b"220 db.test ready\r\n"
+    tunnels = [e for e in s.events() if e["action"] == "network.connect"]
+    assert [(e["decision"], e["deny_reason"]) for e in tunnels] == [(1, "opaque_tcp")]
+    got, host, s = run(exchange(False))  # control
+    assert got == b""
+    assert [(e["decision"], e["deny_reason"]) for e in s.events()] == [(2, "tls_required")]
 
 
 def test_tunnel_64mib_upload_byte_identical(tmp_path):

@@ -98,3 +98,15 @@ def check(patterns: tuple[str, ...]) -> CheckedAllow:
             notes.append(note)
         out.append(pattern)
     return CheckedAllow(tuple(dict.fromkeys(out)), tuple(notes), tuple(warnings))
+
+
+def check_opaque(patterns: tuple[str, ...]) -> tuple[str, ...]:
+    """`allow_tcp` entries: each an exact HOST:PORT (no wildcard, a port), canonical."""
+    out: list[str] = []
+    for text in patterns:
+        parsed = parse_pattern(text)
+        if parsed.wildcard or parsed.port is None:
+            raise PolicyError(f"allow-tcp {text!r} must name one exact HOST:PORT (no wildcard, a port)")
+        host = f"[{parsed.host}]" if ":" in parsed.host else parsed.host
+        out.append(f"{host}:{parsed.port}")
+    return tuple(dict.fromkeys(out))

@@ -39,6 +39,7 @@ SETTING_KINDS: Mapping[str, str] = MappingProxyType(
         "mask_home_paths": _LIST,
         "mask_paths": _LIST,
         "allow_hosts": _LIST,
+        "allow_tcp": _LIST,
         "policy": _PATH,
         "seccomp_policy": _SECCOMP,
         "sidecar_endpoint": _STR,

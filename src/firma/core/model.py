@@ -122,6 +122,7 @@ class RunPlan:
     # on where the bridge ends up (planted 127.0.0.1:18080 or a host-loopback ephemeral port).
     base_env: Mapping[str, str] = field(default_factory=frozen_map)
     allow_hosts: tuple[str, ...] = ()
+    allow_tcp: tuple[str, ...] = ()  # opaque TCP destinations, exact HOST:PORT
     policy_path: str | None = None
     seccomp_policy: SeccompPolicyRef | None = None
     mounts: tuple[Mount, ...] = ()

@@ -34,6 +34,7 @@ class RunArgs:
     identity_mode: str | None = None
     preserve_host_user: bool = False
     allow_hosts: tuple[str, ...] = ()
+    allow_tcp: tuple[str, ...] = ()
     policy: str | None = None
     sidecar: str | None = None
     no_autostart: bool = False
@@ -146,6 +147,7 @@ def build_plan(
     # --allow-host adds to whatever the layers resolved to.
     checked_allow = allowlist.check(tuple(dict.fromkeys(tuple(settings.get("allow_hosts", ())) + args.allow_hosts)))
     allow_hosts = checked_allow.patterns
+    allow_tcp = allowlist.check_opaque(tuple(dict.fromkeys(tuple(settings.get("allow_tcp", ())) + args.allow_tcp)))
 
     backend = settings.get("backend") or default_backend(host)
     if backend not in BACKENDS:
@@ -197,6 +199,7 @@ def build_plan(
         identity_mode=identity_mode,
         base_env=base,
         allow_hosts=allow_hosts,
+        allow_tcp=allow_tcp,
         policy_path=settings.get("policy"),
         seccomp_policy=settings.get("seccomp_policy"),
         mounts=tuple(settings.get("mounts", ())),
@@ -229,7 +232,9 @@ def build_plan(
         protected_paths=tuple(settings.get("protected_paths", ())),
         weakenings=weakenings(profile, settings, sources, monitor=args.monitor, endpoint=endpoint,
                               allow_non_structural_env=is_truthy(env.get(env_names.RUN_ALLOW_NON_STRUCTURAL)))
-        + tuple(Weakening("allow_hosts", w, sources.get("allow_hosts", "command line")) for w in checked_allow.warnings),
+        + tuple(Weakening("allow_hosts", w, sources.get("allow_hosts", "command line")) for w in checked_allow.warnings)
+        + tuple(Weakening("allow_tcp", f"opaque TCP to {t}: any protocol, not inspected", sources.get("allow_tcp", "command line"))
+                for t in allow_tcp),
         allow_notes=checked_allow.notes,
     )
 
@@ -296,6 +301,7 @@ def plan_to_json(plan: RunPlan) -> dict[str, Any]:
         "env": redact_env(plan.base_env),
         "allow_hosts": list(plan.allow_hosts),
         "allow_host_notes": list(plan.allow_notes),
+        "allow_tcp": list(plan.allow_tcp),
         "policy": plan.policy_path,
         "seccomp_policy": (
             None

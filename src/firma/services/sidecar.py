@@ -28,7 +28,7 @@ from ..core.wire import (
     deny_response,
 )
 from ..core.model import RunPlan
-from ..core.policy import HTTP_REQUEST, NETWORK_CONNECT, Policy, Request
+from ..core.policy import HTTP_REQUEST, NETWORK_CONNECT, Policy, Request, parse_pattern
 from ..core.record import record, field
 from ..errors import SidecarError
 from .listen import LISTEN_BACKLOG, bind_unix_listener
@@ -62,12 +62,16 @@ class SidecarConfig:
     connect_timeout: float = 10.0
     # Injectable name resolution (tests): (host, port) -> list of IP strings. Default: getaddrinfo.
     resolver: Resolver | None = None
+    # Opaque TCP destinations (`allow_tcp`, exact HOST:PORT): allowed, and their tunnels carry any
+    # protocol (server-speaks-first included), uninspected and labelled so in the audit.
+    allow_tcp: tuple[str, ...] = ()
 
     @classmethod
     def for_run(cls, plan: RunPlan, *, audit_path: str, key_path: str) -> SidecarConfig:
         """The embedded sidecar's configuration for a `firma run` (both ways of hosting it)."""
         return cls(
             allow_hosts=tuple(plan.allow_hosts),
+            allow_tcp=tuple(plan.allow_tcp),
             policy_path=plan.policy_path,
             audit_path=audit_path,
             key_path=key_path,
@@ -82,6 +86,10 @@ async def system_resolver(host: str, port: int) -> list[str]:
         if str(sa[0]) not in out:
             out.append(str(sa[0]))
     return out
+
+
+# The label an allowed tunnel to a declared opaque destination carries in the audit.
+OPAQUE_TCP = "opaque_tcp"
 
 
 @record(frozen=False)
@@ -118,7 +126,8 @@ class Sidecar:
         the services process starts); loaded here otherwise."""
         self.config = config
         self.limits = config.limits
-        self.policy = policy or Policy.load(config.allow_hosts, config.policy_path)  # PolicyError
+        self.policy = policy or Policy.load(config.allow_hosts + config.allow_tcp, config.policy_path)  # PolicyError
+        self._opaque = frozenset((p.host, p.port) for p in map(parse_pattern, config.allow_tcp))
         self.audit = AuditWriter(config.audit_path, key_path=config.key_path)  # AuditError
         self._resolve = config.resolver or system_resolver
         self._server: asyncio.base_events.Server | None = None
@@ -545,7 +554,11 @@ class Sidecar:
         s.w.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
         await s.w.drain()
         # Peek the client's first bytes before dialing: a denied SNI never reaches the upstream.
-        verdict = await self._check_hello(s, host, port)
+        # A declared opaque destination is not peeked: it may be server-speaks-first.
+        opaque = (host.host, port) in self._opaque
+        verdict = "" if opaque else await self._check_hello(s, host, port)
+        if opaque:
+            deny_reason = deny_reason or OPAQUE_TCP
         if verdict:
             if not self.config.monitor:
                 self._audit(ctx, action=NETWORK_CONNECT, resource=resource, decision=auditfmt.DENY, reason=verdict, t0=t0)
@@ -579,12 +592,14 @@ class Sidecar:
         )
 
     async def _check_hello(self, s: netio.Stream, host: CanonHost, port: int) -> str:
-        """'' when the tunnel may open, else the deny reason: the SNI rules of DESIGN §9, and no
-        plain HTTP request inside a tunnel to a hostname. There its `Host:` could name another
-        site behind the same address (plain-text domain fronting on a CDN), which the sidecar
-        decides on for plain proxy requests but cannot see request by request in a tunnel."""
-        must_tls = port == 443 and not host.is_ip
-        wait = self.limits.setup_timeout if port == 443 else 0.25  # server-speaks-first protocols
+        """'' when the tunnel may open, else the deny reason: the SNI rules of DESIGN §9. A tunnel
+        to a hostname must carry TLS whose SNI is that name, on every port: anything else could
+        be plain HTTP whose `Host:` names another site behind the same address (domain fronting),
+        and no timing window or parser leniency may decide that. Other protocols to a hostname
+        need `allow_tcp` (opaque, see `_connect`). A tunnel to an IP literal names its address
+        itself and may carry anything."""
+        must_tls = not host.is_ip
+        wait = self.limits.setup_timeout if must_tls else 0.25  # IP literals: server-speaks-first
         deadline = time.monotonic() + wait
         while True:
             try:
@@ -593,12 +608,7 @@ class Sidecar:
             except tlshello.BadHello:
                 return "bad_client_hello"
             except tlshello.NotTls:
-                if must_tls:
-                    return "tls_required"
-                carries = False if host.is_ip else http1.tunnel_carries_http(s.buf)
-                if carries is not None:
-                    return "http_in_tunnel" if carries else ""
-                # a request line may still be arriving: read on
+                return "tls_required" if must_tls else ""
             except tlshello.NeedMore:
                 pass
             left = deadline - time.monotonic()
@@ -611,10 +621,8 @@ class Sidecar:
             if chunk is None:  # the deadline: decide on what arrived
                 if must_tls:
                     return "tls_required"
-                if not s.buf:
-                    return ""
-                # an unfinished ClientHello, else an unfinished request line to a hostname
-                return "tls_incomplete" if s.buf[:1] == b"\x16" else "http_in_tunnel"
+                # an IP literal's tunnel: nothing yet (server speaks first), or an unfinished hello
+                return "tls_incomplete" if s.buf[:1] == b"\x16" else ""
             if not chunk:
                 return "client_closed"
             s.buf += chunk
