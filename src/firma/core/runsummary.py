@@ -20,9 +20,8 @@ _ALLOWABLE = frozenset({"host_not_allowed", "blocked_address"})
 _WHY = {
     "policy_forbid": "a Cedar forbid rule in your policy denies it; change the policy",
     "policy_error": "the Cedar policy failed to evaluate; fix the policy",
-    "tls_required": "a tunnel to port 443 must carry TLS",
     "sni_mismatch": "the TLS server name differs from the CONNECT host",
-    "http_in_tunnel": "plain HTTP inside a hostname tunnel is refused (it could name another site)",
+    "tls_required": "a tunnel to a name carries TLS for that name; for another protocol use --allow-tcp HOST:PORT",
     "ech_not_allowed": "encrypted ClientHello hides the server name",
     "resolve_failed": "the name did not resolve on the host",
     "upstream_unreachable": "allowed, but the upstream did not answer",
