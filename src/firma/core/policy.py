@@ -4,12 +4,14 @@ Cedar `forbid` wins. Pure apart from cedarpy evaluation; decide on canonical nam
 from __future__ import annotations
 
 import hashlib
+import re
 
 from ..errors import PolicyError
 from .hostcanon import HostError, canon_host
 from .record import record
 
 DEFAULT_PORTS = frozenset({80, 443})
+_PATH_ATTR = re.compile(r"\.\s*path\b|\[\s*\"path\"\s*\]")
 HTTP_REQUEST = "http.request"
 NETWORK_CONNECT = "network.connect"
 
@@ -107,6 +109,9 @@ class Policy:
                 raise PolicyError(f"Cedar policy {source or '(inline)'} does not parse: {exc}") from None
             if "policies" in repr(self._cedar) and "<0 policies>" in repr(self._cedar):
                 raise PolicyError(f"Cedar policy {source or '(inline)'} holds no policies")
+        # Whether any rule looks at the request path: then ambiguous spellings of a path are refused
+        # and tunnels that would carry requests past those rules are too (DESIGN §9).
+        self.has_path_rules = cedar_text is not None and bool(_PATH_ATTR.search(cedar_text))
         h = hashlib.sha256()
         for p in sorted(x.text for x in self.patterns):
             h.update(p.encode() + b"\n")

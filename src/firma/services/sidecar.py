@@ -14,7 +14,7 @@ import socket
 import time
 from typing import Awaitable, Callable
 
-from ..core import addrclass, auditfmt, http1, tlshello
+from ..core import addrclass, auditfmt, http1, tlshello, urlpath
 from ..core.endpoint import HEALTH_PATH, parse_endpoint
 from ..core.hostcanon import CanonHost, HostError, canon_host, split_authority
 from ..core.http1 import HOP_BY_HOP, HttpError
@@ -390,7 +390,12 @@ class Sidecar:
         if framing.kind == "length" and framing.length > self.limits.max_body_bytes:
             self._deny(ctx, s, HTTP_REQUEST, resource, "body_too_large", f"body exceeds {self.limits.max_body_bytes} bytes", 413, t0)
             return False
-        v = await self.authorize(HTTP_REQUEST, host, port, head.method, path_noq, ctx.agent_id)
+        if self.policy.has_path_rules and urlpath.ambiguous(path_noq):
+            self._deny(ctx, s, HTTP_REQUEST, resource, "ambiguous_path",
+                       "the path has dot segments or doubled slashes, which servers resolve differently", 403, t0)
+            return False
+        # Decided on the path's normal form; forwarded as sent (a rewrite would break signed requests).
+        v = await self.authorize(HTTP_REQUEST, host, port, head.method, urlpath.normalize(path_noq), ctx.agent_id)
         if not v.allowed:
             self._deny(ctx, s, HTTP_REQUEST, resource, v.reason, v.detail, v.status, t0, auditfmt.ABORT if v.status in (502, 504) else auditfmt.DENY, v.addrs)
             return False
@@ -599,6 +604,10 @@ class Sidecar:
         need `allow_tcp` (opaque, see `_connect`). A tunnel to an IP literal names its address
         itself and may carry anything."""
         must_tls = not host.is_ip
+        if host.is_ip and self.policy.has_path_rules:
+            # Requests inside a tunnel would pass the path rules unseen (`curl -p http://IP/…`):
+            # with path rules, an address is reached through proxy requests, each decided.
+            return "path_rules_need_proxy_requests"
         wait = self.limits.setup_timeout if must_tls else 0.25  # IP literals: server-speaks-first
         deadline = time.monotonic() + wait
         while True:
