@@ -2,6 +2,8 @@
 
 import asyncio
 import json
+
+import pytest
 import os
 import signal
 import subprocess
@@ -137,3 +139,14 @@ def test_audit_tail_not_allowed_shows_denies_aborts_and_monitor_passes(tmp_path)
     assert got == ["denied.example:443", "nxdomain.example:443", "monitored.example:443"]
     deny_only = firma("audit", "tail", str(log), "--json", "--decision", "deny")  # control: the narrow filter
     assert [json.loads(line)["resource"] for line in deny_only.stdout.splitlines()] == ["denied.example:443"]
+
+
+@pytest.mark.parametrize("listen", ["tcp://0.0.0.0:0", "tcp://[::]:0"])
+def test_standalone_sidecar_refuses_a_network_listen_address(listen, tmp_path):
+    """Without client authentication every client's attribution would be trusted: a listen address
+    other than loopback or a unix socket is refused before anything binds (the loopback control is
+    every other test of this file)."""
+    r = firma("sidecar", "--listen", listen, "--audit", str(tmp_path / "audit.jsonl"))
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.startswith(f"[ERR]  refusing to listen on {listen}") and r.stderr.count("\n") == 1
+    assert not (tmp_path / "audit.jsonl").exists()

@@ -35,8 +35,16 @@ def write_startup_report(path: str, endpoint: str) -> None:
 
 
 async def _serve(args) -> int:
+    from ..core.endpoint import listen_is_local
     from ..services.sidecar import Sidecar, SidecarConfig
 
+    if not listen_is_local(args.listen):
+        # Every client's attribution headers would be trusted and written into the signed audit,
+        # and its requests carried out under this sidecar's policy: not on a network.
+        raise SidecarError(
+            f"refusing to listen on {args.listen}: a sidecar reachable from the network needs client "
+            "authentication, which firma does not offer yet; listen on 127.0.0.1 or a unix:// socket"
+        )
     audit = args.audit
     if not audit:
         from ..core.settings import state_root

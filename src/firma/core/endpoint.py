@@ -43,3 +43,21 @@ def validate_endpoint(endpoint: str) -> str:
     except SidecarError:
         raise ConfigError(f"invalid sidecar endpoint '{endpoint}'; expected local, tcp://HOST:PORT or unix:///PATH") from None
     return e
+
+
+def listen_is_local(endpoint: str) -> bool:
+    """True for a unix socket or a loopback TCP address (`127.0.0.0/8`, `::1`, `localhost`): the
+    only places a sidecar without client authentication may listen."""
+    kind, where = parse_endpoint(endpoint, listen=True)
+    if kind == "unix":
+        return True
+    assert isinstance(where, tuple)
+    host = where[0]
+    if host == "localhost":
+        return True
+    import ipaddress  # noqa: PLC0415 - only for the standalone sidecar's listen check
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
