@@ -128,6 +128,8 @@ class RunPlan:
     config_path: str | None = None
     # Extra workspace-relative paths bound read-only (besides the built-in list), `[run].protected_paths`.
     protected_paths: tuple[str, ...] = ()
+    # What a finding of the post-run workspace check does to the exit status (DESIGN §13a).
+    on_workspace_findings: str = "fail"
 
     @property
     def runtime_dir(self) -> str:

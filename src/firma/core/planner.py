@@ -199,6 +199,7 @@ def build_plan(
         runner_path=env.get(env_names.RUN_RUNNER),
         config_path=cfg.path,
         protected_paths=tuple(settings.get("protected_paths", ())),
+        on_workspace_findings=settings.get("on_workspace_findings", "fail"),
     )
 
 
@@ -238,6 +239,7 @@ def plan_to_json(plan: RunPlan) -> dict[str, Any]:
         "mask_home_paths": list(plan.mask_home_paths),
         "protected_paths": list(plan.protected_paths),
         "writable_home_paths": list(plan.writable_home_paths),
+        "on_workspace_findings": plan.on_workspace_findings,
         "sidecar": {
             "endpoint": plan.sidecar.endpoint,
             "embedded": plan.sidecar.embedded,

@@ -26,6 +26,7 @@ def build(
     started_at: str,
     ended_at: str | None,
     exit_status: int | None,
+    workspace_findings: list[dict[str, str]] | None = None,
 ) -> dict[str, Any]:
     return {
         "version": PROOF_VERSION,
@@ -44,6 +45,8 @@ def build(
         "started_at": started_at,
         "ended_at": ended_at,
         "exit_status": exit_status,
+        # The post-run workspace check's findings (DESIGN §13a); null until it ran.
+        "workspace_findings": workspace_findings,
     }
 
 

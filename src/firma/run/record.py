@@ -29,6 +29,7 @@ class RunRecord:
     socket_dir: str | None = None  # private short dir holding the sidecar socket, when used
     started_at: str = field(default_factory=now)
     proof_path: str | None = None
+    workspace_findings: list[dict[str, str]] | None = None  # the post-run check's, once it ran
 
     def add_check(self, check: Check) -> None:
         self.checks.append(check)
@@ -45,6 +46,7 @@ class RunRecord:
             started_at=self.started_at,
             ended_at=now() if ended else None,
             exit_status=exit_status,
+            workspace_findings=self.workspace_findings,
         )
         text = proofdoc.dumps(doc)
         path = self.dirs.proof_path(self.plan.identity.sandbox_id)
