@@ -12,15 +12,12 @@ import argparse
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from firma.core.model import Identity, RunPlan  # noqa: E402
-from firma.run import workspace_check as wc  # noqa: E402
+from firma.core.model import Identity, RunPlan
+from firma.run import workspace_check as wc
 
 
 def build_tree(root: Path, files: int, per_dir: int = 30) -> None:
