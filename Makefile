@@ -32,6 +32,7 @@ demo: setup
 bench: setup
 	$(PY) bench/proxy.py
 	$(PY) bench/launch.py
+	$(PY) bench/workspace_check.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .hypothesis

@@ -15,6 +15,9 @@ command -v useradd >/dev/null 2>&1 || need+=(passwd)
 # under /root, which is hidden there); the unprivileged-user tests use it too.
 [ -x /usr/bin/python3 ] || need+=(python3)
 [ -x /usr/bin/python3.11 ] || need+=(python3.11)
+# The post-run workspace check tests spring the traps they report: git status, cargo check.
+command -v git >/dev/null 2>&1 || need+=(git)
+command -v cargo >/dev/null 2>&1 || [ -x /root/.cargo/bin/cargo ] || [ -x "$HOME/.cargo/bin/cargo" ] || need+=(cargo)
 # Test probes written in C (seccomp, raw sockets).
 command -v gcc >/dev/null 2>&1 || need+=(gcc libc6-dev)
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi

@@ -17,10 +17,10 @@ Mount order matters (a later mount hides an earlier one), so it is fixed here:
 from __future__ import annotations
 
 import posixpath
-import re
 from typing import Mapping
 
 from ..errors import LaunchError
+from . import gitconfig
 from .model import ExecutionEnvelope, IdentityMode, RunPlan, frozen_map
 from .record import record, field
 
@@ -102,8 +102,6 @@ WORKSPACE_PROTECTED = (
 )
 GIT_DIR = ".git"  # protected itself only when it is a file (a worktree's `gitdir:` pointer)
 GIT_CONFIG_MAX = 1 << 20  # bytes of a git config file read to find hooksPath / include paths
-_GIT_SECTION = re.compile(r'^\s*\[\s*([A-Za-z0-9.-]+)(?:\s+"(?:[^"\\]|\\.)*")?\s*\]\s*(.*)$')
-_GIT_ENTRY = re.compile(r"^\s*([A-Za-z][A-Za-z0-9-]*)\s*=\s*(.*)$")
 
 RESOLV_CONF = "nameserver 127.0.0.1\noptions ndots:0 timeout:1 attempts:1\n"
 # The sandbox's own hostname resolves from the file: otherwise every tool that looks it up (git,
@@ -207,47 +205,14 @@ def plan_protected(plan: RunPlan) -> tuple[str, ...]:
     )
 
 
-def _git_value(raw: str) -> str:
-    """A git config value: unquoted, escapes undone, trailing comment dropped."""
-    out, quoted, i = [], False, 0
-    while i < len(raw):
-        c = raw[i]
-        if c == "\\" and i + 1 < len(raw):
-            out.append({"n": "\n", "t": "\t", "b": "\b"}.get(raw[i + 1], raw[i + 1]))
-            i += 2
-            continue
-        if c == '"':
-            quoted = not quoted
-        elif c in "#;" and not quoted:
-            break
-        else:
-            out.append(c)
-        i += 1
-    return "".join(out).strip()
-
-
 def git_config_refs(text: str, config_dir: str, worktree: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(hooks dirs, included files) named by one git config file, as absolute paths: hooksPath is
     relative to the worktree, include paths to the including file. `~` paths are left out (they
-    are in $HOME, outside the workspace). Best effort on purpose: the file itself is read-only
-    inside the sandbox, so the agent cannot craft syntax this reader misses."""
-    hooks: list[str] = []
-    includes: list[str] = []
-    section = ""
-    for line in text.splitlines():
-        m = _GIT_SECTION.match(line)
-        if m:
-            section, line = m.group(1).lower(), m.group(2)
-        e = _GIT_ENTRY.match(line)
-        if not e:
-            continue
-        key, value = e.group(1).lower(), _git_value(e.group(2))
-        if not value or value.startswith("~"):
-            continue
-        if section == "core" and key == "hookspath":
-            hooks.append(posixpath.normpath(posixpath.join(worktree, value)))
-        elif section in ("include", "includeif") and key == "path":
-            includes.append(posixpath.normpath(posixpath.join(config_dir, value)))
+    are in $HOME, outside the workspace). The file itself is read-only inside the sandbox, so the
+    agent cannot craft syntax the reader (firma.core.gitconfig) misses."""
+    found = gitconfig.entries(text)
+    hooks = [posixpath.normpath(posixpath.join(worktree, v)) for v in gitconfig.hooks_paths(found) if not v.startswith("~")]
+    includes = [posixpath.normpath(posixpath.join(config_dir, v)) for v in gitconfig.include_paths(found) if not v.startswith("~")]
     return tuple(hooks), tuple(includes)
 
 

@@ -15,6 +15,7 @@ from ..errors import ConfigError
 from .model import Mount, SeccompPolicyRef
 from .profiles import ALIASES, BUILTIN, Profile
 from .record import record, field
+from .workspace_findings import parse_on_findings
 
 
 _STR = "str"
@@ -25,6 +26,7 @@ _PATH = "path"
 _MOUNTS = "mounts"
 _SECCOMP = "seccomp"
 _RELPATHS = "workspace-relative paths"
+_ON_FINDINGS = "fail|warn"
 
 # key -> kind, for every layer below the command line.
 SETTING_KINDS: Mapping[str, str] = MappingProxyType(
@@ -44,6 +46,7 @@ SETTING_KINDS: Mapping[str, str] = MappingProxyType(
         "seccomp_policy": _SECCOMP,
         "sidecar_endpoint": _STR,
         "protected_paths": _RELPATHS,
+        "on_workspace_findings": _ON_FINDINGS,
     }
 )
 MAP_KEYS = frozenset(k for k, v in SETTING_KINDS.items() if v == _MAP)
@@ -180,6 +183,8 @@ def _value(kind: str, value: Any, name: str, path: str, base: str) -> Any:
                     f"{path}: {name} entries must be relative to the workspace without '..': {v}"
                 )
         return tuple(dict.fromkeys(posixpath.normpath(v) for v in value))
+    if kind == _ON_FINDINGS:
+        return parse_on_findings(value, f"{path}: {name}")
     if kind == _MAP:
         if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
             raise bad("a table of strings")

@@ -146,6 +146,8 @@ class RunPlan:
     summary_json: str | None = None  # --summary-json FILE
     # Extra workspace-relative paths bound read-only (besides the built-in list), `[run].protected_paths`.
     protected_paths: tuple[str, ...] = ()
+    # What a finding of the post-run workspace check does to the exit status (DESIGN §13a).
+    on_workspace_findings: str = "fail"
 
     @property
     def runtime_dir(self) -> str:

@@ -236,6 +236,7 @@ def build_plan(
         + tuple(Weakening("allow_tcp", f"opaque TCP to {t}: any protocol, not inspected", sources.get("allow_tcp", "command line"))
                 for t in allow_tcp),
         allow_notes=checked_allow.notes,
+        on_workspace_findings=settings.get("on_workspace_findings", "fail"),
     )
 
 
@@ -318,6 +319,7 @@ def plan_to_json(plan: RunPlan) -> dict[str, Any]:
         "mask_paths": list(plan.mask_paths),
         "protected_paths": list(plan.protected_paths),
         "writable_home_paths": list(plan.writable_home_paths),
+        "on_workspace_findings": plan.on_workspace_findings,
         "sidecar": {
             "endpoint": plan.sidecar.endpoint,
             "embedded": plan.sidecar.embedded,

@@ -43,6 +43,7 @@ def build(
     ended_at: str | None,
     exit_status: int | None,
     facts: dict[str, Any] | None = None,
+    workspace_findings: list[dict[str, str]] | None = None,
 ) -> dict[str, Any]:
     facts = facts or {}
     return {
@@ -63,6 +64,8 @@ def build(
         "started_at": started_at,
         "ended_at": ended_at,
         "exit_status": exit_status,
+        # The post-run workspace check's findings (DESIGN §13a); null until it ran.
+        "workspace_findings": workspace_findings,
     }
 
 

@@ -12,6 +12,10 @@ SIDECAR_SOCKET = "sidecar.sock"
 RUNS = "run"
 PROOFS = "proofs"
 OWNER = "owner"  # in a run dir: "<launcher pid> <its start time in clock ticks>"
+# In a run dir, for the post-run workspace check: an empty file whose ctime is the baseline, and
+# the workspace's .git/index as it was at launch.
+WORKSPACE_BASELINE = "workspace-baseline"
+LAUNCH_INDEX = "launch-index"
 
 
 def audit_log_path(root: str) -> str:

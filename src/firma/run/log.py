@@ -37,18 +37,31 @@ class RunLog:
 
     def __call__(self, msg: str, level: str = "info") -> None:
         n = LEVELS.get(level, 20)
-        line = f"{now()} {level.upper():5} firma: {msg}\n"
-        for f in self._files:
-            try:
-                f.write(line)
-            except (OSError, ValueError):
-                pass
+        self._to_files(f"{now()} {level.upper():5} firma: {msg}\n")
         if not self.quiet and n >= self._term_level:
             try:
                 self._terminal.write(f"firma: {level.upper()} {msg}\n")
                 self._terminal.flush()
             except (OSError, ValueError):
                 pass
+
+    def _to_files(self, line: str) -> None:
+        for f in self._files:
+            try:
+                f.write(line)
+            except (OSError, ValueError):
+                pass
+
+    def block(self, text: str) -> None:
+        """A report the user must see (the post-run findings): on the terminal whatever the level,
+        and in the log files line by line."""
+        for line in text.splitlines():
+            self._to_files(f"{now()} WARN  {line}\n")
+        try:
+            self._terminal.write(text)
+            self._terminal.flush()
+        except (OSError, ValueError):
+            pass
 
     def close(self) -> None:
         for f in self._files:

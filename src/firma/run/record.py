@@ -32,6 +32,7 @@ class RunRecord:
     policy_sha256: str | None = None  # hashed once, at the launch's first proof
     audit_offset: int = 0  # the shared audit log's size when the run opened: its lines start there
     summary: runsummary.RunSummary | None = None  # once the agent has exited
+    workspace_findings: list[dict[str, str]] | None = None  # the post-run check's, once it ran
 
     def add_check(self, check: Check) -> None:
         self.checks.append(check)
@@ -58,6 +59,7 @@ class RunRecord:
             ended_at=now() if ended else None,
             exit_status=exit_status,
             facts=proofdoc.run_facts(self.plan, policy_sha256=self._policy_sha256()),
+            workspace_findings=self.workspace_findings,
         )
         if self.summary is not None:
             doc["denied"] = self.summary.denied_total
@@ -82,7 +84,9 @@ class RunRecord:
                 self.plan.state_root, self.audit_offset, sandbox_id=self.plan.identity.sandbox_id,
                 exit_status=status, proof_path=self.dirs.proof_path(self.plan.identity.sandbox_id),
                 monitor=self.plan.monitor,
-                notes=tuple(f"warning: {w.detail}" for w in self.plan.weakenings if w.setting == "allow_hosts"),
+                notes=tuple(f"warning: {w.detail}" for w in self.plan.weakenings if w.setting == "allow_hosts")
+                + ((f"workspace check: {len(self.workspace_findings)} finding(s), listed above",)
+                   if self.workspace_findings else ()),
             )
         try:
             self.write_proof(invariants, ended=True, exit_status=status)

@@ -1,5 +1,5 @@
 """The one launch sequence of `firma run`: prepare → gates → sidecar ready → build → release →
-proof → serve → supervise → teardown. Every step fails closed with a typed error; teardown
+proof → serve → supervise → teardown → workspace check. Every step fails closed with a typed error; teardown
 always runs, in reverse start order.
 
 Where the services (sidecar, bridge, DNS stub) live is a `Hosting`, chosen by the backend's
@@ -29,6 +29,7 @@ from .envelope import build_envelope, seccomp_for
 from .gates import gate, refuse_without_sidecar
 from .log import RunLog
 from .record import RunRecord, abandon_run, open_run
+from .workspace_check import Baseline, check_workspace, take_baseline
 
 if TYPE_CHECKING:
     from ..seccomp.store import SeccompArtifact
@@ -154,6 +155,7 @@ async def _run(
     child: LaunchedChild | None = None
     envelope: ExecutionEnvelope | None = None
     status: int | None = None
+    baseline: Baseline | None = None
     failed = True
     try:
         proxy_url, dns_stub_addr = await hosting.start_services(run, routing)
@@ -162,6 +164,8 @@ async def _run(
         )
         # 3. build + release: from here on firma's log lines stay off the agent's terminal.
         log.quiet = True
+        # Before the release: what the agent changes from here on is newer than the baseline.
+        baseline = take_baseline(plan, run.dirs.run_dir)
         child = await hosting.launch(run, envelope)
         _startup_done()
         # 4. proof, serve, supervise
@@ -170,7 +174,6 @@ async def _run(
         status = await hosting.supervise(run, child)
         failed = False
         log(f"agent exited with status {status}", "info")
-        return status
     except BaseException as exc:
         signum = hosting.interrupted(exc)
         if signum is None:
@@ -179,13 +182,16 @@ async def _run(
             raise
         status = 128 + signum
         log(f"launch interrupted by signal {signum}", "warn")
-        return status
     finally:
-        # 5. teardown
+        # 5. teardown, then the post-run workspace check: nothing of the agent's runs any more.
         log.quiet = False
         await hosting.teardown(run, child)
+        if baseline is not None:
+            status = check_workspace(run, baseline, status)
         run.finish(envelope, status, failed=failed)
         _report(run)
+    assert status is not None  # set by supervise or by the interruption; anything else raised
+    return status
 
 
 def _report(run: RunRecord) -> None:
