@@ -57,29 +57,42 @@ def test_path_spellings_against_like_rules(tmp_path, policy, path, reason):
         assert arrived == []
 
 
-def test_an_ip_literal_tunnel_cannot_carry_requests_past_path_rules(tmp_path):
-    """`curl -p http://IP/admin`: with path rules, a tunnel to an address is refused (requests
-    inside it would go unseen); the same request as a proxy request is decided (forbidden).
-    Control: without path rules the same tunnel carries it."""
+def test_requests_inside_an_ip_literal_tunnel_are_decided_one_by_one(tmp_path):
+    """`curl -p http://IP/admin`: with path rules, each request in a tunnel to an address is
+    decided like a proxy request — path normalised, Host checked — and TLS, which cannot be seen
+    into, is refused. Control: without path rules the same tunnel carries /admin."""
+    from test_tls_hello_and_framing import client_hello
 
-    async def attempt(policy):
+    async def attempt(policy, payloads):
         up = await HttpUpstream(body=b"ok").start()
+        out = []
         async with Stack(tmp_path / ("rules" if policy else "none"), policy_text=policy,
                          allow=[f"127.0.0.1:{up.port}"]) as s:
-            r, w, line = await open_tunnel(s.bridge_port, f"127.0.0.1:{up.port}")
-            w.write(f"GET /admin HTTP/1.1\r\nHost: 127.0.0.1:{up.port}\r\nConnection: close\r\n\r\n".encode())
-            await w.drain()
-            try:
-                got = await asyncio.wait_for(r.read(4096), 5)
-            finally:
-                w.close()
+            for payload in payloads:
+                r, w, line = await open_tunnel(s.bridge_port, f"127.0.0.1:{up.port}")
+                w.write(payload.replace(b"PORT", str(up.port).encode()))
+                await w.drain()
+                try:
+                    out.append(await asyncio.wait_for(r.read(4096), 10))
+                finally:
+                    w.close()
         up.server.close()
-        return line, got, [h.target for h, _ in up.rec.requests], s
+        return out, [h.target for h, _ in up.rec.requests], s
+
+    def req(path, host="127.0.0.1:PORT"):
+        return f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
 
     (tmp_path / "rules").mkdir()
     (tmp_path / "none").mkdir()
-    line, got, arrived, s = run(attempt(FORBID_ADMIN))
-    assert arrived == [] and got == b""
-    assert [e["deny_reason"] for e in s.events() if e["decision"] == 2] == ["path_rules_need_proxy_requests"]
-    line, got, arrived, s = run(attempt(None))  # control
-    assert arrived == ["/admin"] and got.startswith(b"HTTP/1.1 200")
+    payloads = [req("/public/x"), req("/admin"), req("/./admin"), req("/public/x", host="evil.test"),
+                client_hello("127.0.0.1")]
+    out, arrived, s = run(attempt(FORBID_ADMIN, payloads))
+    assert arrived == ["/public/x"]  # only the allowed request reached the upstream
+    assert out[0].startswith(b"HTTP/1.1 200")
+    assert b"x-firma-deny-reason: policy_forbid" in out[1]
+    assert b"x-firma-deny-reason: ambiguous_path" in out[2]
+    assert b"x-firma-deny-reason: host_mismatch" in out[3]
+    assert out[4] == b""
+    assert "tls_needs_inspection" in [e["deny_reason"] for e in s.events()]
+    out, arrived, s = run(attempt(None, [req("/admin")]))  # control
+    assert arrived == ["/admin"] and out[0].startswith(b"HTTP/1.1 200")

@@ -558,6 +558,11 @@ class Sidecar:
         deny_reason = f"monitor_mode:{v.monitored}" if v.monitored else ""
         s.w.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
         await s.w.drain()
+        if host.is_ip and self.policy.has_path_rules and (host.host, port) not in self._opaque:
+            # Requests in a tunnel would pass the path rules unseen (`curl -p http://IP/…`): with
+            # path rules they are read and decided one by one, as proxy requests are.
+            await self._requests_in_tunnel(ctx, s, host, port, t0)
+            return
         # Peek the client's first bytes before dialing: a denied SNI never reaches the upstream.
         # A declared opaque destination is not peeked: it may be server-speaks-first.
         opaque = (host.host, port) in self._opaque
@@ -587,6 +592,43 @@ class Sidecar:
         finally:
             self._tunnel_event(ctx, resource, deny_reason, why, enforce_us, t_dispatch, act)
 
+    async def _requests_in_tunnel(self, ctx: Attribution, s: netio.Stream, host: CanonHost, port: int, t0: int) -> None:
+        """A tunnel to an address under a policy with path rules: each plain HTTP request in it is
+        decided like a proxy request to that address (its path normalised, its Host checked);
+        TLS cannot be seen into, so it is refused until inspection exists."""
+        resource = host.authority(port)
+        try:
+            first = await asyncio.wait_for(s.r.read(65536), self.limits.setup_timeout)
+        except asyncio.TimeoutError:
+            first = b""
+        s.buf += first
+        if s.buf[:1] == b"\x16":
+            self._audit(ctx, action=NETWORK_CONNECT, resource=resource, decision=auditfmt.DENY,
+                        reason="tls_needs_inspection", t0=t0)
+            return
+        if not s.buf:
+            return  # nothing was sent
+        while True:
+            try:
+                raw = await asyncio.wait_for(s.read_head(self.limits.max_head_bytes, request=True), self.limits.idle_timeout)
+            except (HttpError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+                self._audit(ctx, action="http.malformed", resource=resource, decision=auditfmt.DENY,
+                            reason="malformed_request", t0=t0)
+                return
+            if raw is None:
+                return
+            try:
+                head = http1.parse_request_head(raw)
+            except HttpError as exc:
+                self._malformed(ctx, s, exc.reason, exc.detail)
+                return
+            if not head.target.startswith("/") or head.method == "CONNECT":
+                self._deny(ctx, s, HTTP_REQUEST, resource, "malformed_request", "a tunnel carries origin-form requests", 400, t0)
+                return
+            absolute = http1.RequestHead(head.method, f"http://{resource}{head.target}", head.version, head.headers)
+            if not await self._http(ctx, s, absolute, time.perf_counter_ns()):
+                return
+
     def _tunnel_event(self, ctx, resource, deny_reason, why, enforce_us, t_dispatch, act) -> None:
         self.audit.submit(
             session_id=ctx.session_id, agent_id=ctx.agent_id, sandbox_id=ctx.sandbox_id, action=NETWORK_CONNECT,
@@ -604,10 +646,6 @@ class Sidecar:
         need `allow_tcp` (opaque, see `_connect`). A tunnel to an IP literal names its address
         itself and may carry anything."""
         must_tls = not host.is_ip
-        if host.is_ip and self.policy.has_path_rules:
-            # Requests inside a tunnel would pass the path rules unseen (`curl -p http://IP/…`):
-            # with path rules, an address is reached through proxy requests, each decided.
-            return "path_rules_need_proxy_requests"
         wait = self.limits.setup_timeout if must_tls else 0.25  # IP literals: server-speaks-first
         deadline = time.monotonic() + wait
         while True:
