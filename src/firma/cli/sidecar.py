@@ -21,6 +21,8 @@ def add_parser(sub):
     p.add_argument("--audit-key", metavar="FILE", help="signing key (default audit.key beside the audit log)")
     p.add_argument("--startup-report", metavar="PATH", help="write a TOML readiness report here once ready")
     p.add_argument("--monitor", action="store_true", help="observe only: denies pass through, logged as monitor_mode:")
+    p.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID",
+                   help="also serve this uid's processes (default: only the sidecar's own user; repeatable)")
     return p
 
 
@@ -61,7 +63,8 @@ async def _serve(args) -> int:
         print(f"firma sidecar: {line}", file=sys.stderr)
     sidecar = Sidecar(
         SidecarConfig(
-            allow_hosts=allowed.patterns, policy_path=args.policy, audit_path=audit, key_path=key, monitor=args.monitor
+            allow_hosts=allowed.patterns,
+            client_uids=frozenset({os.geteuid(), *args.allow_uid}), policy_path=args.policy, audit_path=audit, key_path=key, monitor=args.monitor
         )
     )
     stop = asyncio.Event()
@@ -75,7 +78,10 @@ async def _serve(args) -> int:
         print(endpoint, flush=True)
         await stop.wait()
     finally:
+        refused = sidecar.refused_clients
         await sidecar.aclose()
+        if refused:
+            print(f"firma sidecar: refused {refused} connections from other users", file=sys.stderr)
     return 0
 
 

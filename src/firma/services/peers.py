@@ -55,6 +55,16 @@ class PeerUids:
         uids = {r["idiag_uid"] for r in rows if r.get("idiag_sport") == peer_port}
         return uids.pop() if len(uids) == 1 else None
 
+    async def uid_of(self, proto: int, peer: tuple, local: tuple | None) -> int | None:
+        """The peer's uid (None when it cannot be told), looked up off the event loop."""
+        family = socket.AF_INET6 if ":" in peer[0] else socket.AF_INET
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._thread, self.lookup, proto, family, peer[1], local[1] if local else None
+            )
+        except Exception:  # noqa: BLE001 - a lookup that fails attributes nothing (refused)
+            return None
+
     async def allows(self, proto: int, peer: tuple, local: tuple | None) -> bool:
         """True when the peer is one of the owner's sockets; counts a refusal otherwise."""
         family = socket.AF_INET6 if ":" in peer[0] else socket.AF_INET

@@ -11,8 +11,9 @@ import asyncio
 import ipaddress
 import os
 import socket
+import struct
 import time
-from typing import Awaitable, Callable
+from typing import Any, Awaitable, Callable
 
 from ..core import addrclass, auditfmt, http1, tlshello, urlpath
 from ..core.endpoint import HEALTH_PATH, parse_endpoint
@@ -65,6 +66,9 @@ class SidecarConfig:
     # Opaque TCP destinations (`allow_tcp`, exact HOST:PORT): allowed, and their tunnels carry any
     # protocol (server-speaks-first included), uninspected and labelled so in the audit.
     allow_tcp: tuple[str, ...] = ()
+    # Client uids served (the standalone sidecar: its owner plus `--allow-uid`); None serves any
+    # client that can reach the listener (the embedded one's is a 0700 directory of the launcher's).
+    client_uids: frozenset[int] | None = None
 
     @classmethod
     def for_run(cls, plan: RunPlan, *, audit_path: str, key_path: str) -> SidecarConfig:
@@ -136,10 +140,24 @@ class Sidecar:
         self.endpoint: str | None = None
         self.dns_dropped = 0
         self._unix_path: str | None = None
+        self.refused_clients = 0  # connections from uids not in config.client_uids
+        self._peer_uids: Any = None
+        if config.client_uids is not None:
+            from .peers import PeerUids  # noqa: PLC0415 - only for a sidecar that checks its clients
+
+            self._peer_uids = PeerUids(os.geteuid())
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self, listen: str = "tcp://127.0.0.1:0") -> str:
         kind, addr = parse_endpoint(listen, listen=True)
+        if self._peer_uids is not None and kind == "tcp":
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, self._peer_uids.warm)
+            except Exception as exc:  # noqa: BLE001 - without attribution every local user would be served
+                raise SidecarError(
+                    f"cannot attribute loopback clients to users (sock_diag: {exc}); listen on a unix:// socket "
+                    "or load the inet_diag/tcp_diag modules"
+                ) from None
         if isinstance(addr, str):  # unix
             return await self.serve_unix_socket(bind_unix_listener(addr), addr)
         host, port = addr
@@ -173,6 +191,9 @@ class Sidecar:
             except OSError:
                 pass
             self._unix_path = None
+        if self._peer_uids is not None:
+            self._peer_uids.close()
+            self._peer_uids = None
         await self.audit.aclose()
 
     def dns_reporter(self, sandbox_id: str, session_id: str) -> Callable[[str, int], None]:
@@ -266,7 +287,26 @@ class Sidecar:
         raise OSError(f"cannot connect to {v.host.authority(v.port) if v.host else '?'}: {last or 'no address'}")
 
     # -- connections --------------------------------------------------------------------------
+    async def _client_uid(self, writer: asyncio.StreamWriter) -> int | None:
+        """The uid of the process behind a connection: SO_PEERCRED on a unix socket, sock_diag on
+        loopback TCP (services.peers). None when it cannot be told."""
+        sock = writer.get_extra_info("socket")
+        if sock is not None and sock.family == socket.AF_UNIX:
+            _pid, uid, _gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+            return uid
+        peer, local = writer.get_extra_info("peername"), writer.get_extra_info("sockname")
+        if self._peer_uids is None or not peer:
+            return None
+        return await self._peer_uids.uid_of(socket.IPPROTO_TCP, peer, local)
+
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.config.client_uids is not None:
+            uid = await self._client_uid(writer)
+            if uid not in self.config.client_uids:
+                # Counted, not audited line by line: a stranger must not be able to fill the audit.
+                self.refused_clients += 1
+                writer.transport.abort()
+                return
         task = asyncio.current_task()
         assert task is not None  # a client callback runs in its own task
         self._tasks.add(task)

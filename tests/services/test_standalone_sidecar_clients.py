@@ -1,0 +1,102 @@
+"""The standalone sidecar serves only its owner's processes, plus the uids named with --allow-uid:
+another local user's request on the loopback port or the unix socket gets nothing and leaves no
+audit line. Control: the owner's request through the same listener is answered."""
+
+from __future__ import annotations
+
+import encodings.idna  # noqa: F401 - loaded before the setuid child needs it (the venv may be unreadable to it)
+import json
+import os
+import pwd
+import signal
+import socket
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+FIRMA = [sys.executable, "-m", "firma"]
+REQ = b"GET http://evil.invalid/x HTTP/1.1\r\nX-Firma-Sandbox-Id: sbx_stranger\r\nConnection: close\r\n\r\n"
+
+
+def _ask(endpoint: str) -> bytes:
+    if endpoint.startswith("unix://"):
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(5)
+        s.connect(endpoint[len("unix://"):])
+    else:
+        host, port = endpoint[len("tcp://"):].rsplit(":", 1)
+        s = socket.create_connection((host, int(port)), timeout=5)
+    with s:
+        s.sendall(REQ)
+        out = b""
+        try:
+            while chunk := s.recv(4096):
+                out += chunk
+        except OSError:
+            pass
+        return out
+
+
+def _as(uid: int, gid: int, endpoint: str) -> bytes:
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            try:
+                out = _ask(endpoint)
+            except OSError as exc:
+                out = f"error {exc.errno}".encode()
+            os.write(w, out)
+        finally:
+            os._exit(0)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 65536):
+        data += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    return data
+
+
+@pytest.mark.parametrize("kind", ["tcp", "unix"])
+def test_only_the_owner_and_allowed_uids_are_served(tmp_path, kind):
+    if os.geteuid() != 0:
+        pytest.fail("the second local user is made by setuid; CI runs as root")
+    other = pwd.getpwnam("firma-test")
+    # A socket directory the other user can reach (pytest's are 0700): the uid check must decide.
+    sockdir = tempfile.mkdtemp(prefix="firma-test-sock-", dir="/tmp")
+    os.chmod(sockdir, 0o755)
+    for allow in ([], ["--allow-uid", str(other.pw_uid)]):
+        audit = tmp_path / f"audit{len(allow)}.jsonl"
+        listen = "tcp://127.0.0.1:0" if kind == "tcp" else f"unix://{sockdir}/s{len(allow)}.sock"
+        proc = subprocess.Popen([*FIRMA, "sidecar", "--listen", listen, "--audit", str(audit), *allow],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            endpoint = proc.stdout.readline().strip()
+            assert endpoint.startswith(kind), proc.stderr.read()
+            if kind == "unix":
+                os.chmod(endpoint[len("unix://"):], 0o777)
+            theirs = _as(other.pw_uid, other.pw_gid, endpoint)
+            mine = _ask(endpoint)
+            assert mine.startswith(b"HTTP/1.1 403")  # control: the owner is answered (and denied)
+            if allow:
+                assert theirs.startswith(b"HTTP/1.1 403")  # an allowed uid is served too
+            else:
+                assert theirs in (b"", b"error 104"), theirs
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+        time.sleep(0.05)
+        sandboxes = [json.loads(line)["sandbox_id"] for line in audit.read_text().splitlines()]
+        assert sandboxes == ["sbx_stranger"] * (2 if allow else 1)
+        if not allow:
+            assert "refused 1 connections from other users" in proc.stderr.read()
+    shutil.rmtree(sockdir)
