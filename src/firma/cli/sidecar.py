@@ -21,6 +21,9 @@ def add_parser(sub):
     p.add_argument("--audit-key", metavar="FILE", help="signing key (default audit.key beside the audit log)")
     p.add_argument("--startup-report", metavar="PATH", help="write a TOML readiness report here once ready")
     p.add_argument("--monitor", action="store_true", help="observe only: denies pass through, logged as monitor_mode:")
+    p.add_argument("--tls-cert", metavar="PEM", help="server certificate (with --tls-key and --client-ca: mutual TLS)")
+    p.add_argument("--tls-key", metavar="PEM", help="server private key")
+    p.add_argument("--client-ca", metavar="PEM", help="CA whose client certificates are accepted; required on a network address")
     p.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID",
                    help="also serve this uid's processes (default: only the sidecar's own user; repeatable)")
     return p
@@ -40,13 +43,25 @@ async def _serve(args) -> int:
     from ..core.endpoint import listen_is_local
     from ..services.sidecar import Sidecar, SidecarConfig
 
-    if not listen_is_local(args.listen):
+    tls_args = (args.tls_cert, args.tls_key, args.client_ca)
+    if any(tls_args) and not all(tls_args):
+        raise SidecarError("mutual TLS needs all of --tls-cert, --tls-key and --client-ca")
+    mutual_tls = all(tls_args)
+    if not mutual_tls and not listen_is_local(args.listen):
         # Every client's attribution headers would be trusted and written into the signed audit,
         # and its requests carried out under this sidecar's policy: not on a network.
         raise SidecarError(
             f"refusing to listen on {args.listen}: a sidecar reachable from the network needs client "
-            "authentication, which firma does not offer yet; listen on 127.0.0.1 or a unix:// socket"
+            "authentication: give --tls-cert, --tls-key and --client-ca (mutual TLS), or listen on "
+            "127.0.0.1 or a unix:// socket"
         )
+    tls = None
+    if mutual_tls:
+        if args.listen.startswith("unix://"):
+            raise SidecarError("mutual TLS is for tcp:// listeners; a unix:// socket checks its clients' uids")
+        from ..services.tlsctx import server_context
+
+        tls = server_context(args.tls_cert, args.tls_key, args.client_ca)
     audit = args.audit
     if not audit:
         from ..core.settings import state_root
@@ -64,7 +79,8 @@ async def _serve(args) -> int:
     sidecar = Sidecar(
         SidecarConfig(
             allow_hosts=allowed.patterns,
-            client_uids=frozenset({os.geteuid(), *args.allow_uid}), policy_path=args.policy, audit_path=audit, key_path=key, monitor=args.monitor
+            # Clients are authenticated by certificate, or on this host by their uid.
+            client_uids=None if mutual_tls else frozenset({os.geteuid(), *args.allow_uid}), policy_path=args.policy, audit_path=audit, key_path=key, monitor=args.monitor
         )
     )
     stop = asyncio.Event()
@@ -72,7 +88,7 @@ async def _serve(args) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        endpoint = await sidecar.start(args.listen)
+        endpoint = await sidecar.start(args.listen, tls)
         if args.startup_report:
             write_startup_report(args.startup_report, endpoint)
         print(endpoint, flush=True)

@@ -12,7 +12,7 @@ from types import MappingProxyType
 from typing import Any, Mapping
 
 from ..errors import ConfigError
-from .model import Mount, SeccompPolicyRef
+from .model import Mount, SeccompPolicyRef, SidecarTls
 from .profiles import ALIASES, BUILTIN, Profile
 from .record import record, field
 from .workspace_findings import parse_on_findings
@@ -26,6 +26,7 @@ _PATH = "path"
 _MOUNTS = "mounts"
 _SECCOMP = "seccomp"
 _RELPATHS = "workspace-relative paths"
+_TLS = "tls"
 _ON_FINDINGS = "fail|warn"
 
 # key -> kind, for every layer below the command line.
@@ -45,6 +46,7 @@ SETTING_KINDS: Mapping[str, str] = MappingProxyType(
         "policy": _PATH,
         "seccomp_policy": _SECCOMP,
         "sidecar_endpoint": _STR,
+        "sidecar_tls": _TLS,
         "protected_paths": _RELPATHS,
         "on_workspace_findings": _ON_FINDINGS,
     }
@@ -201,6 +203,12 @@ def _value(kind: str, value: Any, name: str, path: str, base: str) -> Any:
         return SeccompPolicyRef(
             _resolve(base, value["source_policy_path"]), _resolve(base, value["artifact_dir"])
         )
+    if kind == _TLS:
+        if not isinstance(value, dict) or set(value) != {"cert", "key", "ca"}:
+            raise bad("a table with exactly cert, key and ca")
+        if not all(isinstance(v, str) and v.strip() for v in value.values()):
+            raise bad("a table of non-empty paths")
+        return SidecarTls(_resolve(base, value["cert"]), _resolve(base, value["key"]), _resolve(base, value["ca"]))
     if kind == _MOUNTS:
         if not isinstance(value, list):
             raise bad("a list of {source, target, read_only} tables")

@@ -77,12 +77,23 @@ class VzInputs:
 
 
 @record
+class SidecarTls:
+    """Client authentication to an external sidecar (`[run].sidecar_tls`): the certificate and key
+    the bridge presents, and the CA that signed the sidecar's certificate."""
+
+    cert: str
+    key: str
+    ca: str
+
+
+@record
 class SidecarChoice:
     """`local` = embedded sidecar in the launcher; otherwise an endpoint tcp://H:P | unix:///P."""
 
     endpoint: str = "local"
     autostart: bool = True
     startup_timeout_secs: float = 10.0
+    tls: SidecarTls | None = None  # mutual TLS to an external tcp:// sidecar
 
     @property
     def embedded(self) -> bool:

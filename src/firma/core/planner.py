@@ -210,6 +210,7 @@ def build_plan(
             endpoint=validate_endpoint(endpoint),
             autostart=not args.no_autostart,
             startup_timeout_secs=float(timeout),
+            tls=settings.get("sidecar_tls") if endpoint.startswith("tcp://") else None,
         ),
         allow_non_structural=bool(
             args.allow_non_structural

@@ -88,9 +88,10 @@ class ForkedHosting:
 
     async def probe_external(self, plan: RunPlan) -> None:
         from ..services.health import probe  # noqa: PLC0415 - only with an external sidecar
+        from ..services.tlsctx import for_sidecar  # noqa: PLC0415 - only with an external sidecar
 
         try:
-            probe(plan.sidecar.endpoint, plan.sidecar.startup_timeout_secs)
+            probe(plan.sidecar.endpoint, plan.sidecar.startup_timeout_secs, for_sidecar(plan.sidecar.tls))
         except FirmaError as exc:
             raise unreachable_external(plan, exc) from None
 
@@ -297,7 +298,10 @@ async def _serve(run: RunRecord, embedded: EmbeddedSidecar | None, socks: Plante
             reporter = sidecar.dns_reporter(plan.identity.sandbox_id, plan.identity.session_id)
         else:
             endpoint, reporter = plan.sidecar.endpoint, None
-        bridge = Bridge(sidecar_endpoint=endpoint, attribution=plan.identity.attribution_headers())
+        from ..services.tlsctx import for_sidecar  # noqa: PLC0415 - TLS only with an external sidecar
+
+        bridge = Bridge(sidecar_endpoint=endpoint, attribution=plan.identity.attribution_headers(),
+                        sidecar_tls=None if embedded is not None else for_sidecar(plan.sidecar.tls))
         services.append(bridge)
         await bridge.serve_sockets([socks.proxy_tcp])
         stub = DnsStub(on_query=reporter)

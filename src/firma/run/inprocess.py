@@ -39,7 +39,9 @@ class InProcessHosting:
 
     async def probe_external(self, plan: RunPlan) -> None:
         try:
-            await probe_async(plan.sidecar.endpoint, plan.sidecar.startup_timeout_secs)
+            from ..services.tlsctx import for_sidecar  # noqa: PLC0415 - only with an external sidecar
+
+            await probe_async(plan.sidecar.endpoint, plan.sidecar.startup_timeout_secs, for_sidecar(plan.sidecar.tls))
         except Exception as exc:  # noqa: BLE001 - any failure to answer refuses the launch
             raise unreachable_external(plan, exc) from None
 
@@ -74,7 +76,11 @@ class InProcessHosting:
         else:
             endpoint, reporter = plan.sidecar.endpoint, None
         peers = self._owner_peers(run)
-        bridge = self._svc_bridge.Bridge(sidecar_endpoint=endpoint, attribution=plan.identity.attribution_headers(), peers=peers)
+        from ..services.tlsctx import for_sidecar  # noqa: PLC0415 - TLS only with an external sidecar
+
+        tls = None if self._sidecar is not None else for_sidecar(plan.sidecar.tls)
+        bridge = self._svc_bridge.Bridge(sidecar_endpoint=endpoint, attribution=plan.identity.attribution_headers(),
+                                         peers=peers, sidecar_tls=tls)
         self._services.append(bridge)
         bport = await bridge.serve_address("127.0.0.1", 0)
         dns_addr = None

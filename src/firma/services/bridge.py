@@ -33,6 +33,7 @@ class Bridge:
         max_head: int = http1.MAX_HEAD,
         max_connections: int = 1024,
         peers: Any = None,
+        sidecar_tls: Any = None,
     ) -> None:
         parse_endpoint(sidecar_endpoint)  # fail early on a bad endpoint
         self.sidecar_endpoint = sidecar_endpoint
@@ -42,6 +43,7 @@ class Bridge:
         self.max_connections = max_connections
         # services.peers.PeerUids on a host-loopback listener: only the owner's sockets are served
         self.peers = peers
+        self.sidecar_tls = sidecar_tls  # an SSLContext: mutual TLS to an external sidecar
         self._servers: list[asyncio.base_events.Server] = []
         self._tasks: set[asyncio.Task] = set()
 
@@ -88,7 +90,7 @@ class Bridge:
         async def ensure_up(relay_down: bool = True) -> netio.Stream:
             nonlocal up, down
             if up is None:
-                r, w = await netio.open_endpoint(self.sidecar_endpoint, 10.0)
+                r, w = await netio.open_endpoint(self.sidecar_endpoint, 10.0, self.sidecar_tls)
                 up = netio.Stream(r, w)
                 if relay_down:
                     down = asyncio.ensure_future(self._downstream(up, agent))

@@ -6,13 +6,15 @@
 from __future__ import annotations
 
 import socket
+from typing import Any
 
 from ..core.endpoint import HEALTH_PATH, parse_endpoint
 from ..errors import SidecarError
 
 
-def probe(endpoint: str, timeout: float) -> None:
-    """Raise SidecarError unless a sidecar answers `GET HEALTH_PATH` with 200 at endpoint in time."""
+def probe(endpoint: str, timeout: float, tls: Any = None) -> None:
+    """Raise SidecarError unless a sidecar answers `GET HEALTH_PATH` with 200 at endpoint in time.
+    `tls`: an SSLContext for a sidecar that requires client certificates."""
     kind, addr = parse_endpoint(endpoint)
     try:
         if kind == "unix":
@@ -26,6 +28,8 @@ def probe(endpoint: str, timeout: float) -> None:
         else:
             assert isinstance(addr, tuple)
             sock = socket.create_connection(addr, timeout)
+            if tls is not None:
+                sock = tls.wrap_socket(sock, server_hostname=addr[0])
     except OSError as exc:
         raise SidecarError(f"sidecar {endpoint} is not reachable: {exc or 'timed out'}") from None
     with sock:
@@ -44,8 +48,8 @@ def probe(endpoint: str, timeout: float) -> None:
         raise SidecarError(f"sidecar {endpoint} did not report ready (got {first[:40]!r})")
 
 
-async def probe_async(endpoint: str, timeout: float) -> None:
+async def probe_async(endpoint: str, timeout: float, tls: Any = None) -> None:
     """`probe` from a coroutine, without blocking the event loop (which may serve the sidecar)."""
     import asyncio  # noqa: PLC0415 - the synchronous launcher never imports asyncio
 
-    await asyncio.to_thread(probe, endpoint, timeout)
+    await asyncio.to_thread(probe, endpoint, timeout, tls)

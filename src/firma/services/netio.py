@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from typing import cast
+from typing import Any, cast
 
 from ..core.endpoint import parse_endpoint
 from ..core.http1 import HttpError, head_end, plausible_request_start
@@ -14,10 +14,13 @@ READ_CHUNK = 1024 * 1024
 STREAM_LIMIT = 4 * 1024 * 1024
 
 
-async def open_endpoint(endpoint: str, timeout: float = 10.0):
+async def open_endpoint(endpoint: str, timeout: float = 10.0, tls: Any = None):
+    """A connection to a sidecar endpoint; `tls` (an SSLContext) makes it mutual TLS."""
     kind, addr = parse_endpoint(endpoint)
     if isinstance(addr, str):  # unix
         coro = asyncio.open_unix_connection(addr, limit=STREAM_LIMIT)
+    elif tls is not None:
+        coro = asyncio.open_connection(addr[0], addr[1], limit=STREAM_LIMIT, ssl=tls, server_hostname=addr[0])
     else:
         coro = asyncio.open_connection(addr[0], addr[1], limit=STREAM_LIMIT)
     reader, writer = await asyncio.wait_for(coro, timeout)

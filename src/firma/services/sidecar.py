@@ -148,7 +148,9 @@ class Sidecar:
             self._peer_uids = PeerUids(os.geteuid())
 
     # -- lifecycle ------------------------------------------------------------------------------
-    async def start(self, listen: str = "tcp://127.0.0.1:0") -> str:
+    async def start(self, listen: str = "tcp://127.0.0.1:0", tls: Any = None) -> str:
+        """Listen at `listen`; `tls` (a server SSLContext requiring client certificates) makes
+        every client authenticate before a byte of HTTP is read."""
         kind, addr = parse_endpoint(listen, listen=True)
         if self._peer_uids is not None and kind == "tcp":
             try:
@@ -162,7 +164,8 @@ class Sidecar:
             return await self.serve_unix_socket(bind_unix_listener(addr), addr)
         host, port = addr
         try:
-            self._server = await asyncio.start_server(self._client, host, port, limit=netio.STREAM_LIMIT, backlog=LISTEN_BACKLOG)
+            self._server = await asyncio.start_server(self._client, host, port, limit=netio.STREAM_LIMIT,
+                                                      backlog=LISTEN_BACKLOG, ssl=tls)
         except OSError as exc:
             raise SidecarError(f"cannot listen on {listen}: {exc.strerror}; choose another --listen address") from None
         sa = self._server.sockets[0].getsockname()
