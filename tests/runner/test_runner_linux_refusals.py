@@ -272,3 +272,100 @@ def test_a_contract_without_a_filter_still_gets_the_hardening_filter(tmp_path, s
     assert r.returncode == 0, r.stderr
     assert (work / "status").read_text().strip() != "0"
     assert not (work / "t").stat().st_mode & 0o4000
+
+
+def test_a_contract_owned_by_another_user_in_a_world_writable_directory_is_refused(tmp_path, standins):
+    """Another local user's contract in a shared directory: the root runner never reads it.
+    Control: the same contract in a private directory of ours runs (the other tests)."""
+    import pwd
+
+    if os.geteuid() != 0:
+        pytest.fail("the test chowns a file to another user; CI runs as root")
+    other = pwd.getpwnam("firma-test")
+    path, work = write_contract(tmp_path, standins.proxy_url, standins.dns, "echo ran > marker")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    planted = shared / "launch.json"
+    planted.write_bytes(path.read_bytes())
+    planted.chmod(0o600)
+    os.chown(planted, other.pw_uid, other.pw_gid)
+    r = run_runner(planted, work)
+    assert r.returncode == 1 and not (work / "marker").exists()
+    assert r.stderr.startswith("[ERR]  ") and ("owned by uid" in r.stderr or "writable by other users" in r.stderr), r.stderr
+
+
+def test_the_agents_pythonpath_never_reaches_the_reference_runner(tmp_path):
+    """`firma run --backend runner` with the reference runner and PYTHONPATH set for the agent: a
+    sitecustomize.py there is not imported by the runner (it runs with firma's own environment).
+    Control: the same interpreter with that PYTHONPATH imports it."""
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    marker = tmp_path / "imported"
+    (evil / "sitecustomize.py").write_text(f"open({str(marker)!r}, 'a').write('x')\n")
+    subprocess.run([sys.executable, "-c", "pass"], env={"PYTHONPATH": str(evil)}, check=True)
+    assert marker.exists()  # control
+    marker.unlink()
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    home = tmp_path / "home"
+    home.mkdir()
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(f'[run]\nenv_set = {{ PYTHONPATH = "{evil}" }}\n')
+    env = {"HOME": str(home), "PATH": "/usr/bin:/bin", "FIRMA_STATE_DIR": str(tmp_path / "state"),
+           "FIRMA_RUN_RUNNER": RUNNER, "LANG": "C.UTF-8"}
+    r = subprocess.run([sys.executable, "-m", "firma", "--config", str(cfg), "run", "--backend", "runner", "--quiet",
+                        "--", "true"], cwd=ws, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert not marker.exists()
+
+
+def _cmdline_procs(needle: str) -> list[int]:
+    out = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if needle.encode() in f.read():
+                        out.append(int(pid))
+            except OSError:
+                pass
+    return out
+
+
+def test_kill_9_of_firma_takes_the_reference_runner_and_its_agent_along(tmp_path):
+    import signal
+    import time
+
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    home = tmp_path / "home"
+    home.mkdir()
+    needle = f"{300 + int.from_bytes(os.urandom(2), 'big') % 1000}.25"
+    env = {"HOME": str(home), "PATH": "/usr/bin:/bin", "FIRMA_STATE_DIR": str(tmp_path / "state"),
+           "FIRMA_RUN_RUNNER": RUNNER, "LANG": "C.UTF-8"}
+    p = subprocess.Popen([sys.executable, "-m", "firma", "run", "--backend", "runner", "--quiet", "--",
+                          "sh", "-c", f"touch ready; exec sleep {needle}"], cwd=ws, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not (ws / "ready").exists():
+            assert p.poll() is None and time.monotonic() < deadline, p.stderr.read() if p.stderr else ""
+            time.sleep(0.02)
+        time.sleep(0.2)
+        assert _cmdline_procs(f"sleep\0{needle}")  # control: the agent runs
+        runners = _cmdline_procs("firma-runner-linux")
+        assert runners
+        p.send_signal(signal.SIGKILL)
+        p.wait(10)
+        deadline = time.monotonic() + 1.0
+        while (_cmdline_procs(f"sleep\0{needle}") or set(_cmdline_procs("firma-runner-linux")) & set(runners)) \
+                and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _cmdline_procs(f"sleep\0{needle}") == []
+        assert set(_cmdline_procs("firma-runner-linux")) & set(runners) == set()
+    finally:
+        if p.poll() is None:
+            p.kill()
+        for pid in _cmdline_procs(f"sleep\0{needle}"):
+            os.kill(pid, signal.SIGKILL)
