@@ -31,6 +31,10 @@ if [ "$1" = --launch-contract ]; then
 fi
 code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 20 -x "$HTTP_PROXY" http://denied.invalid/x)
 echo "$code" > "$OUT/curl"
+# the same bridge without this run's credential (what another local user could send)
+bare=$(python3 -c 'import sys, urllib.parse as u; p = u.urlsplit(sys.argv[1]); print(f"http://{p.hostname}:{p.port}")' "$HTTP_PROXY")
+code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 20 -x "$bare" http://denied.invalid/nocred)
+echo "$code" > "$OUT/curl-nocred"
 dig +tries=1 +time=5 -p "${FIRMA_DNS_STUB_ADDR##*:}" @"${FIRMA_DNS_STUB_ADDR%:*}" probe.invalid A \
   | sed -n 's/.*status: \([A-Z]*\).*/\1/p' > "$OUT/dig"
 '''
@@ -158,6 +162,9 @@ def test_network_deny_end_to_end(tmp_path):
     assert r.returncode == 42, r.stderr
     env = dict(row.split("=", 1) for row in (out / "agent-env").read_text().splitlines() if "=" in row)
     bridge_port = int(env["HTTP_PROXY"].rsplit(":", 1)[1])
+    # macOS has no peer uid for TCP: the bridge takes only this run's credential (proxy_url userinfo)
+    assert env["HTTP_PROXY"].startswith("http://firma:") and "@127.0.0.1:" in env["HTTP_PROXY"]
+    assert (out / "curl-nocred").read_text().strip() == "407"
     stub_port = int(env["FIRMA_DNS_STUB_ADDR"].rsplit(":", 1)[1])
     assert env["FIRMA_DNS_STUB_ADDR"] == f"127.0.0.1:{stub_port}"
     assert SECRET not in (out / "agent-env").read_text()
@@ -173,6 +180,7 @@ def test_network_deny_end_to_end(tmp_path):
     assert (out / "argv").read_text().splitlines() == [str(agent), "a b"]
     assert (out / "curl").read_text().strip() == "403"
     assert (out / "dig").read_text().strip() == "REFUSED"
+    assert not [e for e in _audit(tmp_path) if "/nocred" in e["resource"]]  # refused unaudited
     proof = _proof(tmp_path)
     assert proof["network_confinement"] == "macos_sandbox_network_deny" and proof["enforced"] is True
     assert proof["exit_status"] == 42

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 from typing import Any
 
 from ..backends.base import Backend, LaunchedChild, LaunchHooks, PlantedSockets, RoutingPlan
@@ -21,9 +22,10 @@ from .signals import Supervisor, cancel_current_task, close_services, stop_child
 class InProcessHosting:
     """The services in this process's event loop, on host loopback ephemeral ports."""
 
-    def __init__(self, backend: Backend, log: RunLog, *, owner_only: bool = False) -> None:
+    def __init__(self, backend: Backend, log: RunLog, *, owner_only: bool = False, bridge_credential: bool = False) -> None:
         """`owner_only`: attribute every loopback connection and datagram to a uid (Linux
-        sock_diag) and serve only this user's."""
+        sock_diag) and serve only this user's. `bridge_credential`: where no uid can be looked up
+        (macOS), the bridge requires a per-run credential carried in proxy_url's userinfo."""
         try:
             from ..services import bridge, dns_stub, sidecar  # noqa: PLC0415 - the services load only for an in-process hosting
         except ImportError as exc:
@@ -35,6 +37,7 @@ class InProcessHosting:
         self._sidecar: Any = None
         self._services: list[Any] = []  # sidecar, bridge, DNS stub: closed in reverse
         self._serve_owner_only = owner_only
+        self._bridge_credential = bridge_credential
         self._peers: Any = None
 
     async def probe_external(self, plan: RunPlan) -> None:
@@ -79,8 +82,9 @@ class InProcessHosting:
         from ..services.tlsctx import for_sidecar  # noqa: PLC0415 - TLS only with an external sidecar
 
         tls = None if self._sidecar is not None else for_sidecar(plan.sidecar.tls)
+        credential = f"firma:{secrets.token_urlsafe(24)}" if self._bridge_credential else None
         bridge = self._svc_bridge.Bridge(sidecar_endpoint=endpoint, attribution=plan.identity.attribution_headers(),
-                                         peers=peers, sidecar_tls=tls)
+                                         peers=peers, sidecar_tls=tls, credential=credential)
         self._services.append(bridge)
         bport = await bridge.serve_address("127.0.0.1", 0)
         dns_addr = None
@@ -90,8 +94,11 @@ class InProcessHosting:
             dport = await stub.serve_address("127.0.0.1", 0)
             dns_addr = f"127.0.0.1:{dport}"
         owner = f"; only uid {peers.owner_uid}'s sockets are served (sock_diag)" if peers is not None else ""
+        if credential is not None:
+            owner = "; the bridge requires this run's credential (proxy_url userinfo)"
         run.add_check(Check("host_services", True, f"bridge 127.0.0.1:{bport}" + (f", dns stub {dns_addr}" if dns_addr else "") + owner))
-        return f"http://127.0.0.1:{bport}", dns_addr
+        userinfo = f"{credential}@" if credential is not None else ""
+        return f"http://{userinfo}127.0.0.1:{bport}", dns_addr
 
     def _owner_peers(self, run: RunRecord) -> Any:
         if not self._serve_owner_only:

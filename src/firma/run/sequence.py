@@ -107,7 +107,7 @@ def run(
 
         from .inprocess import InProcessHosting  # noqa: PLC0415 - only the hosting in use is loaded
 
-        return asyncio.run(_launch(plan, host, proof, routing, InProcessHosting(backend, log, owner_only=host.is_linux), log))
+        return asyncio.run(_launch(plan, host, proof, routing, InProcessHosting(backend, log, owner_only=host.is_linux, bridge_credential=host.is_macos), log))
     finally:
         log.close()
 

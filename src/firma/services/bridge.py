@@ -9,6 +9,8 @@ them; the sidecar decides each pipelined request in order."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import hmac
 import socket
 from typing import Any, Mapping
 
@@ -34,6 +36,7 @@ class Bridge:
         max_connections: int = 1024,
         peers: Any = None,
         sidecar_tls: Any = None,
+        credential: str | None = None,
     ) -> None:
         parse_endpoint(sidecar_endpoint)  # fail early on a bad endpoint
         self.sidecar_endpoint = sidecar_endpoint
@@ -44,6 +47,14 @@ class Bridge:
         # services.peers.PeerUids on a host-loopback listener: only the owner's sockets are served
         self.peers = peers
         self.sidecar_tls = sidecar_tls  # an SSLContext: mutual TLS to an external sidecar
+        # A per-run bridge credential (`user:secret`, sent by proxy clients from the userinfo of
+        # proxy_url as Proxy-Authorization: Basic): where the peer's uid cannot be looked up
+        # (macOS), it is what tells the agent's requests from another local user's. It is not a
+        # firma capability: it opens this run's bridge and nothing else.
+        self._expected_auth = (
+            "Basic " + base64.b64encode(credential.encode()).decode() if credential is not None else None
+        )
+        self.refused_credentials = 0
         self._servers: list[asyncio.base_events.Server] = []
         self._tasks: set[asyncio.Task] = set()
 
@@ -120,6 +131,15 @@ class Bridge:
                 except HttpError as exc:
                     await self._reject(agent, ensure_up, exc.reason, exc.detail, up, down)
                     return
+                if self._expected_auth is not None:
+                    given = head.get_all("proxy-authorization")
+                    if len(given) != 1 or not hmac.compare_digest(given[0].strip(), self._expected_auth):
+                        self.refused_credentials += 1  # counted, never audited (anyone can knock)
+                        writer.write(b"HTTP/1.1 407 Proxy Authentication Required\r\n"
+                                     b'Proxy-Authenticate: Basic realm="firma"\r\ncontent-length: 0\r\n'
+                                     b"connection: close\r\n\r\n")
+                        return
+                    head = head.without(frozenset({"proxy-authorization"}))
                 stamped = http1.stamp_attribution(head, self.attribution)
                 # A CONNECT opening the connection becomes one direct tunnel (fast relay both ways).
                 tunnel = head.method == "CONNECT" and up is None
