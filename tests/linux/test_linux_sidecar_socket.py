@@ -16,7 +16,9 @@ from linux_support import base_env, firma_cmd, wait_for
 
 def _run_and_inspect(ws: Path, env: dict[str, str]) -> tuple[str, os.stat_result, dict]:
     ready, release = ws / "ready", ws / "release"
-    script = f"touch {ready}; while [ ! -e {release} ]; do sleep 0.05; done"
+    # a request through the proxy proves the bridge reached the sidecar (403 is its decision)
+    script = (f"curl -s -o /dev/null -w '%{{http_code}}' http://denied.invalid/ > {ws}/code; touch {ready}; "
+              f"while [ ! -e {release} ]; do sleep 0.05; done")
     proc = subprocess.Popen(
         firma_cmd("run", "--proof-file", str(ws / "proof.json"), "--", "sh", "-c", script),
         cwd=ws, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -48,9 +50,16 @@ def test_embedded_sidecar_listens_on_a_private_unix_socket(ws, tmp_path):
 
 
 def test_long_state_root_still_gets_a_private_socket(ws, tmp_path):
+    """A state root longer than a socket address allows: the socket stays in the private run dir
+    (bound and reached through the directory's descriptor), never in $TMPDIR or another shorter
+    place a sandbox might see. Control: the run's request is decided (the bridge reached it)."""
     state = tmp_path / ("s" * 120)  # the run dir alone is longer than sun_path
-    sock, dir_stat, proof = _run_and_inspect(ws, base_env(tmp_path, FIRMA_STATE_DIR=str(state)))
-    assert len(os.fsencode(sock)) <= 107
+    tmpdir = tmp_path / "tmpdir"
+    tmpdir.mkdir()
+    before = set(Path("/tmp").glob("firma-sidecar-*"))
+    sock, dir_stat, proof = _run_and_inspect(ws, base_env(tmp_path, FIRMA_STATE_DIR=str(state), TMPDIR=str(tmpdir)))
+    assert len(os.fsencode(sock)) > 107 and sock.startswith(str(state / "run")) and sock.endswith("/sidecar.sock")
     assert stat.S_IMODE(dir_stat.st_mode) == 0o700 and dir_stat.st_uid == os.getuid()
     assert proof["sidecar"]["endpoint"] == f"unix://{sock}"
-    assert not os.path.exists(os.path.dirname(sock))  # the short private dir is removed too
+    assert (ws / "code").read_text() == "403"
+    assert list(tmpdir.iterdir()) == [] and set(Path("/tmp").glob("firma-sidecar-*")) == before

@@ -290,7 +290,8 @@ async def _serve(run: RunRecord, embedded: EmbeddedSidecar | None, socks: Plante
     try:
         if embedded is not None:
             sidecar = Sidecar(
-                SidecarConfig.for_run(plan, audit_path=run.dirs.audit_path, key_path=run.dirs.key_path),
+                SidecarConfig.for_run(plan, audit_path=run.dirs.audit_path, key_path=run.dirs.key_path,
+                                      launcher_uid=os.geteuid()),
                 policy=embedded.policy,
             )
             services.append(sidecar)  # closed last: it flushes the audit log

@@ -67,7 +67,8 @@ class InProcessHosting:
         # audit writer, so no lock is needed here.
         sc = self._svc_sidecar
         self._sidecar = sc.Sidecar(
-            sc.SidecarConfig.for_run(run.plan, audit_path=run.dirs.audit_path, key_path=run.dirs.key_path)
+            sc.SidecarConfig.for_run(run.plan, audit_path=run.dirs.audit_path, key_path=run.dirs.key_path,
+                                    launcher_uid=os.geteuid())
         )
         self._services.append(self._sidecar)
 

@@ -26,7 +26,6 @@ class RunRecord:
     log: RunLog
     checks: list[Check] = field(default_factory=list)
     sidecar_endpoint: str | None = None
-    socket_dir: str | None = None  # private short dir holding the sidecar socket, when used
     started_at: str = field(default_factory=now)
     proof_path: str | None = None
     policy_sha256: str | None = None  # hashed once, at the launch's first proof
@@ -74,8 +73,6 @@ class RunRecord:
     def finish(self, envelope: ExecutionEnvelope | None, status: int | None, *, failed: bool) -> None:
         """The last steps of every teardown: the private socket dir, the final proof, the run
         dir (a failed run keeps its run.log next to the proof)."""
-        if self.socket_dir is not None:
-            privfs.remove_tree(self.socket_dir)
         invariants = envelope.invariants if envelope is not None else DEFAULT_INVARIANTS
         if status is not None and envelope is not None:
             from . import summary  # noqa: PLC0415 - only once an agent ran
@@ -124,22 +121,13 @@ def open_run(plan: RunPlan, proof: EnforcementProof, log: RunLog, artifact: Secc
 def abandon_run(run: RunRecord) -> None:
     """Nothing was started (bad policy, unreadable key): leave no run dir behind."""
     run.log.close()
-    if run.socket_dir is not None:
-        privfs.remove_tree(run.socket_dir)
     statedir.remove_run_dir(run.dirs, keep_log_as=None)
 
 
-_SUN_PATH_MAX = 107  # sockaddr_un.sun_path holds 108 bytes with the terminating NUL
-
-
 def sidecar_listen(run: RunRecord) -> str:
-    """The embedded sidecar listens on a unix socket in a 0700 directory: only this launcher's
-    bridge can reach it. On host loopback TCP any local process could submit requests with forged
-    attribution headers and write them into the signed audit."""
-    path = run.dirs.sidecar_socket
-    if len(os.fsencode(path)) > _SUN_PATH_MAX:
-        import tempfile  # noqa: PLC0415 - rare path; tempfile costs a launch ~2 ms
-
-        run.socket_dir = tempfile.mkdtemp(prefix="firma-sidecar-")  # 0700, short path
-        path = os.path.join(run.socket_dir, statedir.SIDECAR_SOCKET)
-    return f"unix://{path}"
+    """The embedded sidecar listens on a unix socket in the run's 0700 directory, whatever the
+    path's length (a long one is bound and reached through its directory's descriptor:
+    services.listen.short_unix_path), and serves only this launcher's uid (SO_PEERCRED). On host
+    loopback TCP, or in a shorter shared directory, another process — the agent, if $TMPDIR is
+    visible inside — could submit requests with forged attribution into the signed audit."""
+    return f"unix://{run.dirs.sidecar_socket}"

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..core.endpoint import HEALTH_PATH, parse_endpoint
 from ..errors import SidecarError
+from .listen import short_unix_path
 
 
 def probe(endpoint: str, timeout: float, tls: Any = None) -> None:
@@ -21,8 +22,10 @@ def probe(endpoint: str, timeout: float, tls: Any = None) -> None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.settimeout(timeout)
             try:
-                sock.connect(addr)
-            except OSError:
+                assert isinstance(addr, str)
+                with short_unix_path(addr) as short:
+                    sock.connect(short)
+            except (OSError, SidecarError):
                 sock.close()
                 raise
         else:

@@ -3,13 +3,36 @@ the synchronous launcher of firma.run.forked and the asyncio sidecar alike."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import stat
+from typing import Iterator
 
 from ..errors import SidecarError
 
 LISTEN_BACKLOG = 1024
+SUN_PATH_MAX = 107  # sockaddr_un.sun_path holds 108 bytes with the terminating NUL
+
+
+@contextlib.contextmanager
+def short_unix_path(path: str) -> Iterator[str]:
+    """A name for `path` that fits a socket address: the path itself, or, when it is too long,
+    `/proc/self/fd/<dirfd>/<name>` through a descriptor of its directory opened without
+    following a final link. The socket is never placed elsewhere (a shorter directory such as
+    $TMPDIR could be visible inside a sandbox)."""
+    if len(os.fsencode(path)) <= SUN_PATH_MAX:
+        yield path
+        return
+    name = os.path.basename(path)
+    try:
+        fd = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise SidecarError(f"cannot open the socket directory of {path}: {exc.strerror}") from None
+    try:
+        yield f"/proc/self/fd/{fd}/{name}"
+    finally:
+        os.close(fd)
 
 
 def bind_unix_listener(path: str) -> socket.socket:
@@ -26,9 +49,10 @@ def bind_unix_listener(path: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o077)
     try:
-        sock.bind(path)
-        sock.listen(LISTEN_BACKLOG)
-        os.chmod(path, 0o600)
+        with short_unix_path(path) as short:
+            sock.bind(short)
+            sock.listen(LISTEN_BACKLOG)
+            os.chmod(short, 0o600)
     except OSError as exc:
         sock.close()
         raise SidecarError(f"cannot listen on unix://{path}: {exc.strerror}; choose another --listen path") from None

@@ -8,6 +8,7 @@ import time
 from typing import Any, cast
 
 from ..core.endpoint import parse_endpoint
+from .listen import short_unix_path
 from ..core.http1 import HttpError, head_end, plausible_request_start
 
 READ_CHUNK = 1024 * 1024
@@ -18,8 +19,10 @@ async def open_endpoint(endpoint: str, timeout: float = 10.0, tls: Any = None):
     """A connection to a sidecar endpoint; `tls` (an SSLContext) makes it mutual TLS."""
     kind, addr = parse_endpoint(endpoint)
     if isinstance(addr, str):  # unix
-        coro = asyncio.open_unix_connection(addr, limit=STREAM_LIMIT)
-    elif tls is not None:
+        with short_unix_path(addr) as short:  # a long path is reached through its directory's fd
+            reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(short, limit=STREAM_LIMIT), timeout)
+        return reader, writer
+    if tls is not None:
         coro = asyncio.open_connection(addr[0], addr[1], limit=STREAM_LIMIT, ssl=tls, server_hostname=addr[0])
     else:
         coro = asyncio.open_connection(addr[0], addr[1], limit=STREAM_LIMIT)

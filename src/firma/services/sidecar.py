@@ -71,9 +71,11 @@ class SidecarConfig:
     client_uids: frozenset[int] | None = None
 
     @classmethod
-    def for_run(cls, plan: RunPlan, *, audit_path: str, key_path: str) -> SidecarConfig:
-        """The embedded sidecar's configuration for a `firma run` (both ways of hosting it)."""
+    def for_run(cls, plan: RunPlan, *, audit_path: str, key_path: str, launcher_uid: int) -> SidecarConfig:
+        """The embedded sidecar's configuration for a `firma run` (both ways of hosting it): it
+        serves only the launcher's uid."""
         return cls(
+            client_uids=frozenset({launcher_uid}),
             allow_hosts=tuple(plan.allow_hosts),
             allow_tcp=tuple(plan.allow_tcp),
             policy_path=plan.policy_path,
@@ -141,18 +143,17 @@ class Sidecar:
         self.dns_dropped = 0
         self._unix_path: str | None = None
         self.refused_clients = 0  # connections from uids not in config.client_uids
-        self._peer_uids: Any = None
-        if config.client_uids is not None:
-            from .peers import PeerUids  # noqa: PLC0415 - only for a sidecar that checks its clients
-
-            self._peer_uids = PeerUids(os.geteuid())
+        self._peer_uids: Any = None  # services.peers.PeerUids, for a TCP listener that checks uids
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self, listen: str = "tcp://127.0.0.1:0", tls: Any = None) -> str:
         """Listen at `listen`; `tls` (a server SSLContext requiring client certificates) makes
         every client authenticate before a byte of HTTP is read."""
         kind, addr = parse_endpoint(listen, listen=True)
-        if self._peer_uids is not None and kind == "tcp":
+        if self.config.client_uids is not None and kind == "tcp":
+            from .peers import PeerUids  # noqa: PLC0415 - only a TCP listener that checks its clients' uids
+
+            self._peer_uids = PeerUids(os.geteuid())
             try:
                 await asyncio.get_running_loop().run_in_executor(None, self._peer_uids.warm)
             except Exception as exc:  # noqa: BLE001 - without attribution every local user would be served
