@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from dataclasses import dataclass
 
 from .errors import FirmaError
 
@@ -257,3 +258,87 @@ def remove_tree(path: str) -> None:
         import shutil  # noqa: PLC0415 - rare: a run dir holds only files
 
         shutil.rmtree(path, ignore_errors=True)
+
+
+def refuse_links_within(path: str, root: str) -> None:
+    """Policy `refuse_links_within`: no component of `path` between `root` (a workspace, which
+    the agent can write) and `path` itself is a symlink. Components above `root` may be links (a
+    symlinked /tmp or home is fine); below it a link could have been planted by an earlier run."""
+    path, root = os.path.normpath(path), os.path.normpath(root)
+    if not path.startswith(root.rstrip("/") + "/"):
+        return
+    parts = os.path.relpath(path, root).split("/")
+    cur = root
+    for part in parts[:-1]:
+        cur = os.path.join(cur, part)
+        try:
+            st = os.lstat(cur)
+        except FileNotFoundError:
+            return  # created later, privately, by whoever writes there
+        if stat.S_ISLNK(st.st_mode):
+            raise PrivatePathError(
+                f"{cur} is a symlink inside the workspace; firma does not write through it: remove it or choose another path"
+            )
+
+
+@dataclass(frozen=True)
+class PinnedDir:
+    """A directory resolved once, before the agent runs: later writes walk to exactly this real
+    path, one component at a time without following links, so a directory swapped for a link
+    meanwhile makes the write fail instead of landing where the link points."""
+
+    real: str
+
+
+def pin_dir_of(path: str) -> PinnedDir:
+    """Policy `pin_dir_of`: the real directory `path` will be written in, checked now."""
+    directory = os.path.dirname(os.path.abspath(path))
+    check_ancestors(directory, sticky_parent=False)
+    return PinnedDir(os.path.realpath(directory))
+
+
+def _open_pinned(pinned: PinnedDir) -> int:
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open("/", flags)
+    try:
+        for part in [p for p in pinned.real.split("/") if p]:
+            nfd = os.open(part, flags, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        st = os.fstat(fd)
+        if st.st_uid not in (0, _uid()) or (st.st_mode & 0o022 and not (st.st_uid == 0 and st.st_mode & stat.S_ISVTX)):
+            raise PrivatePathError(f"{pinned.real} changed owner or mode since the run started; not writing there")
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def write_private_pinned(pinned: PinnedDir, name: str, data: str | bytes) -> None:
+    """Policy `write_private_pinned`: `write_private` into a pinned directory, through its
+    descriptor: temp + rename relative to it, the final name never followed."""
+    try:
+        dfd = _open_pinned(pinned)
+    except OSError as exc:
+        raise PrivatePathError(
+            f"{pinned.real} is no longer the directory it was when the run started ({exc.strerror}); not writing {name} there"
+        ) from None
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    try:
+        tmp = f".tmp-{os.urandom(6).hex()}.part"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dfd)
+        try:
+            try:
+                _write_all(fd, raw)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except BaseException:
+            try:
+                os.unlink(tmp, dir_fd=dfd)
+            except OSError:
+                pass
+            raise
+    finally:
+        os.close(dfd)

@@ -29,6 +29,10 @@ class RunRecord:
     started_at: str = field(default_factory=now)
     proof_path: str | None = None
     policy_sha256: str | None = None  # hashed once, at the launch's first proof
+    # --proof-file's and --summary-json's directories, resolved before the agent runs
+    proof_pin: privfs.PinnedDir | None = None
+    summary_pin: privfs.PinnedDir | None = None
+    output_error: str | None = None  # a user-named file that could not be written where it was meant to
     audit_offset: int = 0  # the shared audit log's size when the run opened: its lines start there
     summary: runsummary.RunSummary | None = None  # once the agent has exited
     workspace_findings: list[dict[str, str]] | None = None  # the post-run check's, once it ran
@@ -67,8 +71,8 @@ class RunRecord:
         path = self.dirs.proof_path(self.plan.identity.sandbox_id)
         privfs.write_private(path, text)
         self.proof_path = path
-        if self.plan.proof_file:
-            privfs.write_private(self.plan.proof_file, text)
+        if self.plan.proof_file and self.proof_pin is not None and self.output_error is None:
+            self.output_error = write_output(self.proof_pin, self.plan.proof_file, text, "--proof-file", path)
 
     def finish(self, envelope: ExecutionEnvelope | None, status: int | None, *, failed: bool) -> None:
         """The last steps of every teardown: the private socket dir, the final proof, the run
@@ -100,13 +104,37 @@ class RunRecord:
             statedir.remove_run_dir(self.dirs, keep_log_as=keep)
 
 
+def pin_output(path: str | None, workspace: str) -> privfs.PinnedDir | None:
+    """A user-named output file's directory, resolved before the agent runs (DESIGN §14): no
+    symlink inside the workspace on the way (an earlier run could have planted one), ancestors
+    private. The write later walks to exactly this directory, never following a link."""
+    if path is None:
+        return None
+    privfs.refuse_links_within(path, workspace)
+    return privfs.pin_dir_of(path)
+
+
+def write_output(pinned: privfs.PinnedDir, path: str, text: str, what: str, kept: str | None) -> str | None:
+    """Write a user-named output through its pinned directory; the one-line reason when it could
+    not be written there (nothing is written anywhere else)."""
+    try:
+        privfs.write_private_pinned(pinned, os.path.basename(path), text)
+    except (OSError, privfs.PrivatePathError) as exc:
+        where = f"; it is kept at {kept}" if kept else ""
+        return f"{what} {path} not written: {exc}{where}"
+    return None
+
+
 def open_run(plan: RunPlan, proof: EnforcementProof, log: RunLog, artifact: SeccompArtifact | None) -> RunRecord:
     """The run's directory and record, once the gates passed: run.log joins firma's log, stale
     run dirs of dead launchers are swept, the seccomp artifact is recorded."""
+    # checked before anything of the run exists: a refused output path leaves nothing behind
+    proof_pin, summary_pin = pin_output(plan.proof_file, plan.cwd), pin_output(plan.summary_json, plan.cwd)
     dirs = statedir.create(plan.state_root, plan.identity.sandbox_id)
     from .summary import audit_size  # noqa: PLC0415 - tiny; kept next to its reader
 
-    run = RunRecord(plan=plan, proof=proof, dirs=dirs, log=log, audit_offset=audit_size(plan.state_root))
+    run = RunRecord(plan=plan, proof=proof, dirs=dirs, log=log, audit_offset=audit_size(plan.state_root),
+                    proof_pin=proof_pin, summary_pin=summary_pin)
     log.add_file(dirs.run_log)
     for stale in statedir.sweep_stale(plan.state_root, time.time()):
         log(f"removed stale run directory of a launcher that died: {stale}", "info")

@@ -19,7 +19,6 @@ import json
 import sys
 from typing import TYPE_CHECKING, Coroutine, Protocol, TextIO, TypeVar, cast
 
-from .. import privfs
 from ..backends.base import Backend, LaunchedChild, PlantingBackend, RoutingMode, RoutingPlan
 from ..core.hostfacts import Host
 from ..core import runsummary
@@ -28,7 +27,7 @@ from ..errors import FirmaError
 from .envelope import build_envelope, seccomp_for
 from .gates import gate, refuse_without_sidecar
 from .log import RunLog
-from .record import RunRecord, abandon_run, open_run
+from .record import RunRecord, abandon_run, open_run, write_output
 from .workspace_check import Baseline, check_workspace, take_baseline
 
 if TYPE_CHECKING:
@@ -191,6 +190,10 @@ async def _run(
         run.finish(envelope, status, failed=failed)
         _report(run)
     assert status is not None  # set by supervise or by the interruption; anything else raised
+    if run.output_error is not None:
+        # The agent may have swapped the directory for a link: nothing was written there.
+        sys.stderr.write(f"[ERR]  {run.output_error}\n")
+        return status or 1
     return status
 
 
@@ -204,11 +207,9 @@ def _report(run: RunRecord) -> None:
             sys.stderr.flush()
         except OSError:
             pass
-    if run.plan.summary_json:
-        try:
-            privfs.write_private(run.plan.summary_json, json.dumps(run.summary.as_json(), indent=2) + "\n")
-        except OSError as exc:
-            run.log(f"cannot write --summary-json {run.plan.summary_json}: {exc}", "error")
+    if run.plan.summary_json and run.summary_pin is not None and run.output_error is None:
+        run.output_error = write_output(run.summary_pin, run.plan.summary_json,
+                                        json.dumps(run.summary.as_json(), indent=2) + "\n", "--summary-json", None)
 
 
 def _startup_done() -> None:
