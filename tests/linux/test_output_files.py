@@ -57,3 +57,30 @@ def test_a_symlinked_ancestor_outside_the_workspace_still_works(tmp_path):
                   cwd=ws, env=base_env(tmp_path))
     assert p.returncode == 0, p.stderr
     assert (real / "proofs" / "p.json").is_file() and json.loads((real / "proofs" / "s.json").read_text())["exit_status"] == 0
+
+
+def test_log_file_through_a_link_or_in_another_users_directory_is_refused(tmp_path):
+    """`firma --log-file` (run as root): a link planted at the name, or a directory another user
+    owns, is refused before anything starts; the link's target is untouched. Control: a plain
+    path of ours is appended to."""
+    import pwd
+
+    require_tools()
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_text("keep\n")
+    os.symlink(victim, tmp_path / "log-link")
+    p = run_firma(["--log-file", str(tmp_path / "log-link"), "run", "--quiet", "--", "sh", "-c", "touch ran"],
+                  cwd=ws, env=base_env(tmp_path))
+    assert p.returncode == 1 and p.stderr.startswith("[ERR]  ") and not (ws / "ran").exists(), p.stderr
+    assert victim.read_text() == "keep\n"
+    if os.geteuid() == 0:
+        theirs = tmp_path / "theirs"
+        theirs.mkdir()
+        os.chown(theirs, pwd.getpwnam("firma-test").pw_uid, -1)
+        p = run_firma(["--log-file", str(theirs / "log"), "run", "--quiet", "--", "true"], cwd=ws, env=base_env(tmp_path))
+        assert p.returncode == 1 and "owned by uid" in p.stderr and not (theirs / "log").exists(), p.stderr
+    mine = tmp_path / "mine.log"
+    p = run_firma(["--log-file", str(mine), "run", "--quiet", "--", "true"], cwd=ws, env=base_env(tmp_path))
+    assert p.returncode == 0 and mine.read_text(), p.stderr  # control

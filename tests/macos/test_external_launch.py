@@ -57,7 +57,7 @@ def test_runner_gets_exactly_two_arguments_and_a_private_contract(tmp_path, monk
     assert SECRET_VALUE not in runner_env and "FIRMA_CAPABILITY_TOKEN" not in runner_env
     # The runner's environment is firma's own, not the agent's (command.env stays in the contract).
     names = {line.split("=", 1)[0] for line in runner_env.splitlines() if "=" in line} - {"PWD", "SHLVL", "_"}
-    assert names <= {"PATH", "HOME", "LANG", "TERM"}, names
+    assert names <= {"PATH", "HOME", "LANG", "TERM", "PYTHONNOUSERSITE", "PYTHONSAFEPATH"}, names
     assert "PATH=/usr/sbin:/usr/bin:/sbin:/bin" in runner_env.splitlines()
     assert json.loads(copy)["command"]["env"]["HTTP_PROXY"] == "http://127.0.0.1:41000"  # the agent's: in the contract
     assert (out / "cwd").read_text().strip() == "/"

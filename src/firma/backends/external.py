@@ -144,8 +144,11 @@ _PR_SET_PDEATHSIG = 1
 
 
 def runner_env(agent_env: Mapping[str, str], home: str) -> dict[str, str]:
-    """A trusted host process's environment: system PATH, the caller's HOME, LANG and TERM."""
-    env = {"PATH": RUNNER_PATH, "HOME": home}
+    """A trusted host process's environment: system PATH, the caller's HOME, LANG and TERM —
+    and, for a runner written in Python (the reference runner is), what `python3 -I` would do
+    that a console script's `#!` line cannot ask for: no user site-packages, no script directory
+    or current directory on sys.path."""
+    env = {"PATH": RUNNER_PATH, "HOME": home, "PYTHONNOUSERSITE": "1", "PYTHONSAFEPATH": "1"}
     for key in ("LANG", "TERM"):
         if agent_env.get(key):
             env[key] = agent_env[key]
