@@ -63,3 +63,70 @@ def test_long_state_root_still_gets_a_private_socket(ws, tmp_path):
     assert proof["sidecar"]["endpoint"] == f"unix://{sock}"
     assert (ws / "code").read_text() == "403"
     assert list(tmpdir.iterdir()) == [] and set(Path("/tmp").glob("firma-sidecar-*")) == before
+
+
+HEALTH = b"GET /__firma/health HTTP/1.1\r\nhost: firma\r\n\r\n"
+
+
+def _connect_as(uid: int, sock: str) -> bytes:
+    """Fork; in the child become `uid` and ask the sidecar for its health. The child keeps its
+    capabilities (SECBIT_NO_SETUID_FIXUP), so the 0700 directory and the 0600 socket do not stop
+    it: only the sidecar's SO_PEERCRED check is left to refuse it."""
+    import ctypes
+    import socket
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        data = b""
+        try:
+            dir_fd = os.open(os.path.dirname(sock), os.O_PATH | os.O_DIRECTORY)
+            if uid != os.geteuid():
+                PR_SET_SECUREBITS, SECBIT_NO_SETUID_FIXUP = 28, 1 << 2
+                if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_SECUREBITS, SECBIT_NO_SETUID_FIXUP, 0, 0, 0) != 0:
+                    raise OSError(ctypes.get_errno(), "prctl")
+                os.setresuid(uid, uid, uid)
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            c.settimeout(5)
+            c.connect(f"/proc/self/fd/{dir_fd}/{os.path.basename(sock)}")
+            c.sendall(HEALTH)
+            data = c.recv(200) or b"<closed>"
+        except OSError as exc:
+            data = f"<error {exc}>".encode()
+        finally:
+            try:
+                os.write(w, data)
+            finally:
+                os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    with os.fdopen(r, "rb") as f:
+        return f.read()
+
+
+def test_a_connection_from_another_uid_is_refused(ws, tmp_path):
+    """The embedded sidecar answers only the launcher's uid (SO_PEERCRED), whatever reaches its
+    socket. Control: the launcher's uid through the same path gets the health answer."""
+    import pwd
+
+    if os.geteuid() != 0:
+        raise AssertionError("the other uid is made by setresuid; CI runs as root")
+    other = pwd.getpwnam("firma-test").pw_uid
+    env = base_env(tmp_path)
+    ready, release = ws / "ready", ws / "release"
+    proc = subprocess.Popen(firma_cmd("run", "--quiet", "--", "sh", "-c", f"touch {ready}; while [ ! -e {release} ]; do sleep 0.05; done"),
+                            cwd=ws, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(ready, proc, limit=30)
+        (run_dir,) = Path(env["FIRMA_STATE_DIR"]).glob("run/sbx_*")
+        sock = str(run_dir / "sidecar.sock")
+        mine = _connect_as(os.geteuid(), sock)
+        theirs = _connect_as(other, sock)
+        release.touch()
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert mine.startswith(b"HTTP/1.1 200"), mine  # control
+    assert theirs == b"<closed>" or b"reset" in theirs, theirs

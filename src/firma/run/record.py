@@ -104,13 +104,21 @@ class RunRecord:
             statedir.remove_run_dir(self.dirs, keep_log_as=keep)
 
 
-def pin_output(path: str | None, workspace: str) -> privfs.PinnedDir | None:
+def agent_writable(plan: RunPlan) -> tuple[str, ...]:
+    """Host directories the agent can write: the workspace, read-write mounts, writable home paths
+    (an earlier run could have planted a link anywhere in them)."""
+    return (plan.cwd, *(m.source for m in plan.mounts if not m.read_only),
+            *(os.path.join(plan.home, rel) for rel in plan.writable_home_paths))
+
+
+def pin_output(path: str | None, plan: RunPlan) -> privfs.PinnedDir | None:
     """A user-named output file's directory, resolved before the agent runs (DESIGN §14): no
-    symlink inside the workspace on the way (an earlier run could have planted one), ancestors
-    private. The write later walks to exactly this directory, never following a link."""
+    symlink on the way inside a place the agent can write, ancestors private. The write later
+    walks to exactly this directory, never following a link."""
     if path is None:
         return None
-    privfs.refuse_links_within(path, workspace)
+    for root in agent_writable(plan):
+        privfs.refuse_links_within(path, root)
     return privfs.pin_dir_of(path)
 
 
@@ -129,7 +137,7 @@ def open_run(plan: RunPlan, proof: EnforcementProof, log: RunLog, artifact: Secc
     """The run's directory and record, once the gates passed: run.log joins firma's log, stale
     run dirs of dead launchers are swept, the seccomp artifact is recorded."""
     # checked before anything of the run exists: a refused output path leaves nothing behind
-    proof_pin, summary_pin = pin_output(plan.proof_file, plan.cwd), pin_output(plan.summary_json, plan.cwd)
+    proof_pin, summary_pin = pin_output(plan.proof_file, plan), pin_output(plan.summary_json, plan)
     dirs = statedir.create(plan.state_root, plan.identity.sandbox_id)
     from .summary import audit_size  # noqa: PLC0415 - tiny; kept next to its reader
 

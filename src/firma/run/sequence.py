@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import sys
 from typing import TYPE_CHECKING, Coroutine, Protocol, TextIO, TypeVar, cast
 
@@ -27,7 +28,8 @@ from ..errors import FirmaError
 from .envelope import build_envelope, seccomp_for
 from .gates import gate, refuse_without_sidecar
 from .log import RunLog
-from .record import RunRecord, abandon_run, open_run, write_output
+from .. import privfs
+from .record import RunRecord, abandon_run, agent_writable, open_run, write_output
 from .workspace_check import Baseline, check_workspace, take_baseline
 
 if TYPE_CHECKING:
@@ -86,6 +88,9 @@ def run(
     leave it held there."""
     log = RunLog(terminal or sys.stderr, log_level)
     if log_file:
+        # opened now and appended to through its descriptor; no link on the way where the agent writes
+        for root in agent_writable(plan):
+            privfs.refuse_links_within(os.path.abspath(log_file), root)
         log.add_file(log_file)
     try:
         if backend is None:
