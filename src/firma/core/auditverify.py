@@ -148,12 +148,16 @@ def verify_file(name: str, chain_bytes: bytes | None, log_lines: Iterable[tuple[
     it: Iterator[tuple[bytes, bool]] = iter(log_lines)
     line_brk: Break | None = None
     for line, complete in it:
+        if not cps:  # nothing to chain against: signatures only, and the file is reported unchained
+            line_brk = Break(name, 0, UNCHAINED, f"no checkpoint records ({name}.chain missing or empty): the chain "
+                                                 "cannot be checked; a log from before chaining or from another "
+                                                 "implementation can be checked with --no-chain")
+            i += 1
+            ok, why = _sig(line, public_key)
+            if not ok:
+                bad.append((i, why))
+            continue
         if i >= len(expected):
-            if not cps:
-                line_brk = Break(name, 0, UNCHAINED, f"no checkpoint records ({name}.chain missing or empty): the chain "
-                                                     "cannot be checked; a log from before chaining or from another "
-                                                     "implementation can be checked with --no-chain")
-                break
             extra, last_complete = 1, complete
             for _x, last_complete in it:
                 extra += 1

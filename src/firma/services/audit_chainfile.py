@@ -66,6 +66,18 @@ def _same_file(path: str, fd: int) -> bool:
     return (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino)
 
 
+@contextlib.contextmanager
+def _reading(path: str, fd: int) -> Iterator[int]:
+    """A read-only descriptor of the file `fd` appends to (append descriptors cannot read)."""
+    rfd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if not _same_file(path, fd) or os.fstat(rfd).st_ino != os.fstat(fd).st_ino:
+            raise AuditError(f"audit file {path} was replaced while in use; run `firma audit verify`")
+        yield rfd
+    finally:
+        os.close(rfd)
+
+
 class ChainedLog:
     def __init__(self, path: str, caps: AuditCaps, remedy: str = "fix --audit or its directory") -> None:
         if caps.keep_rotated < 1:
@@ -133,7 +145,8 @@ class ChainedLog:
     def _read_tip(self) -> Tip:
         """The chain's end as the checkpoint files say (a partial final record, a crashed
         writer's, is cut off first)."""
-        rec, end = last_record(self._chain_fd)
+        with _reading(self.path + CHAIN_SUFFIX, self._chain_fd) as rfd:
+            rec, end = last_record(rfd)
         if end < os.fstat(self._chain_fd).st_size:
             os.ftruncate(self._chain_fd, end)
         if rec is not None:
@@ -203,13 +216,17 @@ class ChainedLog:
                 tip = self._record(tip, [], key, now_ns, size)
             return tip
         gap = GAP_UNCHAINED if tip.seq == 0 else GAP_CRASH
-        partial = os.pread(self._log_fd, 1, size - 1) != b"\n"
+        with _reading(self.path, self._log_fd) as rfd:
+            return self._seal_from(tip, rfd, size, gap, key, now_ns)
+
+    def _seal_from(self, tip: Tip, rfd: int, size: int, gap: str, key, now_ns: int) -> Tip:
+        partial = os.pread(rfd, 1, size - 1) != b"\n"
         if partial:  # end the fragment, so the next line does not continue it
             _write_all(self._log_fd, b"\n")
             size += 1
         offset, pos, pending = tip.bytes, tip.bytes, b""
         while offset < size:
-            block = os.pread(self._log_fd, min(4 << 20, size - offset), offset)
+            block = os.pread(rfd, min(4 << 20, size - offset), offset)
             if not block:
                 break
             offset += len(block)
