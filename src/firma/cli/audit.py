@@ -73,9 +73,9 @@ def _verify(path: str, public_key, no_chain: bool) -> int:
         more = f" (and {len(verdict.breaks) - 1} more on stderr)" if len(verdict.breaks) > 1 else ""
         print(f"FAIL: {verdict.breaks[0].describe()}{more}")
     if verdict.bad_signatures:
-        bad = verdict.bad_signatures
-        print(f"FAIL: {len(bad)} of {verdict.lines} lines do not verify: lines "
-              f"{', '.join(f'{n}' if f == os.path.basename(path) else f'{f}:{n}' for f, n, _w in bad)}")
+        sigs = verdict.bad_signatures
+        print(f"FAIL: {len(sigs)} of {verdict.lines} lines do not verify: lines "
+              f"{', '.join(f'{n}' if f == os.path.basename(path) else f'{f}:{n}' for f, n, _w in sigs)}")
     return 1
 
 

@@ -60,7 +60,7 @@ class Tip:
     gen: int = 1
     seq: int = 0  # the next record's seq
     lines: int = 0
-    bytes: int = 0
+    size: int = 0  # the log file's size (checkpoint key "bytes")
     chain: bytes = GENESIS
     keep: int = 0
 
@@ -103,7 +103,7 @@ def tip_after(line: bytes | str) -> Tip:
     try:
         rec = json.loads(line)
         return Tip(gen=int(rec["gen"]), seq=int(rec["seq"]) + 1, lines=int(rec["start"]) + int(rec["count"]),
-                   bytes=int(rec["bytes"]), chain=bytes.fromhex(rec["chain"]), keep=int(rec.get("keep", 0)))
+                   size=int(rec["bytes"]), chain=bytes.fromhex(rec["chain"]), keep=int(rec.get("keep", 0)))
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"malformed checkpoint record: {exc}") from None
 
@@ -114,7 +114,7 @@ class Checkpoint:
     seq: int
     start: int
     count: int
-    bytes: int
+    size: int
     prev: bytes
     chain: bytes
     lines: tuple[str, ...]
@@ -143,7 +143,7 @@ def parse_checkpoint(line: bytes, public_key: ec.EllipticCurvePublicKey) -> tupl
         lines = rec["lines"]
         if not isinstance(lines, list) or len(lines) != rec["count"] or not all(isinstance(x, str) for x in lines):
             return None, "line digests do not match the count"
-        cp = Checkpoint(gen=rec["gen"], seq=rec["seq"], start=rec["start"], count=rec["count"], bytes=rec["bytes"],
+        cp = Checkpoint(gen=rec["gen"], seq=rec["seq"], start=rec["start"], count=rec["count"], size=rec["bytes"],
                         prev=bytes.fromhex(rec["prev"]), chain=bytes.fromhex(rec["chain"]), lines=tuple(lines),
                         gap=str(rec["gap"]), partial=bool(rec["partial"]), keep=rec["keep"])
     except (KeyError, TypeError, ValueError):

@@ -158,9 +158,8 @@ def verify_file(name: str, chain_bytes: bytes | None, log_lines: Iterable[tuple[
                 bad.append((i, why))
             continue
         if i >= len(expected):
-            extra, last_complete = 1, complete
-            for _x, last_complete in it:
-                extra += 1
+            ends_complete = [complete] + [c for _x, c in it]
+            extra, last_complete = len(ends_complete), ends_complete[-1]
             part = "; the last one partial" if not last_complete else ""
             line_brk = Break(name, i + 1, INCOMPLETE,
                              f"incomplete final write after position {i}: {extra} line(s) not covered by any checkpoint "
@@ -172,8 +171,8 @@ def verify_file(name: str, chain_bytes: bytes | None, log_lines: Iterable[tuple[
             line_brk = _classify(name, i, line, complete, obs, expected[i:], public_key)
             break
         h = chain_step(h, line)
-        cp = ends.get(i + 1)
-        if cp is not None and h != cp.chain:
+        end_cp = ends.get(i + 1)
+        if end_cp is not None and h != end_cp.chain:
             line_brk = Break(name, i + 1, MODIFIED, "the chain hash differs from the checkpoint's (digest collision?)")
             break
         i += 1

@@ -165,7 +165,7 @@ class ChainedLog:
         if rec is None:
             return Tip(keep=self._caps.keep_rotated)
         t = self._tip_of(rec, prev_chain)
-        return Tip(gen=t.gen + 1, seq=0, lines=0, bytes=0, chain=t.chain, keep=self._caps.keep_rotated)
+        return Tip(gen=t.gen + 1, seq=0, lines=0, size=0, chain=t.chain, keep=self._caps.keep_rotated)
 
     def _tip_of(self, rec: bytes, where: str) -> Tip:
         try:
@@ -173,7 +173,7 @@ class ChainedLog:
         except ValueError as exc:
             raise AuditError(f"audit checkpoint file {where} is damaged ({exc}); run `firma audit verify` "
                              "and move the log and its checkpoint files aside") from None
-        return Tip(gen=t.gen, seq=t.seq, lines=t.lines, bytes=t.bytes, chain=t.chain, keep=self._caps.keep_rotated)
+        return Tip(gen=t.gen, seq=t.seq, lines=t.lines, size=t.size, chain=t.chain, keep=self._caps.keep_rotated)
 
     def _current_tip(self) -> Tip:
         if not (_same_file(self.path, self._log_fd) and _same_file(self.path + CHAIN_SUFFIX, self._chain_fd)):
@@ -187,7 +187,7 @@ class ChainedLog:
         batch = chain_batch(tip.chain, lines)
         rec = checkpoint_line(tip, batch, size_after=size_after, now_ns=now_ns, key=key, gap=gap, partial=partial)
         _write_all(self._chain_fd, rec.encode("ascii") + b"\n")
-        return Tip(gen=tip.gen, seq=tip.seq + 1, lines=tip.lines + batch.count, bytes=size_after, chain=batch.chain, keep=tip.keep)
+        return Tip(gen=tip.gen, seq=tip.seq + 1, lines=tip.lines + batch.count, size=size_after, chain=batch.chain, keep=tip.keep)
 
     # -- appending ----------------------------------------------------------------------------
     def append(self, lines: list[bytes], key, now_ns: int | None = None) -> None:
@@ -211,7 +211,7 @@ class ChainedLog:
         """Record lines found beyond the last checkpoint (a crashed writer's, or a log that had no
         checkpoint file), and open an empty checkpoint file with a record of no lines."""
         size = os.fstat(self._log_fd).st_size
-        if size <= tip.bytes:
+        if size <= tip.size:
             if tip.seq == 0:  # a new file: its first record links it to its predecessor
                 tip = self._record(tip, [], key, now_ns, size)
             return tip
@@ -224,7 +224,7 @@ class ChainedLog:
         if partial:  # end the fragment, so the next line does not continue it
             _write_all(self._log_fd, b"\n")
             size += 1
-        offset, pos, pending = tip.bytes, tip.bytes, b""
+        offset, pos, pending = tip.size, tip.size, b""
         while offset < size:
             block = os.pread(rfd, min(4 << 20, size - offset), offset)
             if not block:
@@ -247,7 +247,7 @@ class ChainedLog:
                 with contextlib.suppress(FileNotFoundError):
                     os.rename(src + suffix, dst + suffix)
         self._open()
-        new = Tip(gen=tip.gen + 1, seq=0, lines=0, bytes=0, chain=tip.chain, keep=self._caps.keep_rotated)
+        new = Tip(gen=tip.gen + 1, seq=0, lines=0, size=0, chain=tip.chain, keep=self._caps.keep_rotated)
         return self._record(new, [], key, now_ns, 0)
 
 
