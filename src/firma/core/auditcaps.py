@@ -100,7 +100,7 @@ class EventThrottle:
         return False, ended
 
     def expire(self, now: float) -> list[dict]:
-        """Suppression records of every second that has ended by `now` (None: all of them)."""
+        """Suppression records of every second that has ended by `now`."""
         sec = int(now)
         out: list[dict] = []
         for sandbox, w in list(self._windows.items()):
