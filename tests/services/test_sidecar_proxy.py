@@ -326,7 +326,10 @@ def test_audit_write_failure_fails_closed(tmp_path):
         async with Stack(tmp_path, allow=[f"127.0.0.1:{up.port}"], bridge=False) as s:
             first = await send_raw(s.sidecar_port, get(f"http://127.0.0.1:{up.port}/a"))
             await asyncio.sleep(0.2)
-            s.sidecar.audit._file.close()  # the log becomes unwritable (disk gone, fd revoked)
+            def unwritable(*_a, **_k):
+                raise OSError(28, "No space left on device")
+
+            s.sidecar.audit._log.append = unwritable  # the log becomes unwritable (disk gone, fd revoked)
             await send_raw(s.sidecar_port, get("http://denied.test/"))  # this event fails to write
             await asyncio.sleep(0.2)
             after = await send_raw(s.sidecar_port, get(f"http://127.0.0.1:{up.port}/b"))

@@ -1,4 +1,4 @@
-"""`firma audit verify FILE [--public-key PEM]` and `firma audit tail [filters]`."""
+"""`firma audit verify [FILE] [--public-key PEM] [--no-chain]` and `firma audit tail [filters]`."""
 
 from __future__ import annotations
 
@@ -14,9 +14,13 @@ from ..errors import AuditError
 def add_parser(sub):
     p = sub.add_parser("audit", help="verify or follow the signed audit log")
     asub = p.add_subparsers(dest="audit_command", required=True, metavar="<verify|tail>")
-    v = asub.add_parser("verify", help="check every line's signature; exit 1 naming bad lines")
-    v.add_argument("file")
+    v = asub.add_parser("verify", help="check every line's signature and the hash chain across rotated files; "
+                                       "exit 1 naming the first broken position")
+    v.add_argument("file", nargs="?", help="audit log (default <state root>/audit.jsonl); FILE.1, FILE.2, ... "
+                                           "and their .chain checkpoint files are checked with it")
     v.add_argument("--public-key", metavar="PEM", help="public (or private) key PEM; default audit.key beside FILE")
+    v.add_argument("--no-chain", action="store_true",
+                   help="check only each line's signature (a log from before the chain or another implementation)")
     t = asub.add_parser("tail", help="print (and optionally follow) decisions")
     t.add_argument("file", nargs="?", help="audit log (default <state root>/audit.jsonl)")
     t.add_argument("--decision", choices=["allow", "deny", "abort"], action="append")
@@ -42,23 +46,37 @@ def _key_for(path: str, given: str | None):
         raise AuditError(f"cannot load audit public key {key_path}: {exc}; pass --public-key PEM") from None
 
 
-def verify_file(path: str, public_key) -> tuple[int, list[tuple[int, str]]]:
-    from ..core import auditfmt
+def _verify(path: str, public_key, no_chain: bool) -> int:
+    from ..services import audit_verify
 
-    bad: list[tuple[int, str]] = []
-    n = 0
-    try:
-        with open(path, "r", encoding="utf-8", errors="replace") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                n += 1
-                ok, why = auditfmt.verify_line(line, public_key)
-                if not ok:
-                    bad.append((lineno, why))
-    except OSError as exc:
-        raise AuditError(f"cannot read audit log {path}: {exc.strerror}") from None
-    return n, bad
+    if no_chain:
+        n, bad = audit_verify.verify_signatures(path, public_key)
+        if bad:
+            for lineno, why in bad:
+                print(f"line {lineno}: {why}", file=sys.stderr)
+            print(f"FAIL: {len(bad)} of {n} lines do not verify: lines {', '.join(str(b[0]) for b in bad)}")
+            return 1
+        print(f"OK: {n} lines verified (signatures only)")
+        return 0
+    verdict = audit_verify.verify_series(path, public_key)
+    for note in verdict.notes:
+        print(f"note: {note}", file=sys.stderr)
+    for brk in verdict.breaks:
+        print(brk.describe(), file=sys.stderr)
+    for name, lineno, why in verdict.bad_signatures:
+        print(f"{name} line {lineno}: {why}", file=sys.stderr)
+    if verdict.ok:
+        notes = f"; {len(verdict.notes)} note(s) on stderr" if verdict.notes else ""
+        print(f"OK: {verdict.lines} lines verified in {verdict.files} file(s), chain intact{notes}")
+        return 0
+    if verdict.breaks:
+        more = f" (and {len(verdict.breaks) - 1} more on stderr)" if len(verdict.breaks) > 1 else ""
+        print(f"FAIL: {verdict.breaks[0].describe()}{more}")
+    if verdict.bad_signatures:
+        sigs = verdict.bad_signatures
+        print(f"FAIL: {len(sigs)} of {verdict.lines} lines do not verify: lines "
+              f"{', '.join(f'{n}' if f == os.path.basename(path) else f'{f}:{n}' for f, n, _w in sigs)}")
+    return 1
 
 
 DECISIONS = {"allow": 1, "deny": 2, "abort": 3}
@@ -111,21 +129,13 @@ HEADER = f"{'TIME':<24}  {'DEC':<5}  {'SANDBOX':<36}  {'ACTION':<15}  RESOURCE  
 
 
 def run(args) -> int:
-    if args.audit_command == "verify":
-        key = _key_for(args.file, args.public_key)
-        n, bad = verify_file(args.file, key)
-        if bad:
-            for lineno, why in bad:
-                print(f"line {lineno}: {why}", file=sys.stderr)
-            print(f"FAIL: {len(bad)} of {n} lines do not verify: lines {', '.join(str(b[0]) for b in bad)}")
-            return 1
-        print(f"OK: {n} lines verified")
-        return 0
     path = args.file
     if not path:
         from ..core.settings import state_root
 
         path = audit_log_path(state_root(os.environ, os.getuid()))
+    if args.audit_command == "verify":
+        return _verify(path, _key_for(path, args.public_key), args.no_chain)
     decisions = {DECISIONS[d] for d in args.decision} if args.decision else None
     since = parse_since(args.since) if args.since else None
     try:

@@ -108,7 +108,23 @@ def _ecdsa_sha256():
 
 
 def sign(event: Mapping[str, Any], key: ec.EllipticCurvePrivateKey) -> str:
-    return base64.b64encode(key.sign(digest(event), _ecdsa_sha256())).decode("ascii")
+    return base64.b64encode(sign_digest(digest(event), key)).decode("ascii")
+
+
+def sign_digest(message_digest: bytes, key: ec.EllipticCurvePrivateKey) -> bytes:
+    """DER signature of a 32-byte digest signed as the message (the events' scheme, also used by
+    the chain's checkpoint records)."""
+    return key.sign(message_digest, _ecdsa_sha256())
+
+
+def verify_digest(signature: bytes, message_digest: bytes, public_key: ec.EllipticCurvePublicKey) -> bool:
+    from cryptography.exceptions import InvalidSignature  # noqa: PLC0415 - cryptography loads only to sign or verify (launch latency)
+
+    try:
+        public_key.verify(signature, message_digest, _ecdsa_sha256())
+    except (InvalidSignature, ValueError, TypeError):
+        return False
+    return True
 
 
 def signed_line(event: Mapping[str, Any], key: ec.EllipticCurvePrivateKey) -> str:

@@ -90,3 +90,9 @@ def open_audit_log(path: str, remedy: str = "fix --audit or its directory") -> i
         raise AuditError(f"cannot open audit log: {exc}; {remedy}") from None
     except OSError as exc:
         raise AuditError(f"cannot open audit log {path}: {exc.strerror}; {remedy}") from None
+
+
+def free_bytes(path: str) -> int:
+    """Bytes an unprivileged writer can still use on the filesystem holding `path` (a directory)."""
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize

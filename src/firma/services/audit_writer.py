@@ -1,5 +1,10 @@
 """Signed audit log writer: requests hand events over without waiting; one thread signs and
-appends them (file 0600), `close()` flushes everything queued.
+appends them with their chain checkpoint (services.audit_chainfile), `close()` flushes everything
+queued.
+
+Bounds (core.auditcaps, DESIGN §9 "Caps"): string fields are capped; beyond the per-sandbox rate,
+events are counted into exact suppression records; events lost to a full queue are recorded as
+a count; `disk_low()` tells the sidecar to refuse traffic before the disk fills.
 
 Given a key path, the writer checks the key file at once (no link, regular, 0600, PEM armour;
 a missing key is created then) and parses it on its own thread when it is first needed: the first
@@ -16,10 +21,12 @@ import concurrent.futures
 import os
 import queue
 import threading
-from typing import Any
+import time
+from typing import Any, Callable
 
-from .audit_files import load_or_create_key, open_audit_log, parse_key, read_key_file
-from ..core import auditfmt
+from .audit_chainfile import ChainedLog
+from .audit_files import free_bytes, load_or_create_key, parse_key, read_key_file
+from ..core import auditcaps, auditfmt
 from ..errors import AuditError
 
 _LOAD_KEY = object()  # queue marker: load the key now (see ready)
@@ -27,9 +34,11 @@ MAX_QUEUE = 100_000  # beyond this, events are counted as dropped rather than bl
 
 
 class AuditWriter:
-    def __init__(self, path: str, key=None, *, key_path: str | None = None) -> None:
+    def __init__(self, path: str, key=None, *, key_path: str | None = None, caps: auditcaps.AuditCaps | None = None,
+                 clock: Callable[[], float] = time.monotonic, free_space: Callable[[str], int] = free_bytes) -> None:
         """`key`: a loaded key; or `key_path`: checked now, parsed or created on the writer's
-        thread (see `ready`)."""
+        thread (see `ready`). `clock` (seconds) drives the per-second caps and `free_space`
+        (bytes free for a directory) the disk check: both injectable for tests."""
         if (key is None) == (key_path is None):
             raise ValueError("AuditWriter needs exactly one of key and key_path")
         self.path = path
@@ -44,10 +53,19 @@ class AuditWriter:
         self._key = key
         if key is not None:
             self._key_ready.set_result(key)
+        self.caps = caps or auditcaps.AuditCaps()
+        self._clock = clock
+        self._free_space = free_space
+        self._disk_checked: float | None = None
+        self._disk_low = False
+        self._throttle = auditcaps.EventThrottle(self.caps)
         self.dropped = 0
+        self.queue_dropped = 0  # of which lost to a full queue: recorded in the log as a count
+        self._drops_recorded = 0
+        self.suppressed = 0  # events counted into suppression records instead of written one by one
         self.written = 0
         self.failed: str | None = None  # set once a write fails; the sidecar then refuses traffic
-        self._file = os.fdopen(open_audit_log(path), "a", encoding="utf-8")
+        self._log = ChainedLog(path, self.caps)
         self._q: queue.SimpleQueue = queue.SimpleQueue()
         self._pending = 0
         self._lock = threading.Lock()
@@ -57,12 +75,33 @@ class AuditWriter:
 
     def submit(self, **values: Any) -> None:
         """Queue one event (never blocks; counts a drop when the queue is full or closed)."""
+        ev = auditcaps.cap_event(auditfmt.make_event(**values), self.caps.field_bytes)
+        now = self._clock()
         with self._lock:
             if self._closed or self._pending >= MAX_QUEUE:
                 self.dropped += 1
+                self.queue_dropped += not self._closed
                 return
-            self._pending += 1
-        self._q.put(auditfmt.make_event(**values))
+            write, ended = self._throttle.admit(ev, now)
+            self.suppressed += not write
+            self._pending += len(ended) + write
+            # Queued under the lock, so a suppression record never overtakes what it follows.
+            for item in ended:
+                self._q.put(item)
+            if write:
+                self._q.put(ev)
+
+    def disk_low(self) -> bool:
+        """Whether the log's filesystem has less than `caps.min_free_bytes` free, measured at most
+        once per `caps.free_check_secs` (an unreadable measurement counts as enough space)."""
+        now = self._clock()
+        if self._disk_checked is None or now - self._disk_checked >= self.caps.free_check_secs:
+            self._disk_checked = now
+            try:
+                self._disk_low = self._free_space(os.path.dirname(os.path.abspath(self.path))) < self.caps.min_free_bytes
+            except OSError:
+                self._disk_low = False
+        return self._disk_low
 
     def load_soon(self) -> bool:
         """Ask the writer's thread to load the key now, without waiting (the services process
@@ -98,41 +137,58 @@ class AuditWriter:
             self._key_ready.set_exception(exc)
             return False
 
+    def _next_batch(self) -> list:
+        try:
+            batch = [self._q.get(timeout=self.caps.free_check_secs)]
+        except queue.Empty:
+            batch = []
+        try:
+            while len(batch) < 512:
+                batch.append(self._q.get_nowait())
+        except queue.Empty:
+            pass
+        with self._lock:  # seconds that ended without a later event still get their records
+            ended = self._throttle.expire(self._clock())
+            self._pending += len(ended)
+        return batch + ended
+
     def _run(self) -> None:
         signing: bool | None = None  # unknown until the first event or key request
         while True:
-            item = self._q.get()
-            batch = [item]
-            try:
-                while len(batch) < 512:
-                    batch.append(self._q.get_nowait())
-            except queue.Empty:
-                pass
+            batch = self._next_batch()
+            if not batch:
+                continue
             stop = False
-            lines = []
-            if signing is None and any(ev is not None for ev in batch):
+            lines: list[bytes] = []
+            if signing is None and any(ev is not None and ev is not _LOAD_KEY for ev in batch):
                 signing = self._load()
+            unsigned = 0
             for ev in batch:
                 if ev is None:
                     stop = True
                 elif ev is _LOAD_KEY:
-                    pass
+                    if signing is None:
+                        signing = self._load()
                 elif signing:
-                    lines.append(auditfmt.signed_line(ev, self._key) + "\n")
+                    lines.append(auditfmt.signed_line(ev, self._key).encode("utf-8"))
                 else:  # no key: nothing can be signed (the sidecar refuses traffic already)
-                    self.dropped += 1
-                    with self._lock:
-                        self._pending -= 1
+                    unsigned += 1
+            self.dropped += unsigned
+            events = len(lines)
+            with self._lock:
+                lost = self.queue_dropped - self._drops_recorded
+                self._drops_recorded = self.queue_dropped
+            if lost and signing:
+                lines.append(auditfmt.signed_line(auditcaps.dropped_record(lost), self._key).encode("utf-8"))
             if lines:
                 try:
-                    self._file.write("".join(lines))
-                    self._file.flush()
-                    self.written += len(lines)
-                except (OSError, ValueError) as exc:
-                    self.dropped += len(lines)
+                    self._log.append(lines, self._key)
+                    self.written += events
+                except (OSError, ValueError, AuditError) as exc:
+                    self.dropped += events
                     self.failed = self.failed or f"{type(exc).__name__}: {exc}"
             with self._lock:
-                self._pending -= len(lines)
+                self._pending -= events + unsigned
             if stop:
                 break
         if not self._key_ready.done():  # closed before anything needed the key
@@ -143,17 +199,14 @@ class AuditWriter:
             if self._closed:
                 return
             self._closed = True
+            ended = self._throttle.flush()  # the last second's suppression records
+            self._pending += len(ended)
+            for item in ended:
+                self._q.put(item)
         self._q.put(None)
         self._thread.join()
-        try:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-        except (OSError, ValueError):
-            pass
-        try:
-            self._file.close()
-        except (OSError, ValueError):
-            pass
+        self._log.fsync()
+        self._log.close()
 
     async def aclose(self) -> None:
         with self._lock:

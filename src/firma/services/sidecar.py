@@ -35,6 +35,8 @@ from ..errors import SidecarError
 from .listen import LISTEN_BACKLOG, bind_unix_listener
 from . import netio
 from .audit_writer import AuditWriter
+from .audit_files import free_bytes
+from ..core.auditcaps import AuditCaps
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 DNS_TYPES = {1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 15: "MX", 16: "TXT", 28: "AAAA", 33: "SRV", 64: "SVCB", 65: "HTTPS", 255: "ANY"}
@@ -69,6 +71,9 @@ class SidecarConfig:
     # Client uids served (the standalone sidecar: its owner plus `--allow-uid`); None serves any
     # client that can reach the listener (the embedded one's is a 0700 directory of the launcher's).
     client_uids: frozenset[int] | None = None
+    # Audit bounds (core.auditcaps defaults) and the free-space measurement (injectable in tests).
+    audit_caps: AuditCaps = field(default_factory=AuditCaps)
+    audit_free_space: Callable[[str], int] = free_bytes
 
     @classmethod
     def for_run(cls, plan: RunPlan, *, audit_path: str, key_path: str, launcher_uid: int) -> SidecarConfig:
@@ -134,7 +139,8 @@ class Sidecar:
         self.limits = config.limits
         self.policy = policy or Policy.load(config.allow_hosts + config.allow_tcp, config.policy_path)  # PolicyError
         self._opaque = frozenset((p.host, p.port) for p in map(parse_pattern, config.allow_tcp))
-        self.audit = AuditWriter(config.audit_path, key_path=config.key_path)  # AuditError
+        self.audit = AuditWriter(config.audit_path, key_path=config.key_path, caps=config.audit_caps,
+                                 free_space=config.audit_free_space)  # AuditError
         self._resolve = config.resolver or system_resolver
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -246,6 +252,10 @@ class Sidecar:
         if not audit_ok:
             # No unaudited egress: once the log cannot be written, nothing more goes out.
             return _Verdict(False, "audit_unavailable", "the audit log cannot be written; traffic refused", 503, host=authority_host, port=port)
+        if self.audit.disk_low():
+            # Refused now, while the refusal can still be audited, rather than failing once the disk is full.
+            return _Verdict(False, "audit_disk_low", f"less than {self.audit.caps.min_free_bytes >> 20} MiB free for "
+                            "the audit log; traffic refused until space is freed", 503, host=authority_host, port=port)
         d = self.policy.decide(Request(action, host, port, method, path, agent_id))
         monitored = ""
         if not d.allowed:
