@@ -27,12 +27,12 @@ def test_counts_only_this_sandbox_and_reads_urls_and_authorities():
         ev("network.connect", "c.example:443", "", decision=1),
         ev("dns.query", "q.example A", "dns_refused"),
         ev("http.malformed", "", "bad_chunk"),
-        ev("network.connect", "d.example:443", "host_not_allowed", suppressed_count=5),
+        ev("network.connect", "d.example:443", "suppressed:5:host_not_allowed"),
     ], sandbox_id=SBX, exit_status=0)
     got = {(d.host, d.port): d.count for d in s.denied}
     assert got == {("a.example", 80): 1, ("a.example", 443): 2, ("d.example", 443): 5}
     assert s.dns_refused == {"q.example": 1} and s.other_denials == {"bad_chunk": 1}
-    assert s.denied_total == 9 and s.suppressed == 4
+    assert s.denied_total == 9 and s.suppressed == 5
     text = render(s)
     assert "a.example:443  ×2" in text and "allow with: --allow-host a.example" in text and "bad_chunk" in text
 

@@ -108,7 +108,11 @@ def matches(ev: dict, decisions: set[int] | None, sandbox_id: str | None, since_
     if decisions and ev.get("decision") not in decisions:
         return False
     # A plain allow has no reason; a monitor-mode pass is an allow that carries the deny reason.
-    if not_allowed and ev.get("decision") == DECISIONS["allow"] and not ev.get("deny_reason"):
+    # An aggregate of plain allows (`suppressed:N:` with no reason of its own) is plainly allowed.
+    reason = str(ev.get("deny_reason") or "")
+    if reason.startswith("suppressed:"):
+        reason = (reason.split(":", 2) + [""])[2]
+    if not_allowed and ev.get("decision") == DECISIONS["allow"] and not reason:
         return False
     if sandbox_id is not None and ev.get("sandbox_id") != sandbox_id:
         return False

@@ -115,10 +115,14 @@ def summarize(
     for e in events:
         if e.get("sandbox_id") != sandbox_id or e.get("decision") not in (DENY, ABORT):
             continue
-        n = int(e.get("suppressed_count") or 1)  # an aggregate record stands for n events
-        if n > 1:
-            suppressed += n - 1
         reason, action, resource = str(e.get("deny_reason", "")), str(e.get("action", "")), str(e.get("resource", ""))
+        n = 1
+        if reason.startswith("suppressed:"):  # an aggregate audit record: `suppressed:N:<reason>`
+            _, n_text, reason = (reason.split(":", 2) + [""])[:3]
+            n = int(n_text) if n_text.isdigit() else 1
+            suppressed += n
+            if resource == "*":
+                resource = ""
         if action == "dns.query":
             name = resource.split(" ", 1)[0]
             dns[name] = dns.get(name, 0) + n
