@@ -69,3 +69,29 @@ def test_the_summary_names_the_denied_upstream_and_the_flag_that_allows_it(tmp_p
         assert json.loads(proofs[0].read_text())["denied"] == 2
     finally:
         up.close()
+
+
+def test_audit_bounds_from_trusted_config_and_exact_counts_in_the_summary(tmp_path):
+    """`[audit] events_per_second = 5` (trusted config): 20 denials in a burst are 5 audit lines
+    plus aggregate records, and the run summary still counts 20. Control: an untrusted project
+    config cannot set it (reported as ignored)."""
+    require_tools()
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    cfg = tmp_path / "firma.toml"
+    cfg.write_text("[audit]\nevents_per_second = 5\n")
+    burst = "for i in $(seq 20); do curl -s -o /dev/null http://burst.invalid/$i; done"
+    out = tmp_path / "summary.json"
+    p = run_firma(["--config", str(cfg), "run", "--quiet", "--summary-json", str(out), "--", "sh", "-c", burst],
+                  cwd=ws, env=base_env(tmp_path))
+    assert p.returncode == 0, p.stderr
+    events = [json.loads(line) for line in (tmp_path / "state" / "audit.jsonl").read_text().splitlines()]
+    burst_events = [e for e in events if "burst.invalid" in e["resource"] or e["resource"] == "*"]
+    single = [e for e in burst_events if not e["deny_reason"].startswith("suppressed:")]
+    aggregated = sum(int(e["deny_reason"].split(":")[1]) for e in burst_events if e["deny_reason"].startswith("suppressed:"))
+    assert len(single) <= 5 and len(single) + aggregated == 20, (len(single), aggregated)
+    assert json.loads(out.read_text())["denied_total"] == 20
+    (ws / ".firma").mkdir()
+    (ws / ".firma" / "firma.toml").write_text("[audit]\nevents_per_second = 100000\n")
+    p = run_firma(["run", "--quiet", "--", "true"], cwd=ws, env=base_env(tmp_path))
+    assert "ignored audit.events_per_second" in p.stderr, p.stderr

@@ -6,7 +6,7 @@ The limits are constants for now (`AuditCaps()`); trusted configuration can late
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 from . import auditfmt
 from .record import record
@@ -137,3 +137,17 @@ def suppressed_count(event: dict[str, Any]) -> int:
         return int(reason.split(":", 2)[1])
     except (IndexError, ValueError):
         return 0
+
+
+def from_config(bounds: Mapping[str, int]) -> AuditCaps:
+    """AuditCaps from trusted `[audit]` keys (core.config.AUDIT_KEYS); the defaults elsewhere."""
+    d = AuditCaps()
+    return AuditCaps(
+        events_per_sec=bounds.get("events_per_second", d.events_per_sec),
+        keys_per_sec=d.keys_per_sec,
+        field_bytes=bounds.get("field_bytes", d.field_bytes),
+        min_free_bytes=bounds["min_free_mib"] << 20 if "min_free_mib" in bounds else d.min_free_bytes,
+        free_check_secs=d.free_check_secs,
+        rotate_bytes=bounds["rotate_mib"] << 20 if "rotate_mib" in bounds else d.rotate_bytes,
+        keep_rotated=bounds.get("keep_rotated", d.keep_rotated),
+    )

@@ -65,12 +65,26 @@ class ConfigFile:
     profiles: Mapping[str, Layer] = field(default_factory=dict)  # [run.profiles.<name>]
     state: Layer = field(default_factory=dict)  # [state]: keep_proofs
     host: Mapping[str, str] = field(default_factory=dict)  # [host]: bwrap, python3 (absolute paths)
+    audit: Mapping[str, int] = field(default_factory=dict)  # [audit]: the audit's bounds (AUDIT_KEYS)
 
 
 DEFAULT_KEEP_PROOFS = 1000  # proofs (and kept run logs) older than the newest N are pruned
 
 
 HOST_BINARIES = ("bwrap", "python3")
+# [audit] keys: each a positive integer, mapped onto core.auditcaps.AuditCaps
+AUDIT_KEYS = ("events_per_second", "field_bytes", "min_free_mib", "rotate_mib", "keep_rotated")
+
+
+def _audit_table(table: Any, path: str) -> dict[str, int]:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: 'audit' must be a table")
+    for key, value in table.items():
+        if key not in AUDIT_KEYS:
+            raise ConfigError(f"{path}: unknown key '{key}' in [audit]; known: {', '.join(AUDIT_KEYS)}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{path}: audit.{key} must be a positive integer")
+    return dict(table)
 
 
 def _host_table(table: Any, path: str) -> dict[str, str]:
@@ -108,9 +122,10 @@ def parse(text: str, path: str) -> ConfigFile:
         raise ConfigError(f"{path}: invalid TOML: {exc}; fix the file") from None
     base = posixpath.dirname(path)
     for key in doc:
-        if key not in ("run", "state", "host"):
-            raise ConfigError(f"{path}: unknown key '{key}'; only [run], [state] and [host] are supported")
+        if key not in ("run", "state", "host", "audit"):
+            raise ConfigError(f"{path}: unknown key '{key}'; only [run], [state], [host] and [audit] are supported")
     state = _state_table(doc.get("state", {}), path)
+    audit = _audit_table(doc.get("audit", {}), path)
     host = _host_table(doc.get("host", {}), path)
     run = doc.get("run", {})
     if not isinstance(run, dict):
@@ -144,6 +159,7 @@ def parse(text: str, path: str) -> ConfigFile:
         profile=profile,
         state=state,
         host=host,
+        audit=audit,
         run=_layer(top, "run", path, base),
         defaults=_layer(defaults, "run.defaults", path, base),
         profiles=profiles,
@@ -285,6 +301,15 @@ class ConfigSet:
         for cfg, trusted in self.files:
             if trusted:
                 out.update(cfg.host)
+        return out
+
+    @property
+    def audit_bounds(self) -> dict[str, int]:
+        """`[audit]` from trusted files only (a higher file wins per key)."""
+        out: dict[str, int] = {}
+        for cfg, trusted in self.files:
+            if trusted:
+                out.update(cfg.audit)
         return out
 
     @property

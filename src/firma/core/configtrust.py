@@ -95,7 +95,7 @@ def narrow(cfg: ConfigFile) -> tuple[ConfigFile, tuple[str, ...]]:
     for name, layer in cfg.profiles.items():
         profiles[name], i3 = _narrow_layer(layer)
         ignored += i3
-    ignored += [f"state.{k}" for k in cfg.state] + [f"host.{k}" for k in cfg.host]
+    ignored += [f"state.{k}" for k in cfg.state] + [f"host.{k}" for k in cfg.host] + [f"audit.{k}" for k in cfg.audit]
     narrowed = ConfigFile(path=cfg.path, profile=None, run=run, defaults=defaults, profiles=profiles)
     return narrowed, tuple(sorted(set(ignored)))
 

@@ -152,6 +152,7 @@ class RunPlan:
     config_sources: tuple[Any, ...] = ()  # configtrust.ConfigSource of every file considered
     weakenings: tuple[Weakening, ...] = ()  # every loosened default, with its source
     keep_proofs: int = 1000  # `[state].keep_proofs`: older proofs are pruned at teardown
+    audit_bounds: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))  # trusted `[audit]` keys
     allow_notes: tuple[str, ...] = ()  # URL-form allow patterns rewritten (for the launch line)
     quiet: bool = False  # --quiet: no run summary on stderr
     summary_json: str | None = None  # --summary-json FILE

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import posixpath
 import re
+from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
 from ..errors import ConfigError, PlanError, UnsupportedBackendError
@@ -228,6 +229,7 @@ def build_plan(
         config_paths=cfg.paths,
         config_sources=cfg.sources,
         keep_proofs=cfg.keep_proofs,
+        audit_bounds=MappingProxyType(cfg.audit_bounds),
         quiet=args.quiet,
         summary_json=posixpath.normpath(posixpath.join(cwd, args.summary_json)) if args.summary_json else None,
         protected_paths=tuple(settings.get("protected_paths", ())),

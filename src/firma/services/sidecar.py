@@ -15,7 +15,7 @@ import struct
 import time
 from typing import Any, Awaitable, Callable
 
-from ..core import addrclass, auditfmt, http1, tlshello, urlpath
+from ..core import addrclass, auditcaps, auditfmt, http1, tlshello, urlpath
 from ..core.endpoint import HEALTH_PATH, parse_endpoint
 from ..core.hostcanon import CanonHost, HostError, canon_host, split_authority
 from ..core.http1 import HOP_BY_HOP, HttpError
@@ -81,6 +81,7 @@ class SidecarConfig:
         serves only the launcher's uid."""
         return cls(
             client_uids=frozenset({launcher_uid}),
+            audit_caps=auditcaps.from_config(plan.audit_bounds),
             allow_hosts=tuple(plan.allow_hosts),
             allow_tcp=tuple(plan.allow_tcp),
             policy_path=plan.policy_path,
