@@ -92,3 +92,33 @@ def make_install(prefix: str, *, extra_tree: Path | None = None) -> UserInstall:
 def remove_install(inst: UserInstall) -> None:
     shutil.rmtree(inst.root, ignore_errors=True)
     shutil.rmtree(f"/tmp/firma-{inst.user.pw_uid}", ignore_errors=True)
+
+
+def as_user(uid: int, gid: int, fn):
+    """Run fn() in a forked child that became `uid`/`gid` (no supplementary groups); its
+    JSON-able result comes back through a pipe, an exception as {"error": repr}. Load what fn
+    needs (encodings.idna for socket names) before calling: the venv may be unreadable to `uid`."""
+    import json
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(r)
+            os.setgroups([])
+            os.setgid(gid)
+            os.setuid(uid)
+            try:
+                result = fn()
+            except Exception as exc:
+                result = {"error": repr(exc)}
+            os.write(w, json.dumps(result).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 65536):
+        data += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    return json.loads(data)

@@ -342,3 +342,27 @@ def write_private_pinned(pinned: PinnedDir, name: str, data: str | bytes) -> Non
             raise
     finally:
         os.close(dfd)
+
+
+def read_regular(path: str, limit: int) -> bytes | None:
+    """Policy `read_regular`: a regular file's first `limit` bytes, never through a final symlink;
+    None for anything else or any error (for reading what the agent may have written)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        chunks, left = [], limit
+        while left > 0:
+            chunk = os.read(fd, min(left, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)

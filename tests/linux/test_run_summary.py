@@ -5,45 +5,15 @@ nothing; `--summary-json` writes the same as JSON. The printed flag is checked b
 from __future__ import annotations
 
 import json
-import socket
-import threading
 
-from linux_support import base_env, require_tools, run_firma
-
-
-class _Upstream:
-    """A loopback HTTP server that counts requests (the far side of the proxy)."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.hits = 0
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            with c:
-                c.settimeout(5)
-                try:
-                    if c.recv(4096):
-                        self.hits += 1
-                        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.sock.close()
+from linux_support import Upstream, base_env, require_tools, run_firma
 
 
 def test_the_summary_names_the_denied_upstream_and_the_flag_that_allows_it(tmp_path):
     require_tools()
     ws = tmp_path / "ws"
     ws.mkdir()
-    up = _Upstream()
+    up = Upstream()
     try:
         probe = (f"curl -s -o /dev/null -w '%{{http_code}}\\n' http://127.0.0.1:{up.port}/x; "
                  f"curl -s -o /dev/null -w '%{{http_code}}\\n' http://127.0.0.1:{up.port}/y; "
@@ -51,7 +21,7 @@ def test_the_summary_names_the_denied_upstream_and_the_flag_that_allows_it(tmp_p
         out = tmp_path / "summary.json"
         p = run_firma(["run", "--summary-json", str(out), "--", "sh", "-c", probe], cwd=ws, env=base_env(tmp_path))
         assert p.returncode == 0 and p.stdout.split()[:2] == ["403", "403"], p.stdout + p.stderr
-        assert up.hits == 0  # nothing reached the upstream
+        assert up.hits == []  # nothing reached the upstream
         flag = f"--allow-host 127.0.0.1:{up.port}"
         assert f"127.0.0.1:{up.port}  ×2  (host_not_allowed)  allow with: {flag}" in p.stderr, p.stderr
         assert "pkg.example.invalid" in p.stderr and "proof: " in p.stderr
@@ -60,7 +30,7 @@ def test_the_summary_names_the_denied_upstream_and_the_flag_that_allows_it(tmp_p
         assert doc["dns_refused"].get("pkg.example.invalid", 0) >= 1
         # the printed flag, used as printed, lets the same request through (and nothing is denied)
         p = run_firma(["run", *flag.split(), "--", "sh", "-c", probe], cwd=ws, env=base_env(tmp_path))
-        assert p.stdout.split()[:2] == ["200", "200"] and up.hits == 2, p.stdout + p.stderr
+        assert p.stdout.split()[:2] == ["200", "200"] and len(up.hits) == 2, p.stdout + p.stderr
         assert "allow with" not in p.stderr
         # --quiet: the agent's output only
         p = run_firma(["run", "--quiet", "--", "sh", "-c", probe], cwd=ws, env=base_env(tmp_path))

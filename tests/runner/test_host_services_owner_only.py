@@ -17,6 +17,8 @@ import time
 
 import pytest
 
+from unprivileged_support import as_user
+
 RUNNER = r'''#!/bin/sh
 proxy=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["network"]["proxy_url"])' "$2")
 dns=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["network"]["dns_stub_addr"])' "$2")
@@ -25,32 +27,6 @@ echo "$proxy" > OUT/proxy.tmp && mv OUT/proxy.tmp OUT/proxy
 while [ ! -e OUT/go ]; do sleep 0.05; done
 curl -s -o /dev/null -w '%{http_code}' --max-time 20 -x "$proxy" http://owner.invalid/mine > OUT/code
 '''
-
-
-def _as_other_user(uid: int, gid: int, fn) -> object:
-    """Run fn() in a child with another uid; its JSON-able result comes back through a pipe."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            os.setgroups([])
-            os.setgid(gid)
-            os.setuid(uid)
-            try:
-                result = fn()
-            except Exception as exc:
-                result = {"error": repr(exc)}
-            os.write(w, json.dumps(result).encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    data = b""
-    while chunk := os.read(r, 65536):
-        data += chunk
-    os.close(r)
-    os.waitpid(pid, 0)
-    return json.loads(data)
 
 
 def _foreign_requests(port: int, dns: tuple[str, int]):
@@ -103,7 +79,7 @@ def test_another_users_requests_get_nothing_and_the_owner_still_gets_through(tmp
             time.sleep(0.02)
         port = int((out / "proxy").read_text().strip().rsplit(":", 1)[1])
         dhost, dport = (out / "dns").read_text().strip().rsplit(":", 1)
-        got = _as_other_user(other.pw_uid, other.pw_gid, lambda: _foreign_requests(port, (dhost, int(dport))))
+        got = as_user(other.pw_uid, other.pw_gid, lambda: _foreign_requests(port, (dhost, int(dport))))
         assert got.get("replies") == ["", "no answer"], got  # closed without a byte; no DNS answer
         (out / "go").touch()
         assert proc.wait(60) == 0, proc.stderr.read() if proc.stderr else ""

@@ -18,8 +18,18 @@ import time
 
 import pytest
 
+from unprivileged_support import as_user
+
 FIRMA = [sys.executable, "-m", "firma"]
 REQ = b"GET http://evil.invalid/x HTTP/1.1\r\nX-Firma-Sandbox-Id: sbx_stranger\r\nConnection: close\r\n\r\n"
+
+
+def _reply(endpoint: str) -> str:
+    """What another user gets: the reply's first bytes, or the errno of a refused exchange."""
+    try:
+        return _ask(endpoint).decode("latin-1")
+    except OSError as exc:
+        return f"error {exc.errno}"
 
 
 def _ask(endpoint: str) -> bytes:
@@ -41,31 +51,6 @@ def _ask(endpoint: str) -> bytes:
         return out
 
 
-def _as(uid: int, gid: int, endpoint: str) -> bytes:
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            os.setgroups([])
-            os.setgid(gid)
-            os.setuid(uid)
-            try:
-                out = _ask(endpoint)
-            except OSError as exc:
-                out = f"error {exc.errno}".encode()
-            os.write(w, out)
-        finally:
-            os._exit(0)
-    os.close(w)
-    data = b""
-    while chunk := os.read(r, 65536):
-        data += chunk
-    os.close(r)
-    os.waitpid(pid, 0)
-    return data
-
-
 @pytest.mark.parametrize("kind", ["tcp", "unix"])
 def test_only_the_owner_and_allowed_uids_are_served(tmp_path, kind):
     if os.geteuid() != 0:
@@ -84,13 +69,13 @@ def test_only_the_owner_and_allowed_uids_are_served(tmp_path, kind):
             assert endpoint.startswith(kind), proc.stderr.read()
             if kind == "unix":
                 os.chmod(endpoint[len("unix://"):], 0o777)
-            theirs = _as(other.pw_uid, other.pw_gid, endpoint)
+            theirs = as_user(other.pw_uid, other.pw_gid, lambda ep=endpoint: _reply(ep))
             mine = _ask(endpoint)
             assert mine.startswith(b"HTTP/1.1 403")  # control: the owner is answered (and denied)
             if allow:
-                assert theirs.startswith(b"HTTP/1.1 403")  # an allowed uid is served too
+                assert theirs.startswith("HTTP/1.1 403")  # an allowed uid is served too
             else:
-                assert theirs in (b"", b"error 104", b"error 32"), theirs  # closed, reset, or broken pipe
+                assert theirs in ("", "error 104", "error 32"), theirs  # closed, reset, or broken pipe
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)

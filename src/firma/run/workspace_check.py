@@ -90,27 +90,7 @@ def take_baseline(plan: RunPlan, run_dir: str) -> Baseline:
 # --- small safe readers ----------------------------------------------------------------------
 
 
-def _read_regular(path: str, limit: int) -> bytes | None:
-    """A regular file's first `limit` bytes, never through a final symlink (None otherwise)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        chunks, left = [], limit
-        while left > 0:
-            chunk = os.read(fd, min(left, 1 << 20))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            left -= len(chunk)
-        return b"".join(chunks)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
+_read_regular = privfs.read_regular
 
 
 def _lstat(path: str) -> os.stat_result | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import stat
 
+from ... import privfs
 from ...core import bwrap_plan
 from ...core.hostfacts import Host
 from ...core.model import ExecutionEnvelope
@@ -30,18 +31,8 @@ def kind_of(p: str) -> str | None:
 
 def _read_small(path: str) -> str | None:
     """A regular file's text (up to GIT_CONFIG_MAX bytes), never through a final symlink."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        return os.read(fd, bwrap_plan.GIT_CONFIG_MAX).decode("utf-8", "replace")
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
+    data = privfs.read_regular(path, bwrap_plan.GIT_CONFIG_MAX)
+    return None if data is None else data.decode("utf-8", "replace")
 
 
 def git_refs(cwd: str) -> tuple[str, ...]:
