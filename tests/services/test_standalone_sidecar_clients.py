@@ -85,3 +85,34 @@ def test_only_the_owner_and_allowed_uids_are_served(tmp_path, kind):
         if not allow:
             assert "refused 1 connections from other users" in proc.stderr.read()
     shutil.rmtree(sockdir)
+
+
+def test_one_client_cannot_take_every_connection(tmp_path):
+    """`--max-client-connections 3`: a client holding three connections gets 503 on a fourth,
+    which is audited (and aggregated by the audit's caps in a flood); a different client — an
+    allowed uid — is still served. Control: after the three close, the first client is served again."""
+    if os.geteuid() != 0:
+        pytest.fail("the second local user is made by setuid; CI runs as root")
+    other = pwd.getpwnam("firma-test")
+    audit = tmp_path / "audit.jsonl"
+    proc = subprocess.Popen([*FIRMA, "sidecar", "--listen", "tcp://127.0.0.1:0", "--audit", str(audit),
+                             "--max-client-connections", "3", "--allow-uid", str(other.pw_uid)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        endpoint = proc.stdout.readline().strip()
+        host, port = endpoint[len("tcp://"):].rsplit(":", 1)
+        held = [socket.create_connection((host, int(port)), timeout=5) for _ in range(3)]
+        time.sleep(0.3)  # each is attributed and counted
+        fourth = _ask(endpoint)
+        assert b"too_many_client_connections" in fourth, fourth
+        theirs = as_user(other.pw_uid, other.pw_gid, lambda: _reply(endpoint))
+        assert theirs.startswith("HTTP/1.1 403"), theirs  # another client is not locked out
+        for s in held:
+            s.close()
+        time.sleep(0.3)
+        assert _ask(endpoint).startswith(b"HTTP/1.1 403")  # control
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    reasons = [json.loads(line)["deny_reason"] for line in audit.read_text().splitlines()]
+    assert "too_many_client_connections" in reasons

@@ -24,6 +24,8 @@ def add_parser(sub):
     p.add_argument("--tls-cert", metavar="PEM", help="server certificate (with --tls-key and --client-ca: mutual TLS)")
     p.add_argument("--tls-key", metavar="PEM", help="server private key")
     p.add_argument("--client-ca", metavar="PEM", help="CA whose client certificates are accepted; required on a network address")
+    p.add_argument("--max-client-connections", type=int, default=512, metavar="N",
+                   help="open connections one client (uid or certificate) may hold (default 512)")
     p.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID",
                    help="also serve this uid's processes (default: only the sidecar's own user; repeatable)")
     return p
@@ -41,7 +43,7 @@ def write_startup_report(path: str, endpoint: str) -> None:
 
 async def _serve(args) -> int:
     from ..core.endpoint import listen_is_local
-    from ..services.sidecar import Sidecar, SidecarConfig
+    from ..services.sidecar import Sidecar, SidecarConfig, SidecarLimits
 
     tls_args = (args.tls_cert, args.tls_key, args.client_ca)
     if any(tls_args) and not all(tls_args):
@@ -80,7 +82,8 @@ async def _serve(args) -> int:
         SidecarConfig(
             allow_hosts=allowed.patterns,
             # Clients are authenticated by certificate, or on this host by their uid.
-            client_uids=None if mutual_tls else frozenset({os.geteuid(), *args.allow_uid}), policy_path=args.policy, audit_path=audit, key_path=key, monitor=args.monitor
+            client_uids=None if mutual_tls else frozenset({os.geteuid(), *args.allow_uid}),
+            limits=SidecarLimits(max_connections_per_client=args.max_client_connections), policy_path=args.policy, audit_path=audit, key_path=key, monitor=args.monitor
         )
     )
     stop = asyncio.Event()

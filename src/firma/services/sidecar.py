@@ -47,6 +47,10 @@ class SidecarLimits:
     max_head_bytes: int = http1.MAX_HEAD
     max_body_bytes: int = 1 << 30  # plain-HTTP request bodies; tunnels are bounded by time
     max_connections: int = 2048
+    # Per client (its uid, its certificate, else its address), for a sidecar serving several
+    # launchers: one cannot take every connection and lock the others out. None: no such cap
+    # (the embedded sidecar has one client, its own bridge).
+    max_connections_per_client: int | None = None
     setup_timeout: float = 10.0  # first request head / TLS ClientHello
     idle_timeout: float = 300.0
     max_tunnel_secs: float = 24 * 3600.0
@@ -146,6 +150,7 @@ class Sidecar:
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task] = set()
         self._active = 0
+        self._per_client: dict[str, int] = {}  # open connections per client key
         self.endpoint: str | None = None
         self.dns_dropped = 0
         self._unix_path: str | None = None
@@ -314,7 +319,18 @@ class Sidecar:
             return None
         return await self._peer_uids.uid_of(socket.IPPROTO_TCP, peer, local)
 
+    def _client_key(self, writer: asyncio.StreamWriter, uid: int | None) -> str:
+        """Who a connection counts against: its uid, its TLS certificate's subject, or its address."""
+        if uid is not None:
+            return f"uid:{uid}"
+        cert = writer.get_extra_info("peercert")
+        if cert:
+            return f"cert:{cert.get('subject')}"
+        peer = writer.get_extra_info("peername")
+        return f"addr:{peer[0] if isinstance(peer, tuple) else peer}"
+
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        uid = None
         if self.config.client_uids is not None:
             uid = await self._client_uid(writer)
             if uid not in self.config.client_uids:
@@ -322,14 +338,23 @@ class Sidecar:
                 self.refused_clients += 1
                 writer.transport.abort()
                 return
+        key = self._client_key(writer, uid)
         task = asyncio.current_task()
         assert task is not None  # a client callback runs in its own task
         self._tasks.add(task)
         self._active += 1
+        self._per_client[key] = self._per_client.get(key, 0) + 1
         netio.nodelay(writer)
         s = netio.Stream(reader, writer)
         ctx = Attribution()
         try:
+            cap = self.limits.max_connections_per_client
+            if cap is not None and self._per_client[key] > cap:
+                # audited like any event: the audit's caps aggregate a flood of these
+                writer.write(deny_response(503, "too_many_client_connections", "this client's connection limit reached"))
+                self._audit(ctx, action=HTTP_REQUEST, resource="", decision=auditfmt.DENY, reason="too_many_client_connections")
+                await writer.drain()
+                return
             if self._active > self.limits.max_connections:
                 writer.write(deny_response(503, "too_many_connections", "sidecar connection limit reached"))
                 self._audit(ctx, action=HTTP_REQUEST, resource="", decision=auditfmt.DENY, reason="too_many_connections")
@@ -382,6 +407,11 @@ class Sidecar:
             self._audit(ctx, action="sidecar.error", resource="", decision=auditfmt.ABORT, reason=f"internal_error: {type(exc).__name__}")
         finally:
             self._active -= 1
+            left = self._per_client.get(key, 1) - 1
+            if left:
+                self._per_client[key] = left
+            else:
+                self._per_client.pop(key, None)
             self._tasks.discard(task)
             try:
                 await s.linger_close()
