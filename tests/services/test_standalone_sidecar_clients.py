@@ -116,3 +116,31 @@ def test_one_client_cannot_take_every_connection(tmp_path):
         proc.wait(30)
     reasons = [json.loads(line)["deny_reason"] for line in audit.read_text().splitlines()]
     assert "too_many_client_connections" in reasons
+
+
+def test_one_client_cannot_flood_requests(tmp_path):
+    """`--max-client-rate 5`: a burst of 40 requests on one keep-alive connection gets 429 once the
+    client's bucket (10) is empty; another client is still served. Control: the first requests of
+    the burst are decided (403)."""
+    if os.geteuid() != 0:
+        pytest.fail("the second local user is made by setuid; CI runs as root")
+    other = pwd.getpwnam("firma-test")
+    audit = tmp_path / "audit.jsonl"
+    proc = subprocess.Popen([*FIRMA, "sidecar", "--listen", "tcp://127.0.0.1:0", "--audit", str(audit),
+                             "--max-client-rate", "5", "--allow-uid", str(other.pw_uid)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        endpoint = proc.stdout.readline().strip()
+        host, port = endpoint[len("tcp://"):].rsplit(":", 1)
+        statuses = []
+        for _ in range(40):
+            with socket.create_connection((host, int(port)), timeout=5) as s:
+                s.sendall(REQ)
+                statuses.append(s.recv(64).split(b" ")[1])
+        assert statuses[0] == b"403" and b"429" in statuses, statuses
+        assert statuses.count(b"403") <= 12  # the burst, plus what refilled meanwhile
+        theirs = as_user(other.pw_uid, other.pw_gid, lambda: _reply(endpoint))
+        assert theirs.startswith("HTTP/1.1 403"), theirs  # another client has its own bucket
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)

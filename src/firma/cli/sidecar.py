@@ -26,6 +26,8 @@ def add_parser(sub):
     p.add_argument("--client-ca", metavar="PEM", help="CA whose client certificates are accepted; required on a network address")
     p.add_argument("--max-client-connections", type=int, default=512, metavar="N",
                    help="open connections one client (uid or certificate) may hold (default 512)")
+    p.add_argument("--max-client-rate", type=int, default=200, metavar="N",
+                   help="requests per second one client may make, bursts of 2×N (default 200)")
     p.add_argument("--allow-uid", type=int, action="append", default=[], metavar="UID",
                    help="also serve this uid's processes (default: only the sidecar's own user; repeatable)")
     return p
@@ -83,7 +85,8 @@ async def _serve(args) -> int:
             allow_hosts=allowed.patterns,
             # Clients are authenticated by certificate, or on this host by their uid.
             client_uids=None if mutual_tls else frozenset({os.geteuid(), *args.allow_uid}),
-            limits=SidecarLimits(max_connections_per_client=args.max_client_connections), policy_path=args.policy, audit_path=audit, key_path=key, monitor=args.monitor
+            limits=SidecarLimits(max_connections_per_client=args.max_client_connections,
+                                 requests_per_client_per_sec=float(args.max_client_rate)), policy_path=args.policy, audit_path=audit, key_path=key, monitor=args.monitor
         )
     )
     stop = asyncio.Event()

@@ -51,6 +51,8 @@ class SidecarLimits:
     # launchers: one cannot take every connection and lock the others out. None: no such cap
     # (the embedded sidecar has one client, its own bridge).
     max_connections_per_client: int | None = None
+    # Requests per second per client (a token bucket with twice that as burst); None: unlimited.
+    requests_per_client_per_sec: float | None = None
     setup_timeout: float = 10.0  # first request head / TLS ClientHello
     idle_timeout: float = 300.0
     max_tunnel_secs: float = 24 * 3600.0
@@ -151,6 +153,7 @@ class Sidecar:
         self._tasks: set[asyncio.Task] = set()
         self._active = 0
         self._per_client: dict[str, int] = {}  # open connections per client key
+        self._buckets: dict[str, _Bucket] = {}  # request rate per client key (standalone sidecar)
         self.endpoint: str | None = None
         self.dns_dropped = 0
         self._unix_path: str | None = None
@@ -319,6 +322,15 @@ class Sidecar:
             return None
         return await self._peer_uids.uid_of(socket.IPPROTO_TCP, peer, local)
 
+    def _rate_ok(self, key: str) -> bool:
+        rate = self.limits.requests_per_client_per_sec
+        if rate is None:
+            return True
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = _Bucket(rate, max(1, int(rate * 2)))
+        return bucket.take()
+
     def _client_key(self, writer: asyncio.StreamWriter, uid: int | None) -> str:
         """Who a connection counts against: its uid, its TLS certificate's subject, or its address."""
         if uid is not None:
@@ -387,6 +399,9 @@ class Sidecar:
                     self._malformed(ctx, s, exc.reason, exc.detail)
                     return
                 ctx = self._context(head)
+                if not self._rate_ok(key):
+                    self._deny(ctx, s, HTTP_REQUEST, "", "too_many_requests", "this client's request rate limit reached", 429, t0)
+                    return
                 if head.method == REPORT_METHOD:
                     reason = (head.get(REPORT_REASON) or "malformed_request")[:64]
                     self._malformed(ctx, s, reason, "malformed request rejected by the bridge")
