@@ -37,6 +37,7 @@ class InProcessHosting:
         self._sidecar: Any = None
         self._services: list[Any] = []  # sidecar, bridge, DNS stub: closed in reverse
         self._serve_owner_only = owner_only
+        self._stub: Any = None
         self._bridge_credential = bridge_credential
         self._peers: Any = None
 
@@ -90,7 +91,10 @@ class InProcessHosting:
         bport = await bridge.serve_address("127.0.0.1", 0)
         dns_addr = None
         if routing.dns_stub:
-            stub = self._svc_dns.DnsStub(on_query=reporter, peers=peers)
+            # Where the stub cannot tell the agent's queries from another local user's (no peer uid:
+            # macOS), it only counts them: a stranger must not be able to write the run's audit.
+            stub = self._svc_dns.DnsStub(on_query=None if credential is not None else reporter, peers=peers)
+            self._stub = stub
             self._services.append(stub)
             dport = await stub.serve_address("127.0.0.1", 0)
             dns_addr = f"127.0.0.1:{dport}"
@@ -166,6 +170,8 @@ class InProcessHosting:
         if child is not None:
             await stop_child(child, run.log)
         await close_services(self._services, run.log)
+        if self._stub is not None and self._bridge_credential:
+            run.log(f"DNS stub answered {self._stub.answered} queries REFUSED (not attributed: no peer uid here)", "info")
         if self._peers is not None:
             if self._peers.refused:
                 run.log(f"refused {self._peers.refused} connections or datagrams from other users' sockets", "warn")

@@ -55,6 +55,7 @@ class _Udp(asyncio.DatagramProtocol):
 class DnsStub:
     def __init__(self, *, on_query: Callable[[str, int], None] | None = None, peers: Any = None) -> None:
         self._on_query = on_query
+        self.answered = 0  # queries answered (REFUSED), audited or not
         self.peers = peers  # services.peers.PeerUids on a host-loopback listener
         self._udp: list[asyncio.DatagramTransport] = []
         self._servers: list[asyncio.base_events.Server] = []
@@ -64,6 +65,8 @@ class DnsStub:
     # -- core glue ------------------------------------------------------------------------
     def _answer(self, msg: bytes) -> bytes | None:
         reply = dnsmsg.refusal(msg)
+        if reply is not None:
+            self.answered += 1
         if reply is not None and self._on_query is not None:
             q = dnsmsg.parse_question(msg)
             if q is not None:
