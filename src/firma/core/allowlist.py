@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import functools
 from typing import Any
-from urllib.parse import urlsplit
 
 from ..errors import PolicyError
-from .policy import parse_pattern
 from .record import record
 
 SCHEME_PORTS = {"http": 80, "https": 443}
@@ -40,6 +38,8 @@ def normalize(text: str) -> tuple[str, str | None]:
     raw = text.strip()
     if "://" not in raw:
         return raw, None
+    from urllib.parse import urlsplit  # noqa: PLC0415 - only for a pasted URL (launch latency)
+
     try:
         u = urlsplit(raw)
         port = u.port
@@ -76,6 +76,10 @@ def wildcard_scope(base: str) -> tuple[str, str] | None:
 
 def check(patterns: tuple[str, ...]) -> CheckedAllow:
     """Normalize and validate every pattern (one-line PolicyError naming the first bad one)."""
+    if not patterns:
+        return CheckedAllow((), (), ())
+    from .policy import parse_pattern  # noqa: PLC0415 - only with patterns to check (launch latency)
+
     out: list[str] = []
     notes: list[str] = []
     warnings: list[str] = []
@@ -102,6 +106,10 @@ def check(patterns: tuple[str, ...]) -> CheckedAllow:
 
 def check_opaque(patterns: tuple[str, ...]) -> tuple[str, ...]:
     """`allow_tcp` entries: each an exact HOST:PORT (no wildcard, a port), canonical."""
+    if not patterns:
+        return ()
+    from .policy import parse_pattern  # noqa: PLC0415 - only with patterns to check (launch latency)
+
     out: list[str] = []
     for text in patterns:
         parsed = parse_pattern(text)

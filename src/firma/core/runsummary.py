@@ -7,9 +7,7 @@ tool's own error rarely names it."""
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Any, Iterable, Mapping
-from urllib.parse import urlsplit
 
 from .record import field, record
 
@@ -70,6 +68,8 @@ class RunSummary:
 def _destination(action: str, resource: str) -> tuple[str, int] | None:
     """(host, port) of a decided request: `host:port` for connect, a URL for a proxy request."""
     if action == "http.request" and "://" in resource:
+        from urllib.parse import urlsplit  # noqa: PLC0415 - only once a run has denials (launch latency)
+
         try:
             u = urlsplit(resource)
             port = u.port or (443 if u.scheme == "https" else 80)
@@ -83,6 +83,8 @@ def _destination(action: str, resource: str) -> tuple[str, int] | None:
 
 
 def _is_ip(host: str) -> bool:
+    import ipaddress  # noqa: PLC0415 - only once a run has denials (launch latency)
+
     try:
         ipaddress.ip_address(host)
     except ValueError:
