@@ -59,7 +59,12 @@ def test_audit_bounds_from_trusted_config_and_exact_counts_in_the_summary(tmp_pa
     burst_events = [e for e in events if "burst.invalid" in e["resource"] or e["resource"] == "*"]
     single = [e for e in burst_events if not e["deny_reason"].startswith("suppressed:")]
     aggregated = sum(int(e["deny_reason"].split(":")[1]) for e in burst_events if e["deny_reason"].startswith("suppressed:"))
-    assert len(single) <= 5 and len(single) + aggregated == 20, (len(single), aggregated)
+    # at most 5 a second are written one by one (a loaded machine may spread the burst over a
+    # few seconds); the rest are counted into aggregate records, and nothing is lost
+    stamps = [e["timestamp"] for e in burst_events]
+    seconds = int((max(stamps) - min(stamps)) / 1e9) + 2
+    assert aggregated > 0 and len(single) <= 5 * seconds, (len(single), aggregated, seconds)
+    assert len(single) + aggregated == 20, (len(single), aggregated)
     assert json.loads(out.read_text())["denied_total"] == 20
     (ws / ".firma").mkdir()
     (ws / ".firma" / "firma.toml").write_text("[audit]\nevents_per_second = 100000\n")
