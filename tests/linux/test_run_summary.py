@@ -63,7 +63,7 @@ def test_audit_bounds_from_trusted_config_and_exact_counts_in_the_summary(tmp_pa
     # few seconds); the rest are counted into aggregate records, and nothing is lost
     stamps = [e["timestamp"] for e in burst_events]
     seconds = int((max(stamps) - min(stamps)) / 1e9) + 2
-    assert aggregated > 0 and len(single) <= 5 * seconds, (len(single), aggregated, seconds)
+    assert len(single) <= 5 * seconds and (aggregated > 0 or seconds > 4), (len(single), aggregated, seconds)
     assert len(single) + aggregated == 20, (len(single), aggregated)
     assert json.loads(out.read_text())["denied_total"] == 20
     (ws / ".firma").mkdir()
