@@ -1,5 +1,5 @@
-"""Launch benchmark: median wall time of `firma run -- true` next to a bare `bwrap … true` with the
-same namespaces and, when available, Anthropic's sandbox runtime `srt -c true`, in one run, with
+"""Launch benchmark: median wall time of `firma run -- true` (default resource limits) and of
+`firma run --limits off -- true` next to a bare `bwrap … true` with the same namespaces and, when available, Anthropic's sandbox runtime `srt -c true`, in one run, with
 ratios; plus peak memory: each command's, and firma's launcher and services process while the
 services serve. Goal: firma ≤ 120 ms median and ≤ 0.25 × srt.
 
@@ -25,6 +25,7 @@ import time
 
 GOAL_MS = 120.0
 GOAL_RATIO_SRT = 0.25
+GOAL_LIMITS_MS = 5.0  # what the default resource limits (cgroup, rlimits) may add to a launch
 
 
 def measure_once(argv: list[str], cwd: str, env: dict[str, str]) -> tuple[float, int]:
@@ -133,7 +134,9 @@ def main() -> int:
     floors = [("python -c pass (interpreter start)", [py, "-c", "pass"]),
               ("python: import asyncio (floor; as firma: no ssl/GC)",
                [py, "-c", "import sys, gc; sys.modules['ssl'] = None; gc.disable(); import asyncio"])]
-    cases = [("bare bwrap … true (same namespaces)", bare), ("firma run -- true", firma + ["run", "--", "true"])]
+    limits_off_name = "firma run --limits off -- true"
+    cases = [("bare bwrap … true (same namespaces)", bare), ("firma run -- true", firma + ["run", "--", "true"]),
+             (limits_off_name, firma + ["run", "--limits", "off", "--", "true"])]
     baseline_name = "baseline firma run -- true"
     if args.baseline:
         cases.append((baseline_name, args.baseline.split() + ["run", "--", "true"]))
@@ -174,6 +177,11 @@ def main() -> int:
         print(f"goal: firma ≤ {GOAL_RATIO_SRT} × srt: {'MET' if ratio <= GOAL_RATIO_SRT else 'NOT MET'} ({ratio:.2f} ×)")
     else:
         print("srt not found (run with --install-srt to fetch it with npm); ratio vs srt not measured")
+    # Limits on (the default) against off, paired by round.
+    diffs = [a - b for a, b in zip(measured["firma run -- true"][0], measured[limits_off_name][0], strict=True)]
+    added = statistics.median(diffs)
+    print(f"limits on − off, median of {len(diffs)} per-round differences: {added:+.1f} ms "
+          f"(goal ≤ {GOAL_LIMITS_MS:.0f} ms: {'MET' if added <= GOAL_LIMITS_MS else 'NOT MET'})")
     if args.baseline:
         # Pair by round: both ran back to back, so a machine that drifts moves both alike.
         ratios = [a / b for a, b in zip(measured["firma run -- true"][0], measured[baseline_name][0], strict=True)]

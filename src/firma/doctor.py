@@ -143,7 +143,31 @@ def _linux_checks(host: Host, obs: Observations) -> list[DoctorCheck]:
             obs.seccomp_error, "fix the seccomp policy or artifacts named above")))
     else:
         out.append(DoctorCheck("seccomp", OK, obs.seccomp_detail))
+    out.append(_limits_check(host))
     return out
+
+
+def _limits_check(host: Host) -> DoctorCheck:
+    """Which mechanism would carry each resource limit of a run here (DESIGN §5.3), from the same
+    planner `firma run` uses, with the default request."""
+    from .core import limits
+
+    plan = limits.plan_limits(limits.request({}, {}, host.mem_total), host.cgroups, host.rlimits)
+    cg = host.cgroups
+    controllers = ", ".join(f"{c} ({d})" for c, d in cg.parents.items())
+    where = f"cgroup {cg.version}: {controllers}" if cg.version else "no cgroup firma may use"
+    entries = "; ".join(f"{e.name} {e.value}: {e.mechanism}" for e in plan.entries if e.mechanism != "none")
+    # pids always hold (RLIMIT_NPROC in the sandbox's user namespace); memory and cpus need a cgroup
+    missing = [c for c in ("memory", "cpu") if not cg.has(c)]
+    if not missing:
+        return DoctorCheck("limits", OK, f"{where}; defaults: {entries}")
+    why = f"; {cg.why_not}" if cg.why_not else ""
+    return DoctorCheck(
+        "limits", WARN,
+        f"{where}{why}; defaults: {entries}; an explicit --{' / --'.join('cpus' if c == 'cpu' else c for c in missing)} "
+        "would be refused (or run unenforced with --limits best-effort)",
+        "run firma as root, or inside a delegated scope: systemd-run --user --scope -p Delegate=yes firma run ...",
+    )
 
 
 def _fix_from_message(msg: str, default: str = "see the detail") -> str:

@@ -9,6 +9,7 @@ import subprocess
 from typing import Mapping
 
 from .core.hostfacts import Host
+from .core.limits import V1, V2, CgroupFacts
 
 
 def _read(path: str) -> str | None:
@@ -83,6 +84,66 @@ def which(name: str, path: str) -> str | None:
     return None
 
 
+def mem_total() -> int | None:
+    """Host RAM in bytes (MemTotal of /proc/meminfo), None when unreadable."""
+    text = _read("/proc/meminfo") or ""
+    for line in text.splitlines():
+        if line.startswith("MemTotal:"):
+            try:
+                return int(line.split()[1]) * 1024
+            except (ValueError, IndexError):
+                return None
+    return None
+
+
+_LIMITED = ("memory", "pids", "cpu")
+
+
+def hard_rlimits() -> dict[str, int | None]:
+    """The caller's hard limits the sandbox inherits and firma may lower (None: unlimited)."""
+    import resource  # noqa: PLC0415 - only on Linux
+
+    out: dict[str, int | None] = {}
+    for name in ("NPROC", "NOFILE", "FSIZE", "DATA"):
+        hard = resource.getrlimit(getattr(resource, "RLIMIT_" + name))[1]
+        out[name] = None if hard == resource.RLIM_INFINITY else hard
+    return out
+
+
+def cgroup_facts() -> CgroupFacts:
+    """Where firma may make a cgroup for a run (DESIGN §5.3): under the launcher's own group, on
+    the unified hierarchy when it carries the controllers and the group is delegated to the
+    launcher (writable, holding no other process), else in the v1 hierarchies the caller may
+    write (root)."""
+    from .core import cgroupfs  # noqa: PLC0415 - only on Linux
+
+    groups = cgroupfs.launcher_groups(_read("/proc/self/cgroup") or "", _read("/proc/self/mountinfo") or "")
+    why: list[str] = []
+    if groups.v2 is not None:
+        own = groups.v2
+        available = (_read(os.path.join(own, "cgroup.controllers")) or "").split()
+        wanted = [c for c in _LIMITED if c in available]
+        if not wanted:
+            why.append(f"the unified hierarchy carries none of memory, pids, cpu for {own}")
+        elif not all(os.access(os.path.join(own, f), os.W_OK) for f in ("", "cgroup.procs", "cgroup.subtree_control")):
+            why.append(f"cgroup v2: {own} is not delegated to uid {os.geteuid()} (not writable)")
+        else:
+            procs = set((_read(os.path.join(own, "cgroup.procs")) or "").split())
+            if groups.v2_is_root or procs <= {str(os.getpid())}:
+                return CgroupFacts(V2, {c: own for c in wanted}, move_self=not groups.v2_is_root)
+            why.append(f"cgroup v2: {own} holds other processes; start firma in its own delegated scope "
+                       "(systemd-run --user --scope -p Delegate=yes firma run ...)")
+    parents = {c: d for c in _LIMITED if (d := groups.v1.get(c)) and os.access(d, os.W_OK)}
+    if parents:
+        missing = [c for c in _LIMITED if c not in parents]
+        if missing:
+            why.append(f"cgroup v1: no writable {', '.join(missing)} hierarchy")
+        return CgroupFacts(V1, parents, why_not="; ".join(why))
+    if groups.v1:
+        why.append(f"cgroup v1: the {', '.join(sorted(groups.v1))} hierarchies are not writable by uid {os.geteuid()}")
+    return CgroupFacts(None, {}, why_not="; ".join(why) or "no cgroup hierarchy is mounted")
+
+
 def probe_bwrap_version(bwrap_path: str | None) -> str | None:
     if bwrap_path is None:
         return None
@@ -126,4 +187,7 @@ def detect_host(environ: Mapping[str, str] | None = None, binaries: Mapping[str,
         python3_path=python3,
         refused_binaries=refused,
         environ=env,
+        mem_total=mem_total() if uname.sysname == "Linux" else None,
+        cgroups=cgroup_facts() if uname.sysname == "Linux" else CgroupFacts(why_not="not Linux"),
+        rlimits=hard_rlimits() if uname.sysname == "Linux" else {},
     )

@@ -19,11 +19,14 @@ from firma.doctor import (
 )
 from firma.errors import FirmaError
 from firma.core.hostfacts import Host
+from firma.core.limits import CgroupFacts
 from firma.backends.preflight import bwrap_preflight
 
 LINUX = Host(system="linux", machine="x86_64", kernel_osrelease="6.8.0",
              max_user_namespaces="15000", uid=1000, gid=1000, bwrap_path="/usr/bin/bwrap",
-             bwrap_version="bubblewrap 0.8.0")
+             bwrap_version="bubblewrap 0.8.0", mem_total=8 << 30,
+             cgroups=CgroupFacts("v2", {c: "/sys/fs/cgroup/user.slice/run-1.scope" for c in ("memory", "pids", "cpu")},
+                                 move_self=True))
 GOOD = Observations(state_root="/run/user/1000/firma",
                     state_root_facts=PathFacts(True, False, True, 0o700, 1000),
                     kernel_seccomp=True, seccomp_detail="compiles", smoke=(True, "started"))
@@ -36,9 +39,19 @@ def by_name(checks):
 def test_healthy_linux_host_is_all_ok():
     checks = evaluate(LINUX, GOOD)
     assert [c.name for c in checks] == ["os", "bubblewrap", "user_namespaces", "bwrap_backend",
-                                        "seccomp", "state_dir", "config", "sidecar"]
+                                        "seccomp", "limits", "state_dir", "config", "sidecar"]
     assert {c.status for c in checks} == {OK}
     assert exit_code(checks) == 0
+
+
+def test_limits_say_which_mechanism_and_what_an_unprivileged_host_lacks():
+    ok = by_name(evaluate(LINUX, GOOD))["limits"]
+    assert ok.status == OK and "cgroup v2" in ok.detail and "memory 4.0 GiB: cgroup v2 memory.max" in ok.detail
+    bare = Host(**{**LINUX.__dict__, "cgroups": CgroupFacts(None, {}, why_not="cgroup v1: not writable by uid 1000")})
+    warn = by_name(evaluate(bare, GOOD))["limits"]
+    assert warn.status == WARN and "not writable by uid 1000" in warn.detail
+    assert "memory 4.0 GiB: RLIMIT_DATA" in warn.detail and "--memory / --cpus would be refused" in warn.detail
+    assert "Delegate=yes" in warn.remediation
 
 
 HOSTS = {

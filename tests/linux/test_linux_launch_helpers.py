@@ -18,7 +18,7 @@ import pytest
 from firma.seccomp import store as seccomp
 from firma import privfs
 from firma.host import which
-from linux_support import base_env, firma_cmd
+from linux_support import searchable, base_env, firma_cmd
 
 # `sh -c` probe: the shell's ignored-signal mask, then (exec'd, so exactly the descriptors the
 # shell was given, less close-on-exec ones) the open descriptors, less the listing's own.
@@ -140,6 +140,9 @@ def test_firma_executable_keeps_openssl_modules_out_and_still_signs(ws, tmp_path
     hook.mkdir()
     reports = tmp_path / "modules"
     reports.mkdir()
+    # a root caller's rlimits helper is a fork of the launcher running as the agent's uid
+    reports.chmod(0o1777)
+    searchable(reports)
     (hook / "sitecustomize.py").write_text(
         "import atexit, json, os, sys\n"
         "def dump():\n"

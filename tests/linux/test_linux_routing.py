@@ -40,6 +40,8 @@ json.dump(out, open(sys.argv[1], "w"))
 
 
 class Child:
+    limit_notes = ()
+
     def __init__(self, proc):
         self.proc = proc
         self.pid = proc.pid

@@ -129,4 +129,5 @@ def test_a_connection_from_another_uid_is_refused(ws, tmp_path):
             proc.kill()
             proc.wait()
     assert mine.startswith(b"HTTP/1.1 200"), mine  # control
-    assert theirs == b"<closed>" or b"reset" in theirs, theirs
+    # closed unanswered: seen as EOF, a reset, or a broken pipe when the close beats the request
+    assert theirs == b"<closed>" or b"reset" in theirs or b"Broken pipe" in theirs, theirs

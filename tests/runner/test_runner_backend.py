@@ -231,3 +231,24 @@ def test_the_runner_dies_with_a_killed_launcher_and_gets_no_agent_environment(tm
             proc.kill()
         if (out / "pid").exists() and _alive(int((out / "pid").read_text() or 0)):
             os.kill(int((out / "pid").read_text()), signal.SIGKILL)
+
+
+def test_runner_proof_says_limits_are_not_enforced_by_firma(runner):
+    """Launch contract v1 carries no limits: the proof says so, an explicit one is refused unless
+    --limits best-effort."""
+    from firma.core import limits, proofdoc
+    from firma.core.model import DEFAULT_INVARIANTS
+    from firma.core.record import replace
+    from firma.errors import LaunchError
+
+    proof = prepare(str(runner))
+    doc = proofdoc.build(identity=plan("x").identity, proof=proof, invariants=DEFAULT_INVARIANTS, checks=(),
+                         sidecar_endpoint=None, sidecar_embedded=True, started_at="t", ended_at=None, exit_status=None)
+    assert doc["limits"]["enforced_by_firma"] is False
+    assert {e["name"] for e in doc["limits"]["entries"]} == {"memory", "pids", "cpus", "nofile", "file_size"}
+    assert not any(e["enforced"] for e in doc["limits"]["entries"])
+    asked = replace(plan(str(runner)), limits=limits.request({}, {"pids": 100}, None))
+    with pytest.raises(LaunchError, match="--pids cannot be enforced by the runner backend"):
+        RunnerBackend().prepare(asked, LINUX)
+    lenient = replace(asked, limits=limits.request({}, {"pids": 100, "mode": "best-effort"}, None))
+    assert RunnerBackend().prepare(lenient, LINUX).limits.mode == "best-effort"

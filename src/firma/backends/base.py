@@ -12,6 +12,7 @@ from typing import Awaitable, Callable, Protocol
 from ..core.model import Check, EnforcementProof, ExecutionEnvelope, RunPlan
 from ..core.record import record, field
 from ..core.hostfacts import Host
+from ..core.limits import LimitPlan, not_enforced
 from ..errors import LaunchError
 
 
@@ -79,6 +80,10 @@ class LaunchedChild(Protocol):
     def close(self) -> None:
         """Release the handles held on the child (idempotent)."""
 
+    @property
+    def limit_notes(self) -> tuple[str, ...]:
+        """After close: one line per resource limit the run hit (run summary)."""
+
 
 class Backend(Protocol):
     name: str
@@ -139,6 +144,14 @@ class PlantingBackend(Backend, Protocol):
 
     def abort(self, held: HeldSandbox) -> None:
         """Kill and reap a built sandbox that will not be released (idempotent)."""
+
+
+def refuse_unenforceable(plan: RunPlan, backend: str) -> LimitPlan:
+    """What launch contract v1 cannot carry: `[run].mask_paths` and the resource limits. The
+    launch is refused rather than run with less than the user asked for (a limit: unless
+    `--limits best-effort`); the limits entry of the proof says none is enforced by firma."""
+    refuse_mask_paths(plan, backend)
+    return not_enforced(plan.limits, backend)
 
 
 def refuse_mask_paths(plan: RunPlan, backend: str) -> None:

@@ -93,6 +93,7 @@ class GroupChild:
         self._proc = proc
         self.pid = proc.pid
         self.pgid = proc.pid  # start_new_session: the child leads its own session and group
+        self.limit_notes: tuple[str, ...] = ()  # launch contract v1 carries no limits
         self._on_exit = list(on_exit)
         self._exit_status: int | None = None
 

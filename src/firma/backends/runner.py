@@ -17,7 +17,7 @@ from ..core.vzinputs import Inspect, inspect_path
 from ..errors import BackendError, ContractError
 from ..core.hostfacts import Host
 from . import external
-from .base import LaunchedChild, LaunchHooks, RoutingMode, RoutingPlan, refuse_mask_paths
+from .base import LaunchedChild, LaunchHooks, RoutingMode, RoutingPlan, refuse_unenforceable
 from ..core import settings as env_names
 
 RUNNER_ENV = env_names.RUN_RUNNER
@@ -56,7 +56,7 @@ class RunnerBackend:
         self._runner: str | None = None
 
     def prepare(self, plan: RunPlan, host: Host) -> EnforcementProof:
-        refuse_mask_paths(plan, "runner")
+        limit_plan = refuse_unenforceable(plan, "runner")
         self._runner = check_runner_path(plan.runner_path)
         return EnforcementProof(
             backend="runner",
@@ -64,6 +64,7 @@ class RunnerBackend:
             fail_closed=True,
             network_confinement=NetworkConfinement.EXTERNAL_RUNNER,
             detail=DETAIL,
+            limits=limit_plan,
         )
 
     def routing(self) -> RoutingPlan:

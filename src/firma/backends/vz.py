@@ -45,7 +45,7 @@ from ..errors import BackendError, ContractError
 from ..core.hostfacts import Host
 from .preflight import vz_host_check
 from . import external
-from .base import LaunchedChild, LaunchHooks, RoutingMode, RoutingPlan, refuse_mask_paths
+from .base import LaunchedChild, LaunchHooks, RoutingMode, RoutingPlan, refuse_unenforceable
 from ..core import settings as env_names
 
 DNS_STUB_ENV = env_names.DNS_STUB_ADDR
@@ -143,7 +143,7 @@ class VzBackend:
         return self._prepared
 
     def prepare(self, plan: RunPlan, host: Host) -> EnforcementProof:
-        refuse_mask_paths(plan, "vz")
+        limit_plan = refuse_unenforceable(plan, "vz")
         vz_host_check(host)
         mode = select_mode(plan.vz)  # once per launch; launch() reuses it
         guest = None
@@ -153,7 +153,7 @@ class VzBackend:
         else:
             sandbox_exec = check_sandbox_exec(host)
         self._prepared = _Prepared(mode=mode, guest=guest, sandbox_exec=sandbox_exec)
-        return proof_for(mode)
+        return replace(proof_for(mode), limits=limit_plan)
 
     def routing(self) -> RoutingPlan:
         structural = self._need().mode.structural

@@ -36,6 +36,11 @@ OPTIONS = (
     Opt("--proof-file", VALUE, "proof_file", metavar="PATH", help="also write the proof document here"),
     Opt("--monitor", FLAG, "monitor", help="observe only: log denies, let traffic pass"),
     Opt("--quiet", FLAG, "quiet", help="no run summary on stderr when the run ends"),
+    Opt("--memory", VALUE, "memory", metavar="SIZE", help="memory of the whole sandbox, e.g. 4g or 512m (default: half of RAM)"),
+    Opt("--pids", VALUE, "pids", int, metavar="N", help="processes the sandbox may hold (default 4096)"),
+    Opt("--cpus", VALUE, "cpus", metavar="N", help="CPUs the sandbox may use, e.g. 2 or 0.5 (default: not limited)"),
+    Opt("--limits", VALUE, "limits_mode", metavar="MODE",
+        help="strict (default): refuse a limit this host cannot enforce; best-effort: run and say so; off: no limits"),
     Opt("--summary-json", VALUE, "summary_json", metavar="FILE", help="write the run summary as JSON here"),
 )
 
@@ -92,6 +97,10 @@ def run(args) -> int:
         monitor=args.monitor,
         quiet=args.quiet,
         summary_json=args.summary_json,
+        memory=args.memory,
+        pids=args.pids,
+        cpus=args.cpus,
+        limits_mode=args.limits_mode,
     )
     plan = build_plan(
         run_args, cfg, host, cwd=cwd, unix_ms=time.time_ns() // 1_000_000, rand=os.urandom(20),

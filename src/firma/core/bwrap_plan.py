@@ -133,6 +133,10 @@ class BwrapFacts:
     # uid cannot search (the sandbox could not enter the workspace).
     owners: Mapping[str, tuple[int, int]] = field(default_factory=frozen_map)
     unsearchable: tuple[str, ...] = ()
+    # Host RAM in bytes (/proc/meminfo), for the sizes of the sandbox's tmpfs mounts; None: unknown.
+    mem_total: int | None = None
+    # The run's memory cgroup limit in bytes (None: none): a tmpfs fills up before the group does.
+    memory_limit: int | None = None
 
     @property
     def caller_is_root(self) -> bool:
@@ -175,6 +179,21 @@ PROC_READ_ONLY = ("/proc/sys", "/proc/sysrq-trigger")
 _PROC_OPTIONAL = frozenset({"/proc/sysrq-trigger"})
 
 
+# A tmpfs is host RAM: each writable one the sandbox gets (/tmp, /var/tmp, /run, ...) is capped at
+# a quarter of RAM and at most 4 GiB (the kernel's default is half of RAM, per mount), and at half
+# of the run's memory cgroup limit, so filling it ends with ENOSPC rather than an out-of-memory
+# kill; masks of secrets are empty directories and get 1 MiB. (DESIGN §5.3)
+TMPFS_MAX_BYTES = 4 << 30
+MASK_TMPFS_BYTES = 1 << 20
+
+
+def tmpfs_bytes(mem_total: int | None, memory_limit: int | None = None) -> int:
+    size = TMPFS_MAX_BYTES if mem_total is None else max(64 << 20, min(TMPFS_MAX_BYTES, mem_total // 4))
+    if memory_limit is not None:
+        size = min(size, max(16 << 20, memory_limit // 2))
+    return size
+
+
 @record
 class BwrapPlan:
     argv: tuple[str, ...]
@@ -185,6 +204,7 @@ class BwrapPlan:
     masked: tuple[str, ...]  # every path hidden from the agent (for the proof)
     tmpfs: tuple[str, ...]
     protection: Protection = Protection((), (), (), ())
+    tmpfs_size: int = TMPFS_MAX_BYTES  # bytes, each writable tmpfs
     agent_host_uid: int = -1  # the agent's uid as the host sees it
     agent_host_gid: int = -1
     staged: tuple[StagedSource, ...] = ()  # root caller: what the launcher's child attaches first
@@ -322,7 +342,7 @@ def _mask(path: str, facts: BwrapFacts, masked: list[str]) -> list[str]:
     kind = facts.kinds.get(target)
     if kind == DIR:
         masked.append(target)
-        return ["--tmpfs", target]
+        return ["--size", str(MASK_TMPFS_BYTES), "--tmpfs", target]
     if kind == FILE:
         masked.append(target)
         return ["--ro-bind", "/dev/null", target]
@@ -427,12 +447,13 @@ def build(
         if maybe and kinds.get(maybe, DIR) == DIR and not _under(maybe, tuple(tmpfs)):
             tmpfs.append(maybe)
     masked: list[str] = list(tmpfs)
+    size = str(tmpfs_bytes(facts.mem_total, facts.memory_limit))
     for p in tmpfs:
-        a += ["--tmpfs", p]
+        a += ["--size", size, "--tmpfs", p]
 
     if facts.caller_is_root:
         # Files the agent opens are still checked against outside uid 0: hide root's secrets.
-        a += ["--tmpfs", "/root"]
+        a += ["--size", size, "--tmpfs", "/root"]
         masked.append("/root")
         for p in ROOT_SECRETS:
             a += _mask(p, facts, masked)
@@ -472,6 +493,7 @@ def build(
         files=tuple(files),
         masked=tuple(masked),
         tmpfs=tuple(tmpfs),
+        tmpfs_size=int(size),
         protection=prot,
         agent_host_uid=host_uid,
         agent_host_gid=host_gid,

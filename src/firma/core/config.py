@@ -15,6 +15,7 @@ from ..errors import ConfigError
 from .model import Mount, SeccompPolicyRef, SidecarTls
 from .profiles import ALIASES, BUILTIN, Profile
 from .record import record, field
+from .limits import check_table as check_limits_table
 from .workspace_findings import parse_on_findings
 
 
@@ -28,6 +29,7 @@ _SECCOMP = "seccomp"
 _RELPATHS = "workspace-relative paths"
 _TLS = "tls"
 _ON_FINDINGS = "fail|warn"
+_LIMITS = "limits"
 
 # key -> kind, for every layer below the command line.
 SETTING_KINDS: Mapping[str, str] = MappingProxyType(
@@ -49,9 +51,10 @@ SETTING_KINDS: Mapping[str, str] = MappingProxyType(
         "sidecar_tls": _TLS,
         "protected_paths": _RELPATHS,
         "on_workspace_findings": _ON_FINDINGS,
+        "limits": _LIMITS,
     }
 )
-MAP_KEYS = frozenset(k for k, v in SETTING_KINDS.items() if v == _MAP)
+MAP_KEYS = frozenset(k for k, v in SETTING_KINDS.items() if v in (_MAP, _LIMITS))  # merged key by key
 
 Layer = Mapping[str, Any]
 
@@ -203,6 +206,8 @@ def _value(kind: str, value: Any, name: str, path: str, base: str) -> Any:
         return tuple(dict.fromkeys(posixpath.normpath(v) for v in value))
     if kind == _ON_FINDINGS:
         return parse_on_findings(value, f"{path}: {name}")
+    if kind == _LIMITS:
+        return check_limits_table(value, f"{path}: {name}")
     if kind == _MAP:
         if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
             raise bad("a table of strings")

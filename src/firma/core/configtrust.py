@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 from ..errors import ConfigError
 from .config import ConfigFile, Layer
+from .limits import CEILING
 from .record import field, record
 
 # Where a config file came from (most trusted first, after the command line).
@@ -26,7 +27,7 @@ PROJECT = "project config"
 # (union); a scalar is honoured only with its narrowing value.
 ADD_ONLY = frozenset({"mask_paths", "protected_paths", "no_inspect"})
 NARROWING_VALUES: Mapping[str, Any] = {"on_workspace_findings": "fail"}
-NARROWING = ADD_ONLY | frozenset(NARROWING_VALUES)
+NARROWING = ADD_ONLY | frozenset(NARROWING_VALUES) | {"limits"}
 
 TRUST_FORMAT = 1
 
@@ -76,7 +77,12 @@ def _narrow_layer(layer: Layer) -> tuple[dict[str, Any], list[str]]:
     kept: dict[str, Any] = {}
     ignored: list[str] = []
     for key, value in layer.items():
-        if key in ADD_ONLY or (key in NARROWING_VALUES and value == NARROWING_VALUES[key]):
+        if key == "limits":
+            # lower limits only (applied as a ceiling, core.limits.request); a looser mode widens
+            kept[key] = {k: v for k, v in value.items() if k != "mode" or v == "strict"}
+            if value.get("mode", "strict") != "strict":
+                ignored.append("limits.mode")
+        elif key in ADD_ONLY or (key in NARROWING_VALUES and value == NARROWING_VALUES[key]):
             kept[key] = value
         else:
             ignored.append(key)
@@ -105,7 +111,9 @@ def union_lists(base: Mapping[str, Any], untrusted: Mapping[str, Any]) -> dict[s
     narrowing scalars (already filtered by `narrow`) apply."""
     out = dict(base)
     for key, value in untrusted.items():
-        if key in ADD_ONLY:
+        if key == "limits":
+            out[CEILING] = {**out.get(CEILING, {}), **value}
+        elif key in ADD_ONLY:
             out[key] = tuple(dict.fromkeys((*out.get(key, ()), *value)))
         else:
             out[key] = value

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
+from .limits import CgroupFacts
 from .record import field, record
 
 
@@ -28,6 +29,11 @@ class Host:
     refused_binaries: Mapping[str, str] = field(default_factory=dict)
     # The user's environment, captured once; the plan reads it, backends never do.
     environ: Mapping[str, str] = field(default_factory=dict)
+    mem_total: int | None = None  # RAM in bytes (/proc/meminfo); None: unknown
+    cgroups: CgroupFacts = field(default_factory=CgroupFacts)  # what firma may do with cgroups
+    # The caller's hard rlimits by name (NPROC, NOFILE, FSIZE, DATA), None for unlimited: the
+    # sandbox inherits them and firma only lowers them.
+    rlimits: Mapping[str, int | None] = field(default_factory=dict)
 
     @property
     def is_linux(self) -> bool:

@@ -10,6 +10,7 @@ from types import MappingProxyType
 from typing import Any, Mapping
 
 from . import wire
+from .limits import LimitPlan, LimitRequest
 from .statelayout import run_dir_path
 from .record import record, field
 
@@ -154,6 +155,7 @@ class RunPlan:
     keep_proofs: int = 1000  # `[state].keep_proofs`: older proofs are pruned at teardown
     audit_bounds: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))  # trusted `[audit]` keys
     allow_notes: tuple[str, ...] = ()  # URL-form allow patterns rewritten (for the launch line)
+    limits: LimitRequest = field(default_factory=LimitRequest)  # --memory/--pids/--cpus, [run].limits
     quiet: bool = False  # --quiet: no run summary on stderr
     summary_json: str | None = None  # --summary-json FILE
     # Extra workspace-relative paths bound read-only (besides the built-in list), `[run].protected_paths`.
@@ -173,6 +175,7 @@ class EnforcementProof:
     fail_closed: bool
     network_confinement: NetworkConfinement
     detail: str
+    limits: LimitPlan | None = None  # the resource limits and what enforces each (DESIGN §5.3)
 
 
 @record

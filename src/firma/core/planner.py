@@ -15,7 +15,7 @@ from . import config as cfgmod
 from . import launchenv, profiles
 from .endpoint import validate_endpoint
 from .identity import build_identity
-from . import allowlist
+from . import allowlist, limits
 from .model import BACKENDS, IdentityMode, RunPlan, SidecarChoice, Weakening
 from .mountcheck import check_mounts
 from .record import record
@@ -44,6 +44,10 @@ class RunArgs:
     proof_file: str | None = None
     quiet: bool = False
     summary_json: str | None = None
+    memory: str | None = None  # --memory SIZE
+    pids: int | None = None  # --pids N
+    cpus: str | None = None  # --cpus N
+    limits_mode: str | None = None  # --limits enforce|best-effort
     monitor: bool = False
 
 
@@ -175,6 +179,12 @@ def build_plan(
             raise ConfigError(f"mask_home_paths entries must be relative to $HOME: {p}")
     check_mounts(settings.get("mounts", ()), state_root=root, realpath=realpath)
     mask_paths = _mask_paths(settings.get("mask_paths", ()), home, cwd)
+    limit_request = limits.request(
+        settings.get("limits", {}),
+        {limits.MEMORY: args.memory, limits.PIDS: args.pids, limits.CPUS: args.cpus, limits.MODE: args.limits_mode},
+        host.mem_total,
+        settings.get(limits.CEILING),
+    )
 
     endpoint = args.sidecar or env.get(env_names.SIDECAR_ENDPOINT, "").strip() or settings.get(
         "sidecar_endpoint"
@@ -231,13 +241,18 @@ def build_plan(
         keep_proofs=cfg.keep_proofs,
         audit_bounds=MappingProxyType(cfg.audit_bounds),
         quiet=args.quiet,
+        limits=limit_request,
         summary_json=posixpath.normpath(posixpath.join(cwd, args.summary_json)) if args.summary_json else None,
         protected_paths=tuple(settings.get("protected_paths", ())),
         weakenings=weakenings(profile, settings, sources, monitor=args.monitor, endpoint=endpoint,
                               allow_non_structural_env=is_truthy(env.get(env_names.RUN_ALLOW_NON_STRUCTURAL)))
         + tuple(Weakening("allow_hosts", w, sources.get("allow_hosts", "command line")) for w in checked_allow.warnings)
         + tuple(Weakening("allow_tcp", f"opaque TCP to {t}: any protocol, not inspected", sources.get("allow_tcp", "command line"))
-                for t in allow_tcp),
+                for t in allow_tcp)
+        + tuple(Weakening("limits", detail, "command line" if args.limits_mode else sources.get("limits", "config"))
+                for mode, detail in ((limits.BEST_EFFORT, "--limits best-effort: a limit this host cannot enforce is reported, not refused"),
+                                     (limits.OFF, "--limits off: no memory, process, CPU or file limit; the agent can exhaust the host"))
+                if limit_request.mode == mode),
         allow_notes=checked_allow.notes,
         on_workspace_findings=settings.get("on_workspace_findings", "fail"),
     )
@@ -323,6 +338,11 @@ def plan_to_json(plan: RunPlan) -> dict[str, Any]:
         "protected_paths": list(plan.protected_paths),
         "writable_home_paths": list(plan.writable_home_paths),
         "on_workspace_findings": plan.on_workspace_findings,
+        "limits": {
+            "memory": plan.limits.memory, "pids": plan.limits.pids, "cpus": plan.limits.cpus,
+            "nofile": plan.limits.nofile, "file_size": plan.limits.file_size, "mode": plan.limits.mode,
+            "explicit": sorted(plan.limits.explicit),
+        },
         "sidecar": {
             "endpoint": plan.sidecar.endpoint,
             "embedded": plan.sidecar.embedded,

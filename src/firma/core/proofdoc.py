@@ -59,6 +59,8 @@ def build(
         "enforced": enforced(proof, monitor=facts.get("mode") == "monitor"),
         **facts,
         "invariants": [{"name": i.name, "mode": i.mode} for i in invariants],
+        # What bounds the run's resources, by which mechanism (DESIGN §5.3).
+        "limits": proof.limits.as_json() if proof.limits is not None else None,
         "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in checks],
         "sidecar": {"endpoint": sidecar_endpoint, "embedded": sidecar_embedded},
         "started_at": started_at,

@@ -36,6 +36,7 @@ class RunRecord:
     audit_offset: int = 0  # the shared audit log's size when the run opened: its lines start there
     summary: runsummary.RunSummary | None = None  # once the agent has exited
     workspace_findings: list[dict[str, str]] | None = None  # the post-run check's, once it ran
+    limit_notes: tuple[str, ...] = ()  # the resource limits the run hit (from the child, at teardown)
 
     def add_check(self, check: Check) -> None:
         self.checks.append(check)
@@ -85,7 +86,8 @@ class RunRecord:
                 self.plan.state_root, self.audit_offset, sandbox_id=self.plan.identity.sandbox_id,
                 exit_status=status, proof_path=self.dirs.proof_path(self.plan.identity.sandbox_id),
                 monitor=self.plan.monitor,
-                notes=tuple(f"warning: {w.detail}" for w in self.plan.weakenings if w.setting == "allow_hosts")
+                notes=self.limit_notes
+                + tuple(f"warning: {w.detail}" for w in self.plan.weakenings if w.setting == "allow_hosts")
                 + ((f"workspace check: {len(self.workspace_findings)} finding(s), listed above",)
                    if self.workspace_findings else ()),
             )

@@ -190,6 +190,8 @@ async def _run(
         # 5. teardown, then the post-run workspace check: nothing of the agent's runs any more.
         log.quiet = False
         await hosting.teardown(run, child)
+        if child is not None:
+            run.limit_notes = child.limit_notes
         if baseline is not None:
             status = check_workspace(run, baseline, status)
         run.finish(envelope, status, failed=failed)

@@ -17,7 +17,8 @@ import stat
 import subprocess
 import time
 
-from ...core import bwrap_plan
+from ...core import bwrap_plan, limits
+from ...core.limits import LimitPlan
 from ...core.hostfacts import Host
 from ...core.model import (
     PLANTED_DNS_ADDR,
@@ -32,6 +33,7 @@ from ...host import detect_host
 from ..base import AddCheck, LaunchHooks, RoutingMode, RoutingPlan, Waits
 from ..preflight import bwrap_preflight
 from .child import BLOCKING, BwrapChild, HeldSandbox, kill_and_reap, pidfd_of
+from .limiter import Limiter
 from .command import require_command
 from .facts import git_refs, kind_of, measure_facts
 from .idmap import StagedClones
@@ -127,6 +129,8 @@ class BwrapBackend:
     def __init__(self, host: Host | None = None) -> None:
         self._host = host
         self._protected_extra: tuple[str, ...] = ()  # from the RunPlan (prepare); none for a runner
+        self._limits: LimitPlan | None = None  # from the RunPlan (prepare); none for a runner
+        self._sandbox_id = ""
 
     def prepare(self, plan: RunPlan, host: Host) -> EnforcementProof:
         bwrap_preflight(host)
@@ -134,12 +138,16 @@ class BwrapBackend:
         self._host = host
         self._protected_extra = bwrap_plan.plan_protected(plan)
         self._refuse_protected_symlinks(plan.cwd)  # before any service starts
+        self._limits = limits.plan_limits(plan.limits, host.cgroups, host.rlimits)
+        self._limits = self._limits.with_entry(
+            limits.tmpfs_entry(bwrap_plan.tmpfs_bytes(host.mem_total, self._limits.memory), counted=self._limits.memory is not None))
         return EnforcementProof(
             backend="bwrap",
             structural=True,
             fail_closed=True,
             network_confinement=NetworkConfinement.LINUX_NETWORK_NAMESPACE,
             detail=DETAIL,
+            limits=self._limits,
         )
 
     def routing(self) -> RoutingPlan:
@@ -149,7 +157,8 @@ class BwrapBackend:
         self, envelope: ExecutionEnvelope, **fds: int | None
     ) -> bwrap_plan.BwrapPlan:
         host = self._host or detect_host()
-        facts = measure_facts(envelope, host, self._protected_extra)
+        facts = measure_facts(envelope, host, self._protected_extra,
+                              self._limits.memory if self._limits is not None else None)
         return bwrap_plan.build(
             envelope, facts, bwrap=host.bwrap_path or "bwrap", protected_extra=self._protected_extra, **fds
         )
@@ -171,6 +180,19 @@ class BwrapBackend:
         if self._host is None:
             self._host = detect_host()
         bwrap_preflight(self._host)
+        self._sandbox_id = envelope.sandbox_id
+        # The run's cgroup is made while the plan is built and bwrap builds the sandbox (§5.3).
+        limiter = self._start_limits()
+        try:
+            return self._build(envelope, add_check, log, waits, limiter)
+        except BaseException:
+            if limiter is not None:
+                limiter.abandon()
+                if limiter.cgroup is not None:
+                    limiter.cgroup.remove()  # nothing of the sandbox is in it any more
+            raise
+
+    def _build(self, envelope: ExecutionEnvelope, add_check: AddCheck, log, waits: Waits, limiter: Limiter | None) -> HeldSandbox:
         self._refuse_protected_symlinks(envelope.cwd)  # before any descriptor is opened
         seccomp_fd = open_seccomp(envelope)
         info_r, info_w = os.pipe2(os.O_CLOEXEC)
@@ -226,6 +248,10 @@ class BwrapBackend:
             init_pid = int(info["child-pid"])
             child = BwrapChild(proc=proc, proc_pidfd=proc_pidfd, init_pid=init_pid, init_pidfd=pidfd_of(init_pid))
             log(f"sandbox init pid {init_pid}")
+            if limiter is not None:
+                child.cgroup = limiter.cgroup  # removed with the child, whatever happens next
+                as_ids = None if plan.agent_host_uid == os.geteuid() else (plan.agent_host_uid, plan.agent_host_gid)
+                limiter.attach((proc.pid, init_pid), as_ids)
 
             ifaces = netns_interfaces(init_pid)
             ok = ifaces == ["lo"]
@@ -241,9 +267,11 @@ class BwrapBackend:
                     % PLANTED_DNS_ADDR,
                 )
             )
-            return HeldSandbox(child=child, plan=plan, socks=socks, block_w=block_w)
+            return HeldSandbox(child=child, plan=plan, socks=socks, block_w=block_w, limiter=limiter)
         except BaseException:
             os.close(block_w)
+            if limiter is not None:
+                limiter.abandon()  # before the child's close removes its cgroup
             kill_and_reap(proc, proc_pidfd, child)
             raise
         finally:
@@ -261,6 +289,7 @@ class BwrapBackend:
             verify_masks(top, held.plan, add_check)
             verify_kernel_read_only(top, add_check)
             verify_protected(top, held.plan, add_check)
+            self._finish_limits(child, top, add_check, held.limiter)
             os.write(held.block_w, b"1")  # release: bwrap execs the agent
             os.close(held.block_w)
             held.block_w = -1
@@ -270,12 +299,55 @@ class BwrapBackend:
             self.abort(held)
             raise
 
+    def _start_limits(self) -> Limiter | None:
+        """The run's limits, on a thread: the cgroup is made and its limits written while bwrap
+        builds the sandbox; once the held sandbox's pids are attached they are moved in and its
+        init's rlimits set. The first move into a cgroup waits for an RCU grace period (~10 ms
+        here), which this way overlaps the launch instead of adding to it."""
+        lp = self._limits
+        if lp is None:  # a runner's launch: contract v1 carries no limits
+            return None
+        cg = None
+        if lp.cgroup_parents:
+            from .cgroup import RunCgroup  # noqa: PLC0415 - only with a cgroup
+
+            cg = RunCgroup(lp, "firma-" + self._sandbox_id)
+        limiter = Limiter(cg, lp.rlimits)
+        limiter.start()
+        return limiter
+
+    def _finish_limits(self, child: BwrapChild, top, add_check: AddCheck, limiter: Limiter | None) -> None:
+        """Before release: the limits are in place, read back; the sandbox's processes are in the
+        run's group; every cgroup mount is read-only inside (DESIGN §5.3)."""
+        lp = self._limits
+        if lp is None or limiter is None:
+            return
+        got = limiter.result()  # raises what the thread raised
+        detail: list[str] = []
+        cg = limiter.cgroup
+        if cg is not None:
+            if not all(cg.holds(p) for p in (child.pid, child.init_pid)):
+                raise LaunchError("the sandbox's processes are not in the run's cgroup; refusing to start the agent")
+            # The agent must not write its own limits: every cgroup mount is read-only inside.
+            writable = [m for m, opts in top.items() if m.startswith("/sys/fs/cgroup") and "ro" not in opts]
+            if writable:
+                raise LaunchError(f"cgroup mounts writable in the sandbox: {', '.join(writable)}; refusing to start the agent")
+            detail.append(f"cgroup {lp.cgroup_version} {', '.join(cg.unique_dirs)} holds the sandbox (read from /proc/<pid>/cgroup), "
+                          "cgroup mounts read-only inside")
+        detail.append("rlimits read back: " + (", ".join(f"{n} {s}/{h}" for n, (s, h) in got.items()) or "none"))
+        detail += [f"{e.name} {e.value}: {e.mechanism}" + ("" if e.enforced else " (not enforced)")
+                   for e in lp.entries]
+        child.limit_plan = lp
+        add_check(Check("limits", True, "; ".join(detail)))
+
     @staticmethod
     def abort(held: HeldSandbox) -> None:
         """Kill and reap a sandbox that will not be released (idempotent)."""
         if held.block_w >= 0:
             os.close(held.block_w)
             held.block_w = -1
+        if held.limiter is not None:
+            held.limiter.abandon()  # its cgroup is removed with the child, once it is done with it
         if not held.child.closed:
             kill_and_reap(held.child.proc, held.child.proc_pidfd, held.child)
 

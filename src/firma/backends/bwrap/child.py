@@ -10,9 +10,16 @@ import signal
 import subprocess
 import time
 
+from typing import TYPE_CHECKING
+
 from ...core import bwrap_plan
+from ...core.limits import LimitPlan, limit_notes
 from ...core.record import record, field
 from ..base import PlantedSockets
+
+if TYPE_CHECKING:
+    from .cgroup import RunCgroup
+    from .limiter import Limiter
 
 
 def pidfd_of(pid: int) -> int | None:
@@ -43,6 +50,10 @@ class BwrapChild:
     agent_pid: int | None = None
     agent_pgid: int | None = None
     agent_pidfd: int | None = None
+    cgroup: RunCgroup | None = None  # the run's cgroup, removed at close
+    limit_plan: LimitPlan | None = None  # set at release
+    limit_notes: tuple[str, ...] = ()  # the limits the run hit, known at close (run summary)
+    cgroup_error: str | None = None  # why the run's cgroup could not be removed
     _closed: bool = field(default=False, repr=False)
 
     @property
@@ -93,6 +104,14 @@ class BwrapChild:
         for fd in (self.init_pidfd, self.agent_pidfd, self.proc_pidfd):
             if fd is not None:
                 os.close(fd)
+        counters: dict[str, int] = {}
+        if self.cgroup is not None:
+            counters = self.cgroup.counters()  # before removal: the run's own counters
+            self.cgroup_error = self.cgroup.remove()
+        if self.limit_plan is not None:
+            self.limit_notes = limit_notes(self.limit_plan, counters, self.status() if self.proc.returncode is not None else None)
+        if self.cgroup_error:
+            self.limit_notes += (f"warning: teardown: {self.cgroup_error}",)
 
 
     async def reap(self, timeout: float) -> bool:
@@ -126,6 +145,7 @@ class HeldSandbox:
     plan: bwrap_plan.BwrapPlan
     socks: PlantedSockets
     block_w: int  # the release pipe: one byte execs the agent
+    limiter: Limiter | None = None  # setting the run's limits, joined before release
 
 
 def kill_and_reap(proc: subprocess.Popen, proc_pidfd: int, child: BwrapChild | None) -> None:

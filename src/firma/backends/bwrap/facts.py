@@ -98,7 +98,7 @@ def _unsearchable(targets: tuple[str, ...], replaced: tuple[str, ...]) -> tuple[
 
 
 def measure_facts(
-    envelope: ExecutionEnvelope, host: Host, protected_extra: tuple[str, ...] = ()
+    envelope: ExecutionEnvelope, host: Host, protected_extra: tuple[str, ...] = (), memory_limit: int | None = None
 ) -> bwrap_plan.BwrapFacts:
     """lstat the candidate paths on the host (the plan itself stays pure)."""
     xdg = xdg_runtime_dir(host)
@@ -133,6 +133,8 @@ def measure_facts(
         )
         unsearchable = _unsearchable((envelope.cwd, *(m.target for m in envelope.mounts)), replaced)
     return bwrap_plan.BwrapFacts(
+        mem_total=host.mem_total,
+        memory_limit=memory_limit,
         owners=owners,
         unsearchable=unsearchable,
         caller_uid=host.uid,
