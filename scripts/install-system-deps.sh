@@ -18,6 +18,9 @@ command -v useradd >/dev/null 2>&1 || need+=(passwd)
 # The post-run workspace check tests spring the traps they report: git status, cargo check.
 command -v git >/dev/null 2>&1 || need+=(git)
 command -v cargo >/dev/null 2>&1 || [ -x /root/.cargo/bin/cargo ] || [ -x "$HOME/.cargo/bin/cargo" ] || need+=(cargo)
+# Transparent egress tests: clients that ignore proxy variables (Node's fetch, ssh).
+[ -x /usr/bin/node ] || need+=(nodejs)
+[ -x /usr/bin/ssh ] || need+=(openssh-client)
 # Test probes written in C (seccomp, raw sockets).
 command -v gcc >/dev/null 2>&1 || need+=(gcc libc6-dev)
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi

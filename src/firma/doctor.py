@@ -58,6 +58,7 @@ class Observations:
     sidecar_endpoint: str | None = None
     sidecar_error: str | None = None  # None = answered (when an endpoint is configured)
     vz_error: str | None = None
+    transparent: tuple[bool, str] | None = None  # local default routes accepted (None: not tried)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,6 +145,11 @@ def _linux_checks(host: Host, obs: Observations) -> list[DoctorCheck]:
     else:
         out.append(DoctorCheck("seccomp", OK, obs.seccomp_detail))
     out.append(_limits_check(host))
+    if obs.transparent is not None:
+        ok, detail = obs.transparent
+        out.append(DoctorCheck("transparent_egress", OK if ok else FAIL, detail,
+                               "" if ok else "firma run plants these routes in every sandbox; a kernel without "
+                               "them cannot run firma's bwrap backend (use a newer kernel)"))
     return out
 
 
@@ -383,6 +389,63 @@ def _vz_error(host: Host) -> str | None:
     return None
 
 
+def _transparent_probe() -> tuple[bool, str]:
+    """In a throwaway user and network namespace (a forked child; nothing but `lo` there): add
+    the local default routes firma plants in each sandbox, plant a listener on every address for
+    port 443, and connect to a documentation address on it, which must land on that listener with
+    the address dialled (DESIGN §5.4). Nothing can leave: the namespace has no other interface."""
+    import ctypes
+    import fcntl
+    import socket
+    import struct
+
+    from .core import rtnl
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the probe child
+        msg = b"FAIL unknown"
+        try:
+            os.close(r)
+            if ctypes.CDLL(None, use_errno=True).unshare(0x10000000 | 0x40000000) != 0:  # NEWUSER | NEWNET
+                raise OSError(ctypes.get_errno(), "unshare(user, net)")
+            with socket.socket() as s:  # lo up: SIOCGIFFLAGS, SIOCSIFFLAGS
+                flags = struct.unpack("16sH", fcntl.ioctl(s, 0x8913, struct.pack("16sH", b"lo", 0)))[1]
+                fcntl.ioctl(s, 0x8914, struct.pack("16sH", b"lo", flags | 1))
+            with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as nl:
+                nl.bind((0, 0))
+                nl.send(rtnl.local_default_route(socket.AF_INET, socket.if_nametoindex("lo"), 1))
+                err = rtnl.ack_errno(nl.recv(65536), 1)
+                if err:
+                    raise OSError(err, "local 0.0.0.0/0 dev lo")
+            with socket.socket() as lst:
+                lst.bind(("0.0.0.0", 443))
+                lst.listen(1)
+                with socket.create_connection(("198.51.100.7", 443), timeout=2):
+                    conn, _ = lst.accept()
+                    got = conn.getsockname()[0]
+                    conn.close()
+            msg = b"OK" if got == "198.51.100.7" else b"FAIL accepted for " + got.encode()
+        except OSError as exc:
+            msg = f"FAIL {exc.strerror or exc} ({exc.filename or ''})".encode()
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent, never raised here
+            msg = f"FAIL {exc!r}".encode()
+        finally:
+            try:
+                os.write(w, msg)
+            finally:
+                os._exit(0)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 4096):
+        data += chunk
+    os.close(r)
+    os.waitpid(pid, 0)
+    if data == b"OK":
+        return True, "the kernel accepts `local 0.0.0.0/0 dev lo`: a connection to any address lands on a planted listener"
+    return False, "local default route refused in a test namespace: " + data.decode(errors="replace")[5:]
+
+
 def gather(host: Host, *, config_path: str | None = None, cwd: str | None = None,
            smoke: bool = True) -> Observations:
     from .core.planner import state_root as run_state_root
@@ -431,4 +494,5 @@ def gather(host: Host, *, config_path: str | None = None, cwd: str | None = None
         smoke=smoke_result, apparmor_restrict_userns=apparmor,
         sidecar_endpoint=endpoint, sidecar_error=sidecar_error,
         vz_error=_vz_error(host) if host.is_macos else None,
+        transparent=_transparent_probe() if host.is_linux and smoke else None,
     )

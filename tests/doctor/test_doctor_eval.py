@@ -165,3 +165,13 @@ def test_json_shape_and_text():
         assert c["status"] == "OK" or c["remediation"]
     text = report_text(checks)
     assert "FAIL  bubblewrap" in text and "fix: install it with: apt-get install bubblewrap" in text
+
+
+def test_transparent_egress_probe_result_is_reported():
+    from firma.core.record import replace
+
+    ok = by_name(evaluate(LINUX, replace(GOOD, transparent=(True, "the kernel accepts it"))))["transparent_egress"]
+    assert ok.status == OK and ok.remediation == ""
+    bad = by_name(evaluate(LINUX, replace(GOOD, transparent=(False, "local default route refused: EINVAL"))))["transparent_egress"]
+    assert bad.status == FAIL and "EINVAL" in bad.detail and bad.remediation
+    assert "transparent_egress" not in by_name(evaluate(LINUX, GOOD))  # not probed: not claimed

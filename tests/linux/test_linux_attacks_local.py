@@ -162,7 +162,8 @@ def test_name_to_address_pairing_tricks_do_not_reach_an_allowed_address(etc_fs_w
     """ATTACKS #3: curl's --resolve / --connect-to pair a denied name with an allowed address
     (`localhost:P` is allowed). Through the proxy the sidecar decides on the name (403); a tunnel
     to the allowed name carrying a plain request for the other name is refused (tls_required);
-    with the proxy bypassed there is no route. Controls: outside, the same --resolve request
+    with the proxy bypassed the connection lands on the transparent listener and is decided as
+    the address it dialled (an IP literal no rule allows: refused). Controls: outside, the same --resolve request
     reaches the upstream; inside, the allowed name itself works."""
     up = Upstream()
     try:
@@ -191,6 +192,7 @@ def test_name_to_address_pairing_tricks_do_not_reach_an_allowed_address(etc_fs_w
         assert denied == [
             (f"http://evil.example:{port}/r1-{tag}", "host_not_allowed"),
             (f"localhost:{port}", "tls_required"),
+            (f"127.0.0.1:{port}", "host_not_allowed"),
             (f"evil.example:{port}", "host_not_allowed"),
         ]
     finally:

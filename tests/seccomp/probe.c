@@ -173,7 +173,13 @@ static int t_add_key(void) {
  * mode through one syscall. 0 means the call succeeded *and* the bit is on the file (so a
  * silently dropped bit is not mistaken for success); 203 means the call succeeded without it. */
 static char setid_path[64];
-static void fresh(void) { snprintf(setid_path, sizeof setid_path, "/tmp/probe-setid-%d", (int)getpid()); }
+/* A stale path of an earlier probe with the same pid would make the creation fail: cleared first,
+ * and removed again after each probe (t_setid), so no set-id file outlives the test. */
+static void clear_setid(void) { if (setid_path[0]) { unlink(setid_path); rmdir(setid_path); } }
+static void fresh(void) {
+    snprintf(setid_path, sizeof setid_path, "/tmp/probe-setid-%d", (int)getpid());
+    clear_setid();
+}
 static int has_bit(mode_t bit) {
     struct stat st;
     if (stat(setid_path, &st) != 0) return 202;
@@ -186,7 +192,13 @@ static int existing(void) {
     if (fd < 0) return -1;
     return fd;
 }
+static int t_setid_once(const char *t);
 static int t_setid(const char *t) {
+    int rc = t_setid_once(t);
+    clear_setid();
+    return rc;
+}
+static int t_setid_once(const char *t) {
     if (!strcmp(t, "openat2")) {
         struct { unsigned long long flags, mode, resolve; } how = { O_RDONLY, 0, 0 };
         long fd = syscall(437, AT_FDCWD, "/", &how, sizeof how);

@@ -103,7 +103,7 @@ def test_stub_serves_udp_and_tcp_on_one_port_and_reports_queries():
     seen = []
 
     async def main():
-        stub = DnsStub(on_query=lambda n, t: seen.append((n, t)))
+        stub = DnsStub(on_query=lambda n, t, answered: seen.append((n, t)))
         port = await stub.serve_address("127.0.0.1", 0)
         try:
             r = await _udp_ask(port, query("leak.attacker.test", 16, ident=7))
@@ -146,7 +146,7 @@ def test_stub_serves_handed_sockets_and_failing_reporter_is_harmless():
                 tcp.close()
         tcp.listen(8)
 
-        def boom(n, t):
+        def boom(n, t, answered):
             raise RuntimeError("reporter failure")
 
         stub = DnsStub(on_query=boom)

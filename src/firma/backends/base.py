@@ -39,9 +39,12 @@ class PlantedSockets:
     proxy_tcp: socket.socket  # 127.0.0.1:18080
     dns_udp: socket.socket  # 127.0.0.1:53
     dns_tcp: socket.socket  # 127.0.0.1:53
+    # transparent egress (DESIGN §5.4): 0.0.0.0:P (and [::]:P with IPv6) for each planted port
+    transparent: tuple[socket.socket, ...] = ()
+    ipv6: bool = False  # the sandbox's namespace has IPv6 (its routes and listeners too)
 
     def close(self) -> None:
-        for s in (self.proxy_tcp, self.dns_udp, self.dns_tcp):
+        for s in (self.proxy_tcp, self.dns_udp, self.dns_tcp, *self.transparent):
             s.close()
 
 

@@ -30,6 +30,7 @@ _V4 = [
     (_N4("192.168.0.0/16"), "private"),
     (_N4("169.254.0.0/16"), "link_local"),
     (_N4("100.64.0.0/10"), "cgnat"),
+    (_N4("198.18.0.0/15"), "benchmarking"),  # also firma's synthetic names (core.synthetic)
     (_N4("224.0.0.0/4"), "multicast"),
     (_N4("240.0.0.0/4"), "reserved"),
 ]

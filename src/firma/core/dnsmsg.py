@@ -99,3 +99,30 @@ def tcp_frames(buf: bytearray, max_frame: int) -> tuple[list[bytes], bool]:
 
 def frame(msg: bytes) -> bytes:
     return struct.pack("!H", len(msg)) + msg
+
+
+QTYPE_A = 1
+QTYPE_AAAA = 28
+QCLASS_IN = 1
+
+
+def answer(msg: bytes, v4: bytes | None, v6: bytes | None, ttl: int) -> bytes | None:
+    """The NOERROR reply for one query whose name the caller decided to answer (DESIGN §5.4): an
+    A record with `v4` (4 bytes) for an A query, an AAAA record with `v6` (16 bytes) for AAAA,
+    no record (NODATA) for any other type; the question echoed, the answer's name a pointer to
+    it. None when the message has no question we can parse (the caller refuses it then)."""
+    if len(msg) < HEADER_LEN:
+        return None
+    q = parse_question(msg)
+    if q is None or q.qclass != QCLASS_IN:
+        return None
+    ident, flags = struct.unpack_from("!HH", msg, 0)
+    if flags & 0x7800:  # only standard queries (opcode 0) are answered
+        return None
+    rd = flags & 0x0100
+    out_flags = 0x8000 | 0x0400 | rd | 0x0080  # QR, AA, RD copied, RA
+    rdata = v4 if q.qtype == QTYPE_A else v6 if q.qtype == QTYPE_AAAA else None
+    answers = b""
+    if rdata is not None:
+        answers = struct.pack("!HHHIH", 0xC000 | HEADER_LEN, q.qtype, QCLASS_IN, ttl, len(rdata)) + rdata
+    return struct.pack("!HHHHHH", ident, out_flags, 1, 1 if answers else 0, 0, 0) + q.raw + answers

@@ -132,6 +132,28 @@ class Policy:
     def is_exact(self, host: str, port: int) -> bool:
         return any(p.is_exact(host, port) for p in self.patterns)
 
+    @property
+    def has_cedar(self) -> bool:
+        return self._cedar is not None
+
+    def could_allow(self, host: str, ports: tuple[int, ...], agent_id: str) -> bool:
+        """Some connection to `host` on one of `ports` (the planted ones) might be allowed: the
+        DNS stub answers the name with a synthetic address (DESIGN §5.4); the connection is
+        decided on its own when it comes. With a Cedar policy, a `network.connect` or a `GET /`
+        it permits on one of the ports counts, as does a rule that looks at the path (decided
+        per request)."""
+        if any(p.matches(host, port) for p in self.patterns for port in ports):
+            return True
+        if self._cedar is None:
+            return False
+        if self.has_path_rules:
+            return True
+        for port in ports:
+            for action, method, path in ((NETWORK_CONNECT, "CONNECT", ""), (HTTP_REQUEST, "GET", "/")):
+                if self.decide(Request(action, host, port, method, path, agent_id)).allowed:
+                    return True
+        return False
+
     def decide(self, req: Request) -> Decision:
         host_ok = any(p.matches(req.host, req.port) for p in self.patterns)
         exact = self.is_exact(req.host, req.port)

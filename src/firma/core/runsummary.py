@@ -164,7 +164,7 @@ def render(s: RunSummary) -> str:
     if s.dns_refused:
         names = ", ".join(f"{n} ×{c}" for n, c in sorted(s.dns_refused.items(), key=lambda kv: (-kv[1], kv[0]))[:10])
         more = len(s.dns_refused) - 10
-        lines.append(f"  DNS refused inside (names resolve only through the proxy): {names}"
+        lines.append(f"  DNS refused inside (no rule could allow these names): {names}"
                      + (f" and {more} more" if more > 0 else ""))
     if s.suppressed:
         lines.append(f"  ({s.suppressed} similar events were aggregated in the audit)")

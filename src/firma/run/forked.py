@@ -173,7 +173,7 @@ def _ready_embedded(run: RunRecord) -> EmbeddedSidecar:
     from ..services.listen import bind_unix_listener  # noqa: PLC0415 - only with the embedded sidecar
 
     plan = run.plan
-    policy = Policy.load(plan.allow_hosts, plan.policy_path)
+    policy = Policy.load(plan.allow_hosts + plan.allow_tcp, plan.policy_path)
     if read_key_file(run.dirs.key_path) is None:
         load_or_create_key(run.dirs.key_path)
     os.close(open_audit_log(run.dirs.audit_path, "fix its directory"))
@@ -241,6 +241,10 @@ def _fork_services(run: RunRecord, embedded: EmbeddedSidecar | None, socks: Plan
 
 def _services_main(run: RunRecord, embedded: EmbeddedSidecar | None, socks: PlantedSockets, serving_w: int, ppid: int) -> int:
     signal.set_wakeup_fd(-1)
+    # A signal sent to the launcher's group between the fork and setpgid is pending here, blocked:
+    # ignoring a signal discards its pending instance, so a group SIGTERM (timeout(1), a CI
+    # cancel) cannot end the services that the agent's shutdown may still need.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # until the services take it over (see _serve)
     for s in FORWARDED:
         if s != signal.SIGTERM:
@@ -271,11 +275,18 @@ def _die_with_parent(ppid: int) -> None:
         os._exit(1)
 
 
+def _bridge(bridge):
+    assert bridge is not None  # an external sidecar: the bridge exists
+    return bridge
+
+
 async def _serve(run: RunRecord, embedded: EmbeddedSidecar | None, socks: PlantedSockets, serving_w: int) -> None:
     import asyncio  # noqa: PLC0415 - the services process only: the launcher never imports asyncio
 
     from ..services.bridge import Bridge  # noqa: PLC0415 - the services process only
     from ..services.dns_stub import DnsStub  # noqa: PLC0415 - the services process only
+    from ..core.policy import Policy  # noqa: PLC0415 - the services process only
+    from ..core.wire import Attribution  # noqa: PLC0415 - the services process only
     from ..services.sidecar import Sidecar, SidecarConfig  # noqa: PLC0415 - the services process only
 
     plan, log = run.plan, run.log
@@ -299,13 +310,38 @@ async def _serve(run: RunRecord, embedded: EmbeddedSidecar | None, socks: Plante
             reporter = sidecar.dns_reporter(plan.identity.sandbox_id, plan.identity.session_id)
         else:
             endpoint, reporter = plan.sidecar.endpoint, None
-        from ..services.tlsctx import for_sidecar  # noqa: PLC0415 - TLS only with an external sidecar
+        ctx = Attribution(sandbox_id=plan.identity.sandbox_id, session_id=plan.identity.session_id,
+                          agent_id=plan.identity.agent_id, profile=plan.identity.profile)
+        bridge = None
+        if sidecar is not None:
+            # One hop: the embedded sidecar serves the planted proxy itself (DESIGN §5.4).
+            await sidecar.serve_agent_sockets([socks.proxy_tcp], ctx)
+        else:
+            from ..services.tlsctx import for_sidecar  # noqa: PLC0415 - TLS only with an external sidecar
 
-        bridge = Bridge(sidecar_endpoint=endpoint, attribution=plan.identity.attribution_headers(),
-                        sidecar_tls=None if embedded is not None else for_sidecar(plan.sidecar.tls))
-        services.append(bridge)
-        await bridge.serve_sockets([socks.proxy_tcp])
-        stub = DnsStub(on_query=reporter)
+            bridge = Bridge(sidecar_endpoint=endpoint, attribution=plan.identity.attribution_headers(),
+                            sidecar_tls=for_sidecar(plan.sidecar.tls))
+            services.append(bridge)
+            await bridge.serve_sockets([socks.proxy_tcp])
+        # Transparent egress (DESIGN §5.4): allowed names resolve to synthetic addresses, and the
+        # listeners planted on every address are decided here (embedded sidecar: one hop).
+        from ..core import synthetic  # noqa: PLC0415 - the services process only
+        from ..services.transparent import TransparentEgress, names_for  # noqa: PLC0415 - the services process only
+
+        table = synthetic.SyntheticNames()
+        ports = tuple(sorted({s.getsockname()[1] for s in socks.transparent}))
+        names = None
+        if socks.transparent:
+            policy = sidecar.policy if sidecar is not None else Policy.load(plan.allow_hosts + plan.allow_tcp, None)
+            names = names_for(policy, ports, plan.identity.agent_id, table, answer_all=plan.monitor)
+            egress = TransparentEgress(
+                names=table, ctx=ctx,
+                decide=sidecar.transparent if sidecar is not None else _bridge(bridge).transparent,
+                refuse=sidecar.refuse_transparent if sidecar is not None else _bridge(bridge).refuse_transparent,
+            )
+            services.append(egress)
+            await egress.serve_sockets(socks.transparent)
+        stub = DnsStub(on_query=reporter, names=names)
         services.append(stub)
         await stub.serve_sockets(socks.dns_udp, socks.dns_tcp)
         os.write(serving_w, b"1")

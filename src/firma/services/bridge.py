@@ -183,6 +183,33 @@ class Bridge:
                 agent.close()
             self._tasks.discard(task)
 
+    async def transparent(self, _ctx: Any, agent: netio.Stream, host: Any, port: int) -> None:
+        """A connection a planted transparent listener accepted (DESIGN §5.4), with an external
+        sidecar: sent to it as `CONNECT host:port` with this run's attribution, so it decides
+        it as it decides any tunnel; relayed raw once it answers 200, closed otherwise."""
+        authority = host.authority(port)
+        try:
+            r, w = await netio.open_endpoint(self.sidecar_endpoint, 10.0, self.sidecar_tls)
+        except (OSError, asyncio.TimeoutError):
+            self._audit_local("sidecar_unreachable")
+            return
+        up = netio.Stream(r, w)
+        try:
+            head = http1.RequestHead("CONNECT", authority, "HTTP/1.1", (("host", authority),))
+            up.w.write(http1.stamp_attribution(head, self.attribution).to_bytes())
+            raw = await asyncio.wait_for(up.read_head(self.max_head), 60)
+            if raw is None or http1.parse_response_head(raw).status != 200:
+                return  # refused: the sidecar audited it
+            await netio.relay(agent, up, TUNNEL_IDLE, TUNNEL_IDLE, netio.Activity())
+        except (HttpError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+            return
+        finally:
+            up.close()
+
+    def refuse_transparent(self, _ctx: Any, _resource: str, reason: str) -> None:
+        """A transparent connection refused before reaching the external sidecar."""
+        self._audit_local(reason)
+
     async def _downstream(self, up: netio.Stream, agent: netio.Stream) -> None:
         """Sidecar → agent, raw. When the sidecar closes, the agent's side is half-closed (pump
         writes EOF) and fully closed a moment later, so unread pipelined bytes cannot reset the

@@ -1,4 +1,5 @@
-"""DNS refusal stub (DESIGN §8): answers every query REFUSED over UDP and TCP, forwards nothing.
+"""DNS stub (DESIGN §8, §5.4): answers every query REFUSED over UDP and TCP, forwards nothing;
+on the bwrap planted path, a name the policy could allow gets a synthetic address instead.
 
 Serves sockets it is handed (planted inside a sandbox) or binds one port on an address for both
 UDP and TCP. `on_query(qname, qtype)` is called for each parsed question; it must not block (the
@@ -11,6 +12,11 @@ import socket
 from typing import Any, Callable
 
 from ..core import dnsmsg
+from ..core.synthetic import TTL
+
+
+def synthetic_ttl() -> int:
+    return TTL
 
 MAX_TCP_FRAME = 4096  # a real query is a few hundred bytes; anything larger closes the connection
 TCP_IDLE_SECS = 10.0
@@ -53,9 +59,14 @@ class _Udp(asyncio.DatagramProtocol):
 
 
 class DnsStub:
-    def __init__(self, *, on_query: Callable[[str, int], None] | None = None, peers: Any = None) -> None:
+    def __init__(self, *, on_query: Callable[..., None] | None = None, peers: Any = None,
+                 names: Callable[[str], tuple[bytes, bytes] | None] | None = None) -> None:
+        """`names(qname)`: the synthetic (IPv4, IPv6) addresses of a name the policy could
+        allow, None to refuse it (transparent egress on the bwrap planted path, DESIGN §5.4);
+        without it every query is refused. `on_query(qname, qtype, answered)` reports each."""
         self._on_query = on_query
-        self.answered = 0  # queries answered (REFUSED), audited or not
+        self._names = names
+        self.answered = 0  # queries answered (REFUSED or synthetic), audited or not
         self.peers = peers  # services.peers.PeerUids on a host-loopback listener
         self._udp: list[asyncio.DatagramTransport] = []
         self._servers: list[asyncio.base_events.Server] = []
@@ -64,16 +75,22 @@ class DnsStub:
 
     # -- core glue ------------------------------------------------------------------------
     def _answer(self, msg: bytes) -> bytes | None:
-        reply = dnsmsg.refusal(msg)
+        q = dnsmsg.parse_question(msg)
+        reply = None
+        if q is not None and self._names is not None:
+            addrs = self._names(q.qname.lower().rstrip("."))
+            if addrs is not None:
+                reply = dnsmsg.answer(msg, addrs[0], addrs[1], synthetic_ttl())
+        answered = reply is not None
+        if reply is None:
+            reply = dnsmsg.refusal(msg)
         if reply is not None:
             self.answered += 1
-        if reply is not None and self._on_query is not None:
-            q = dnsmsg.parse_question(msg)
-            if q is not None:
-                try:
-                    self._on_query(q.qname, q.qtype)
-                except Exception:  # noqa: BLE001 - reporting must never break the stub
-                    pass
+        if reply is not None and q is not None and self._on_query is not None:
+            try:
+                self._on_query(q.qname, q.qtype, answered)
+            except Exception:  # noqa: BLE001 - reporting must never break the stub
+                pass
         return reply
 
     async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

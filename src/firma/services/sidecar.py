@@ -15,6 +15,7 @@ import struct
 import time
 from typing import Any, Awaitable, Callable
 
+from ..core import synthetic
 from ..core import addrclass, auditcaps, auditfmt, http1, tlshello, urlpath
 from ..core.endpoint import HEALTH_PATH, parse_endpoint
 from ..core.hostcanon import CanonHost, HostError, canon_host, split_authority
@@ -150,6 +151,7 @@ class Sidecar:
                                  free_space=config.audit_free_space)  # AuditError
         self._resolve = config.resolver or system_resolver
         self._server: asyncio.base_events.Server | None = None
+        self._agent_servers: list[asyncio.base_events.Server] = []  # planted proxies served directly
         self._tasks: set[asyncio.Task] = set()
         self._active = 0
         self._per_client: dict[str, int] = {}  # open connections per client key
@@ -197,7 +199,19 @@ class Sidecar:
         self.endpoint = f"unix://{path}"
         return self.endpoint
 
+    async def serve_agent_sockets(self, socks: list[socket.socket], ctx: Attribution) -> None:
+        """Listeners planted in one sandbox (its proxy), served here directly, with that sandbox's
+        attribution: no bridge and no second socket hop (DESIGN §5.4). Attribution headers the
+        agent sends are ignored (and never forwarded upstream, as always)."""
+        for sock in socks:
+            sock.setblocking(False)
+            server = await asyncio.start_server(lambda r, w: self._client(r, w, ctx), sock=sock,
+                                                limit=netio.STREAM_LIMIT, backlog=LISTEN_BACKLOG)
+            self._agent_servers.append(server)
+
     async def aclose(self) -> None:
+        for srv in self._agent_servers:
+            srv.close()
         if self._server is not None:
             self._server.close()
         for t in list(self._tasks):
@@ -215,10 +229,10 @@ class Sidecar:
             self._peer_uids = None
         await self.audit.aclose()
 
-    def dns_reporter(self, sandbox_id: str, session_id: str) -> Callable[[str, int], None]:
+    def dns_reporter(self, sandbox_id: str, session_id: str) -> Callable[..., None]:
         bucket = _Bucket(self.limits.dns_events_per_sec, self.limits.dns_burst)
 
-        def report(qname: str, qtype: int) -> None:
+        def report(qname: str, qtype: int, answered: bool = False) -> None:
             if not bucket.take():
                 self.dns_dropped += 1
                 return
@@ -227,8 +241,9 @@ class Sidecar:
                 sandbox_id=sandbox_id,
                 action="dns.query",
                 resource=f"{qname[:255]} {DNS_TYPES.get(qtype, str(qtype))}",
-                decision=auditfmt.DENY,
-                deny_reason="dns_refused",
+                # answered: with a synthetic address; the connection to it is decided on its own
+                decision=auditfmt.ALLOW if answered else auditfmt.DENY,
+                deny_reason="" if answered else "dns_refused",
                 bundle_version=self.policy.version,
             )
 
@@ -265,6 +280,11 @@ class Sidecar:
             # Refused now, while the refusal can still be audited, rather than failing once the disk is full.
             return _Verdict(False, "audit_disk_low", f"less than {self.audit.caps.min_free_bytes >> 20} MiB free for "
                             "the audit log; traffic refused until space is freed", 503, host=authority_host, port=port)
+        if authority_host.is_ip and synthetic.is_synthetic(host):
+            # A synthetic address stands for a name inside one sandbox; it is never dialled, not
+            # even when an exact rule names it (DESIGN §5.4).
+            return _Verdict(False, "synthetic_address", f"{host} is a synthetic address firma hands out inside a sandbox",
+                            403, host=authority_host, port=port)
         d = self.policy.decide(Request(action, host, port, method, path, agent_id))
         monitored = ""
         if not d.allowed:
@@ -341,16 +361,18 @@ class Sidecar:
         peer = writer.get_extra_info("peername")
         return f"addr:{peer[0] if isinstance(peer, tuple) else peer}"
 
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, trusted: Attribution | None = None) -> None:
+        """One client connection. `trusted`: the attribution of the sandbox whose planted proxy
+        this is (served directly); otherwise it is read off the bridge's attribution headers."""
         uid = None
-        if self.config.client_uids is not None:
+        if trusted is None and self.config.client_uids is not None:
             uid = await self._client_uid(writer)
             if uid not in self.config.client_uids:
                 # Counted, not audited line by line: a stranger must not be able to fill the audit.
                 self.refused_clients += 1
                 writer.transport.abort()
                 return
-        key = self._client_key(writer, uid)
+        key = "sandbox" if trusted is not None else self._client_key(writer, uid)
         task = asyncio.current_task()
         assert task is not None  # a client callback runs in its own task
         self._tasks.add(task)
@@ -358,7 +380,7 @@ class Sidecar:
         self._per_client[key] = self._per_client.get(key, 0) + 1
         netio.nodelay(writer)
         s = netio.Stream(reader, writer)
-        ctx = Attribution()
+        ctx = trusted or Attribution()
         try:
             cap = self.limits.max_connections_per_client
             if cap is not None and self._per_client[key] > cap:
@@ -398,12 +420,13 @@ class Sidecar:
                 except HttpError as exc:
                     self._malformed(ctx, s, exc.reason, exc.detail)
                     return
-                ctx = self._context(head)
+                ctx = trusted if trusted is not None else self._context(head)
                 if not self._rate_ok(key):
                     self._deny(ctx, s, HTTP_REQUEST, "", "too_many_requests", "this client's request rate limit reached", 429, t0)
                     return
                 if head.method == REPORT_METHOD:
-                    reason = (head.get(REPORT_REASON) or "malformed_request")[:64]
+                    # the bridge's report of a malformed head; from an agent, just a bad method
+                    reason = "malformed_request" if trusted is not None else (head.get(REPORT_REASON) or "malformed_request")[:64]
                     self._malformed(ctx, s, reason, "malformed request rejected by the bridge")
                     return
                 if head.method == "GET" and head.target == HEALTH_PATH:
@@ -655,9 +678,70 @@ class Sidecar:
         if not v.allowed:
             self._deny(ctx, s, NETWORK_CONNECT, resource, v.reason, v.detail, v.status, t0, auditfmt.ABORT if v.status in (502, 504) else auditfmt.DENY, v.addrs)
             return
-        deny_reason = f"monitor_mode:{v.monitored}" if v.monitored else ""
         s.w.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
         await s.w.drain()
+        await self._tunnel(ctx, s, host, port, v, t0)
+
+    async def transparent(self, ctx: Attribution, s: netio.Stream, host: CanonHost, port: int) -> None:
+        """A connection a planted transparent listener accepted (DESIGN §5.4): `host` is the name
+        the synthetic address it dialled stands for, or the IP literal it dialled. To a name it
+        must carry TLS whose SNI is that name, or plain HTTP whose every request's Host names it
+        (decided request by request); anything else needs `allow_tcp` (opaque). An IP literal is
+        decided as one, as a CONNECT to it is. Refusals close the connection and are audited."""
+        t0 = time.perf_counter_ns()
+        resource = host.authority(port)
+        opaque = (host.host, port) in self._opaque
+        if not opaque and not host.is_ip:
+            kind = await self._classify(s)
+            if kind == "http":
+                await self._requests_in_tunnel(ctx, s, host, port, t0)
+                return
+            if kind != "tls":
+                if kind != "closed":
+                    self._audit(ctx, action=NETWORK_CONNECT, resource=resource, decision=auditfmt.DENY,
+                                reason="tls_or_http_required", t0=t0)
+                return
+        v = await self.authorize(NETWORK_CONNECT, host, port, "CONNECT", "", ctx.agent_id)
+        if not v.allowed:
+            reason = f"{v.reason}:{','.join(v.addrs)}" if v.reason == "blocked_address" and v.addrs else v.reason
+            self._audit(ctx, action=NETWORK_CONNECT, resource=resource,
+                        decision=auditfmt.ABORT if v.status in (502, 504) else auditfmt.DENY, reason=reason, t0=t0)
+            return
+        await self._tunnel(ctx, s, host, port, v, t0)
+
+    def refuse_transparent(self, ctx: Attribution, resource: str, reason: str) -> None:
+        """A transparent connection refused before any decision (an unknown synthetic address)."""
+        self._audit(ctx, action=NETWORK_CONNECT, resource=resource, decision=auditfmt.DENY, reason=reason)
+
+    async def _classify(self, s: netio.Stream) -> str:
+        """What a transparent connection to a name carries, from its first bytes: "tls", "http"
+        (an upper-case method token and a space), "other", or "closed" (nothing within the setup
+        time)."""
+        deadline = time.monotonic() + self.limits.setup_timeout
+        while True:
+            if s.buf[:1] == b"\x16":
+                return "tls"
+            token = bytes(s.buf[:17]).split(b" ", 1)
+            if s.buf and not (token[0].isalpha() and token[0].isupper()) or len(token[0]) > 16:
+                return "other"
+            if len(token) == 2 and token[0]:
+                return "http"
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return "other" if s.buf else "closed"
+            try:
+                chunk = await asyncio.wait_for(s.r.read(65536), left)
+            except asyncio.TimeoutError:
+                continue
+            if not chunk:
+                return "other" if s.buf else "closed"
+            s.buf += chunk
+
+    async def _tunnel(self, ctx: Attribution, s: netio.Stream, host: CanonHost, port: int, v: _Verdict, t0: int) -> None:
+        """An allowed tunnel (CONNECT after its 200, or a transparent connection): the SNI rules,
+        then the upstream and the relay."""
+        resource = host.authority(port)
+        deny_reason = f"monitor_mode:{v.monitored}" if v.monitored else ""
         if host.is_ip and self.policy.has_path_rules and (host.host, port) not in self._opaque:
             # Requests in a tunnel would pass the path rules unseen (`curl -p http://IP/…`): with
             # path rules they are read and decided one by one, as proxy requests are.
@@ -697,11 +781,12 @@ class Sidecar:
         decided like a proxy request to that address (its path normalised, its Host checked);
         TLS cannot be seen into, so it is refused until inspection exists."""
         resource = host.authority(port)
-        try:
-            first = await asyncio.wait_for(s.r.read(65536), self.limits.setup_timeout)
-        except asyncio.TimeoutError:
-            first = b""
-        s.buf += first
+        if not s.buf:  # a transparent connection was already read into (its first bytes classified it)
+            try:
+                first = await asyncio.wait_for(s.r.read(65536), self.limits.setup_timeout)
+            except asyncio.TimeoutError:
+                first = b""
+            s.buf += first
         if s.buf[:1] == b"\x16":
             self._audit(ctx, action=NETWORK_CONNECT, resource=resource, decision=auditfmt.DENY,
                         reason="tls_needs_inspection", t0=t0)

@@ -17,7 +17,7 @@ import stat
 import subprocess
 import time
 
-from ...core import bwrap_plan, limits
+from ...core import bwrap_plan, egress, limits
 from ...core.limits import LimitPlan
 from ...core.hostfacts import Host
 from ...core.model import (
@@ -37,7 +37,7 @@ from .limiter import Limiter
 from .command import require_command
 from .facts import git_refs, kind_of, measure_facts
 from .idmap import StagedClones
-from .planting import netns_interfaces, plant
+from .planting import Addresses, netns_interfaces, plant
 from .verify import (
     mount_table,
     verify_agent,
@@ -45,6 +45,7 @@ from .verify import (
     verify_masks,
     verify_protected,
     verify_resolv_conf,
+    verify_transparent,
 )
 
 DETAIL = (
@@ -131,6 +132,7 @@ class BwrapBackend:
         self._protected_extra: tuple[str, ...] = ()  # from the RunPlan (prepare); none for a runner
         self._limits: LimitPlan | None = None  # from the RunPlan (prepare); none for a runner
         self._sandbox_id = ""
+        self._transparent_ports: tuple[int, ...] = ()  # from the RunPlan (prepare); none for a runner
 
     def prepare(self, plan: RunPlan, host: Host) -> EnforcementProof:
         bwrap_preflight(host)
@@ -138,6 +140,9 @@ class BwrapBackend:
         self._host = host
         self._protected_extra = bwrap_plan.plan_protected(plan)
         self._refuse_protected_symlinks(plan.cwd)  # before any service starts
+        self._transparent_ports = egress.transparent_ports(
+            plan.allow_hosts + plan.allow_tcp, cedar=plan.policy_path is not None, monitor=plan.monitor,
+            external=not plan.sidecar.embedded)
         self._limits = limits.plan_limits(plan.limits, host.cgroups, host.rlimits)
         self._limits = self._limits.with_entry(
             limits.tmpfs_entry(bwrap_plan.tmpfs_bytes(host.mem_total, self._limits.memory), counted=self._limits.memory is not None))
@@ -258,7 +263,7 @@ class BwrapBackend:
             add_check(Check("netns_only_loopback", ok, "interfaces: " + ",".join(ifaces)))
             if not ok:
                 raise LaunchError(f"sandbox network namespace has unexpected interfaces: {ifaces}")
-            socks = plant(init_pid)
+            socks = plant(init_pid, Addresses(transparent_ports=self._transparent_ports))
             add_check(
                 Check(
                     "planted_sockets",
@@ -267,6 +272,7 @@ class BwrapBackend:
                     % PLANTED_DNS_ADDR,
                 )
             )
+
             return HeldSandbox(child=child, plan=plan, socks=socks, block_w=block_w, limiter=limiter)
         except BaseException:
             os.close(block_w)
@@ -286,6 +292,7 @@ class BwrapBackend:
         try:
             verify_resolv_conf(child, add_check, waits)
             top = mount_table(child.init_pid)  # final: bwrap built the mounts before it blocked
+            verify_transparent(child.init_pid, self._transparent_ports, held.socks.ipv6, add_check)
             verify_masks(top, held.plan, add_check)
             verify_kernel_read_only(top, add_check)
             verify_protected(top, held.plan, add_check)

@@ -6,6 +6,9 @@ the proxy and DNS sockets, hands the descriptors back over a socketpair (SCM_RIG
 The sockets stay in the sandbox's namespace; the launcher serves them from outside, so nothing of
 ours runs inside the sandbox.
 
+It also adds the local default routes that make every address local inside (transparent egress,
+DESIGN §5.4) and plants a listener on every address for each transparent port.
+
 The child only makes syscalls (setns, socket, bind, listen, sendmsg, _exit), which is safe after
 fork even when the launcher has threads."""
 
@@ -19,6 +22,7 @@ import socket
 import time
 
 from ..base import PlantedSockets
+from ...core import rtnl
 from ...core.model import PLANTED_DNS_ADDR, PLANTED_PROXY_ADDR
 from ...core.record import record
 from ...errors import LaunchError
@@ -37,6 +41,46 @@ _LOOPBACK_WAIT = 5.0
 class Addresses:
     proxy: tuple[str, int] = PLANTED_PROXY_ADDR
     dns: tuple[str, int] = PLANTED_DNS_ADDR
+    # Transparent egress (DESIGN §5.4): a listener on 0.0.0.0:P and [::]:P for each port, behind
+    # `local 0.0.0.0/0` and `local ::/0` routes on `lo` (every address is local inside).
+    transparent_ports: tuple[int, ...] = ()
+
+
+def _add_local_routes(v6: bool) -> bytes:
+    """In the sandbox's network namespace (the helper, after setns): the local default routes.
+    b"" when added; otherwise why, for the launcher's one-line error."""
+    lo = socket.if_nametoindex("lo")
+    nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+    try:
+        nl.bind((0, 0))
+        for seq, family in enumerate((socket.AF_INET, socket.AF_INET6) if v6 else (socket.AF_INET,), 1):
+            nl.send(rtnl.local_default_route(family, lo, seq))
+            err = rtnl.ack_errno(nl.recv(65536), seq)
+            if err:
+                return b"local route (%s): %s" % (b"IPv6" if family == socket.AF_INET6 else b"IPv4", os.strerror(err).encode())
+            if err is None:
+                return b"local route: no acknowledgement from the kernel"
+    finally:
+        nl.close()
+    return b""
+
+
+def _transparent_listeners(ports: tuple[int, ...], v6: bool) -> list[socket.socket]:
+    out = []
+    for port in ports:
+        s4 = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s4.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s4.bind(("0.0.0.0", port))
+        s4.listen(1024)
+        out.append(s4)
+        if v6:
+            s6 = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            s6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            s6.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s6.bind(("::", port))
+            s6.listen(1024)
+            out.append(s6)
+    return out
 
 
 def _libc_setns():
@@ -93,7 +137,15 @@ def plant(pid: int, addrs: Addresses = Addresses()) -> PlantedSockets:
                 dns_tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 _bind_when_loopback_is_up(dns_tcp, addrs.dns)
                 dns_tcp.listen(64)
-                socket.send_fds(child, [b"OK"], [proxy.fileno(), dns_udp.fileno(), dns_tcp.fileno()])
+                extra: list[socket.socket] = []
+                v6 = os.path.exists("/proc/sys/net/ipv6") and socket.has_ipv6
+                why = _add_local_routes(v6)
+                if why:
+                    child.send(b"ERR " + why)
+                    os._exit(4)
+                extra = _transparent_listeners(addrs.transparent_ports, v6)
+                socket.send_fds(child, [b"OK v6" if v6 else b"OK"],
+                                [proxy.fileno(), dns_udp.fileno(), dns_tcp.fileno(), *(x.fileno() for x in extra)])
                 code = 0
             except BaseException as exc:  # noqa: BLE001 - report anything, then exit
                 try:
@@ -105,7 +157,7 @@ def plant(pid: int, addrs: Addresses = Addresses()) -> PlantedSockets:
         child.close()
         try:
             parent.settimeout(_HELPER_TIMEOUT)
-            msg, fds, _flags, _addr = socket.recv_fds(parent, 1024, 3)
+            msg, fds, _flags, _addr = socket.recv_fds(parent, 1024, 3 + 2 * len(addrs.transparent_ports))
         except (OSError, TimeoutError) as exc:
             os.kill(helper, 9)
             raise LaunchError(f"planting helper did not answer: {exc}") from None
@@ -115,7 +167,9 @@ def plant(pid: int, addrs: Addresses = Addresses()) -> PlantedSockets:
     finally:
         os.close(user_fd)
         os.close(net_fd)
-    if msg != b"OK" or len(fds) != 3:
+    v6 = msg == b"OK v6"
+    want = 3 + len(addrs.transparent_ports) * (2 if v6 else 1)
+    if msg not in (b"OK", b"OK v6") or len(fds) != want:
         for fd in fds:
             os.close(fd)
         raise LaunchError(
@@ -124,7 +178,7 @@ def plant(pid: int, addrs: Addresses = Addresses()) -> PlantedSockets:
     socks = [socket.socket(fileno=fd) for fd in fds]
     for s in socks:
         s.setblocking(False)
-    return PlantedSockets(proxy_tcp=socks[0], dns_udp=socks[1], dns_tcp=socks[2])
+    return PlantedSockets(proxy_tcp=socks[0], dns_udp=socks[1], dns_tcp=socks[2], transparent=tuple(socks[3:]), ipv6=v6)
 
 
 def _bind_when_loopback_is_up(sock: socket.socket, addr: tuple[str, int]) -> None:

@@ -9,7 +9,7 @@ import re
 import time
 from typing import Mapping
 
-from ...core import bwrap_plan
+from ...core import bwrap_plan, egress
 from ...core.model import Check
 from ...errors import LaunchError
 from ..base import AddCheck, Waits
@@ -207,3 +207,30 @@ def verify_agent(child: BwrapChild, plan: bwrap_plan.BwrapPlan, add_check: AddCh
         raise LaunchError(
             f"sandboxed agent holds privileges (CapEff={capeff}, NoNewPrivs={nnp}); refusing to continue"
         )
+
+
+def verify_transparent(pid: int, ports: tuple[int, ...], ipv6: bool, add_check: AddCheck) -> None:
+    """Before release, from outside: the local default routes are in the sandbox's routing tables
+    and a listener is planted on every address for each transparent port (DESIGN §5.4). The
+    sandbox's own listeners cannot take these ports any more; nothing else listens yet."""
+    def read(name: str) -> str:
+        try:
+            with open(f"/proc/{pid}/net/{name}") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    v4, v6 = egress.local_default_routes(read("fib_trie"), read("ipv6_route") if ipv6 else "")
+    found = egress.listening(read("tcp"), read("tcp6") if ipv6 else "")
+    want = {("0.0.0.0", p) for p in ports} | ({("::", p) for p in ports} if ipv6 else set())
+    missing = sorted(want - found)
+    ok = v4 and (v6 or not ipv6) and not missing
+    detail = (f"local 0.0.0.0/0 dev lo: {'present' if v4 else 'MISSING'}; "
+              + (f"local ::/0 dev lo: {'present' if v6 else 'MISSING'}; " if ipv6 else "no IPv6 in the sandbox; ")
+              + f"listening on every address: {', '.join(map(str, ports)) or 'no port (nothing could be allowed)'}; "
+              + f"synthetic names: {egress.SYNTHETIC_V4}" + (f", {egress.SYNTHETIC_V6}" if ipv6 else ""))
+    if missing:
+        detail += "; NOT listening: " + ", ".join(f"{a}:{p}" for a, p in missing)
+    add_check(Check("transparent_egress", ok, detail))
+    if not ok:
+        raise LaunchError(f"transparent egress not in place as planned ({detail}); refusing to start the agent")

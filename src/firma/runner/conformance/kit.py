@@ -201,7 +201,7 @@ class Kit:
             except Exception:  # noqa: BLE001 - teardown continues whatever one part says
                 pass
 
-    def _on_dns_query(self, qname: str, qtype: int) -> None:
+    def _on_dns_query(self, qname: str, qtype: int, answered: bool = False) -> None:
         with self._dns_lock:
             self._dns_seen.append(qname)
 
