@@ -142,7 +142,7 @@ def test_tty_stays_a_tty(ws, tmp_path):
         if not chunk:
             break
         out += chunk
-    assert p.wait(30) == 0
+    assert p.wait(30) == 0, out
     assert b"TTY-OK" in out, out
 
 

@@ -42,10 +42,30 @@ class PlantedSockets:
     # transparent egress (DESIGN §5.4): 0.0.0.0:P (and [::]:P with IPv6) for each planted port
     transparent: tuple[socket.socket, ...] = ()
     ipv6: bool = False  # the sandbox's namespace has IPv6 (its routes and listeners too)
+    # --publish: a helper in the sandbox's network namespace handing out sockets of it, one per
+    # byte written to `factory` (its pid: the launcher's child, reaped at close)
+    factory: socket.socket | None = None
+    factory_pid: int | None = None
 
     def close(self) -> None:
         for s in (self.proxy_tcp, self.dns_udp, self.dns_tcp, *self.transparent):
             s.close()
+        if self.factory is not None:
+            self.factory.close()  # the helper exits at EOF, once every copy is closed
+
+    def reap_factory(self) -> None:
+        """The launcher, at teardown: end and reap the --publish helper (its child)."""
+        if self.factory_pid is None:
+            return
+        import os  # noqa: PLC0415 - only with --publish
+        import signal  # noqa: PLC0415 - only with --publish
+
+        try:
+            os.kill(self.factory_pid, signal.SIGKILL)
+            os.waitpid(self.factory_pid, 0)
+        except (ProcessLookupError, ChildProcessError):
+            pass
+        self.factory_pid = None
 
 
 AddCheck = Callable[[Check], None]  # records a measured launch-time fact for the proof
@@ -154,6 +174,12 @@ def refuse_unenforceable(plan: RunPlan, backend: str) -> LimitPlan:
     launch is refused rather than run with less than the user asked for (a limit: unless
     `--limits best-effort`); the limits entry of the proof says none is enforced by firma."""
     refuse_mask_paths(plan, backend)
+    if plan.publish:
+        raise LaunchError(f"--publish needs the bwrap backend (it reaches the agent's port from outside); the "
+                          f"{backend} backend cannot; drop --publish or use the bwrap backend")
+    if plan.workspace_read_only:
+        raise LaunchError(f"--read-only is enforced by the bwrap backend only; the {backend} backend would leave "
+                          "the workspace writable; drop --read-only or use the bwrap backend")
     return not_enforced(plan.limits, backend)
 
 

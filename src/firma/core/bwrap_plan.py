@@ -458,11 +458,11 @@ def build(
         for p in ROOT_SECRETS:
             a += _mask(p, facts, masked)
 
-    a += ["--bind", src(envelope.cwd), envelope.cwd]
+    a += ["--ro-bind" if envelope.workspace_read_only else "--bind", src(envelope.cwd), envelope.cwd]
     for m in envelope.mounts:
         a += ["--ro-bind" if m.read_only else "--bind", src(m.source), m.target]
-    for p in prot.pinned:
-        a += ["--bind", src(p), p]
+    for p in prot.pinned:  # onto themselves, so they cannot be renamed away (read-only in a read-only workspace)
+        a += ["--ro-bind" if envelope.workspace_read_only else "--bind", src(p), p]
     for p in prot.read_only:
         a += ["--ro-bind", src(p), p]
 

@@ -44,6 +44,21 @@ def base_env(
     return frozen_map(env)
 
 
+def runtime_proxy_env(proxy_url: str, base: Mapping[str, str]) -> dict[str, str]:
+    """Variables runtimes read instead of HTTP_PROXY (docs/runtimes.md): Node ≥ 24's opt-in to the
+    proxy variables, and the JVM's proxy properties, appended to a JAVA_TOOL_OPTIONS the user set.
+    Clients that read none of these still work on the bwrap backend (transparent egress)."""
+    rest = proxy_url.split("://", 1)[-1].rsplit("@", 1)[-1].rstrip("/")
+    host, _, port = rest.rpartition(":")
+    out = {"NODE_USE_ENV_PROXY": "1"}
+    if host and port.isdigit() and "@" not in proxy_url:  # the JVM properties carry no credential
+        props = (f"-Dhttp.proxyHost={host} -Dhttp.proxyPort={port} -Dhttps.proxyHost={host} "
+                 f"-Dhttps.proxyPort={port} -Dhttp.nonProxyHosts=")
+        user = base.get("JAVA_TOOL_OPTIONS", "").strip()
+        out["JAVA_TOOL_OPTIONS"] = f"{user} {props}".strip()
+    return out
+
+
 def with_proxy(
     base: Mapping[str, str],
     proxy_url: str,
@@ -57,6 +72,7 @@ def with_proxy(
         env[name] = proxy_url
     for name in NO_PROXY_VARS:
         env[name] = ""
+    env.update(runtime_proxy_env(proxy_url, base))
     if ca_bundle:
         for name in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS"):
             env[name] = ca_bundle

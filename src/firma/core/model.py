@@ -156,6 +156,9 @@ class RunPlan:
     audit_bounds: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))  # trusted `[audit]` keys
     allow_notes: tuple[str, ...] = ()  # URL-form allow patterns rewritten (for the launch line)
     limits: LimitRequest = field(default_factory=LimitRequest)  # --memory/--pids/--cpus, [run].limits
+    workspace_read_only: bool = False  # --read-only (bwrap only)
+    timeout_secs: float | None = None  # --timeout: wall clock; SIGTERM, then SIGKILL; exit 124
+    publish: tuple[Publish, ...] = ()  # --publish (bwrap, embedded sidecar)
     quiet: bool = False  # --quiet: no run summary on stderr
     summary_json: str | None = None  # --summary-json FILE
     # Extra workspace-relative paths bound read-only (besides the built-in list), `[run].protected_paths`.
@@ -176,6 +179,19 @@ class EnforcementProof:
     network_confinement: NetworkConfinement
     detail: str
     limits: LimitPlan | None = None  # the resource limits and what enforces each (DESIGN §5.3)
+
+
+@record
+class Publish:
+    """`--publish`: the agent's `port` inside, reachable at `bind`:`host_port` on the host."""
+
+    bind: str
+    host_port: int
+    port: int
+
+    @property
+    def loopback(self) -> bool:
+        return self.bind in ("127.0.0.1", "::1", "localhost") or self.bind.startswith("127.")
 
 
 @record
@@ -246,6 +262,7 @@ class ExecutionEnvelope:
     mask_home_paths: tuple[str, ...]
     network: NetworkEndpoints
     mask_paths: tuple[str, ...] = ()  # absolute; only the bwrap backend enforces them
+    workspace_read_only: bool = False  # --read-only; only the bwrap backend enforces it
     invariants: tuple[Invariant, ...] = DEFAULT_INVARIANTS
     # firma's own artifact for seccomp_filter_path, verified when opened; None for a bare path
     # (a runner enforcing a contract), which gets the owner and mode checks only.

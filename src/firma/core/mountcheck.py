@@ -24,7 +24,8 @@ def _within(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
-def mount_problem(m: Mount, *, state_root: str | None, realpath: Callable[[str], str]) -> str | None:
+def mount_problem(m: Mount, *, state_root: str | None, realpath: Callable[[str], str],
+                  protected: tuple[str, ...] = ()) -> str | None:
     """Why `m` would weaken the sandbox (one clause), or None. Shared by `[run].mounts` and the
     launch contract's mounts (a runner must refuse what firma refuses)."""
     if not m.source.startswith("/") or not m.target.startswith("/"):
@@ -42,6 +43,11 @@ def mount_problem(m: Mount, *, state_root: str | None, realpath: Callable[[str],
         if _within(src, state) or _within(state, src):
             return (f"the source overlaps firma's state root {state} (audit key, proofs); "
                     "mount a directory outside it or move FIRMA_STATE_DIR")
+    for p in protected:
+        d = posixpath.normpath(realpath(p))
+        if _within(src, d) or _within(d, src):
+            return (f"the source overlaps {d}, your firma configuration and trust records; the agent could "
+                    "write the next run's trusted policy there; mount a directory outside it")
     if tgt == "/" or any(_within(tgt, r) for r in RESERVED_TARGET_TREES) or tgt in GENERATED_FILES:
         return (f"the target {tgt} is managed by the sandbox (/, /proc, /sys, /dev, "
                 "resolv.conf, hosts, passwd, group); choose another target")
@@ -53,11 +59,11 @@ def _kernel_name(src: str) -> str:
 
 
 def check_mounts(
-    mounts: Iterable[Mount], *, state_root: str, realpath: Callable[[str], str]
+    mounts: Iterable[Mount], *, state_root: str, realpath: Callable[[str], str], protected: tuple[str, ...] = ()
 ) -> None:
     """Raise ConfigError naming the first mount that would weaken the sandbox."""
     for m in mounts:
-        why = mount_problem(m, state_root=state_root, realpath=realpath)
+        why = mount_problem(m, state_root=state_root, realpath=realpath, protected=protected)
         if why is not None:
             fix = "; fix [run].mounts" if why.startswith("source and") else ""
             raise ConfigError(f"mount {m.source} -> {m.target}: {why}{fix}")

@@ -10,13 +10,13 @@ from typing import Any, Callable, Mapping
 from ..errors import ConfigError, PlanError, UnsupportedBackendError
 from .hostfacts import Host
 from . import settings as env_names
-from .settings import is_truthy, state_root
+from .settings import is_truthy, state_root, user_config_dir
 from . import config as cfgmod
 from . import launchenv, profiles
 from .endpoint import validate_endpoint
 from .identity import build_identity
-from . import allowlist, limits
-from .model import BACKENDS, IdentityMode, RunPlan, SidecarChoice, Weakening
+from . import allowlist, limits, runopts
+from .model import BACKENDS, IdentityMode, Mount, RunPlan, SidecarChoice, Weakening
 from .mountcheck import check_mounts
 from .record import record
 from .vzinputs import vz_inputs_from_environ
@@ -44,6 +44,12 @@ class RunArgs:
     proof_file: str | None = None
     quiet: bool = False
     summary_json: str | None = None
+    env: tuple[str, ...] = ()  # --env NAME[=VALUE]
+    mount: tuple[str, ...] = ()  # --mount SRC[:DST][:ro|rw]
+    allow_write: tuple[str, ...] = ()  # --allow-write PATH
+    read_only: bool = False  # --read-only: the workspace is read-only inside
+    timeout: str | None = None  # --timeout DURATION
+    publish: tuple[str, ...] = ()  # --publish [[BIND:]HOST_PORT:]PORT
     memory: str | None = None  # --memory SIZE
     pids: int | None = None  # --pids N
     cpus: str | None = None  # --cpus N
@@ -91,6 +97,12 @@ def refuse_workspace(cwd: str, home: str, realpath: Callable[[str], str]) -> Non
                 f"refusing {ws} as the workspace: it is {what}, and the agent could write your "
                 f"tools' configuration and startup files there; {fix}"
             )
+
+
+def endpoint_of(args: RunArgs, env: Mapping[str, str], settings: Mapping[str, Any]) -> str:
+    """The sidecar endpoint: --sidecar, FIRMA_SIDECAR_ENDPOINT, the configuration, else local."""
+    return (args.sidecar or env.get(env_names.SIDECAR_ENDPOINT, "").strip() or settings.get("sidecar_endpoint")
+            or "local")
 
 
 def _mask_paths(entries, home: str, cwd: str) -> tuple[str, ...]:
@@ -148,7 +160,19 @@ def build_plan(
         cli_layer["identity_mode"] = IdentityMode.HOST_USER.value
     if args.policy is not None:
         cli_layer["policy"] = posixpath.normpath(posixpath.join(cwd, args.policy))
+    env_names_cli, env_values_cli = runopts.parse_env(args.env)
+    if env_values_cli:
+        cli_layer["env_set"] = env_values_cli
     settings, sources = cfgmod.effective_with_sources(profile, cfg, cli_layer)
+    # --env NAME, --mount and --allow-write add to what the layers resolved to.
+    if env_names_cli:
+        settings["env_passthrough"] = tuple(dict.fromkeys((*settings.get("env_passthrough", ()), *env_names_cli)))
+        sources["env_passthrough"] = "command line"
+    cli_mounts = tuple(runopts.parse_mount(m, cwd) for m in args.mount) + tuple(
+        Mount(p, p, False) for p in (posixpath.normpath(posixpath.join(cwd, w)) for w in args.allow_write))
+    if cli_mounts:
+        settings["mounts"] = (*settings.get("mounts", ()), *cli_mounts)
+        sources["mounts"] = "command line"
     # --allow-host adds to whatever the layers resolved to.
     checked_allow = allowlist.check(tuple(dict.fromkeys(tuple(settings.get("allow_hosts", ())) + args.allow_hosts)))
     allow_hosts = checked_allow.patterns
@@ -177,8 +201,15 @@ def build_plan(
     for p in settings.get("mask_home_paths", ()):
         if p.startswith("/") or ".." in p.split("/"):
             raise ConfigError(f"mask_home_paths entries must be relative to $HOME: {p}")
-    check_mounts(settings.get("mounts", ()), state_root=root, realpath=realpath)
+    # Never a way into firma's own state or the user's config and trust records (DESIGN §14, §15).
+    config_dir = user_config_dir(env)
+    check_mounts(settings.get("mounts", ()), state_root=root, realpath=realpath,
+                 protected=(config_dir,) if config_dir else ())
     mask_paths = _mask_paths(settings.get("mask_paths", ()), home, cwd)
+    published = tuple(runopts.parse_publish(p) for p in args.publish)
+    if published and endpoint_of(args, env, settings) != "local":
+        raise ConfigError("--publish needs the embedded sidecar (it audits each inbound connection); "
+                          "drop --sidecar or --publish")
     limit_request = limits.request(
         settings.get("limits", {}),
         {limits.MEMORY: args.memory, limits.PIDS: args.pids, limits.CPUS: args.cpus, limits.MODE: args.limits_mode},
@@ -186,9 +217,7 @@ def build_plan(
         settings.get(limits.CEILING),
     )
 
-    endpoint = args.sidecar or env.get(env_names.SIDECAR_ENDPOINT, "").strip() or settings.get(
-        "sidecar_endpoint"
-    ) or "local"
+    endpoint = endpoint_of(args, env, settings)
     timeout = args.startup_timeout_secs if args.startup_timeout_secs is not None else 10.0
     if not timeout > 0:
         raise ConfigError("--sidecar-startup-timeout-secs must be positive")
@@ -242,6 +271,9 @@ def build_plan(
         audit_bounds=MappingProxyType(cfg.audit_bounds),
         quiet=args.quiet,
         limits=limit_request,
+        workspace_read_only=args.read_only,
+        publish=published,
+        timeout_secs=runopts.parse_duration(args.timeout) if args.timeout is not None else None,
         summary_json=posixpath.normpath(posixpath.join(cwd, args.summary_json)) if args.summary_json else None,
         protected_paths=tuple(settings.get("protected_paths", ())),
         weakenings=weakenings(profile, settings, sources, monitor=args.monitor, endpoint=endpoint,
@@ -249,6 +281,9 @@ def build_plan(
         + tuple(Weakening("allow_hosts", w, sources.get("allow_hosts", "command line")) for w in checked_allow.warnings)
         + tuple(Weakening("allow_tcp", f"opaque TCP to {t}: any protocol, not inspected", sources.get("allow_tcp", "command line"))
                 for t in allow_tcp)
+        + tuple(Weakening("publish", f"the agent's port {p.port} is reachable at {p.bind}:{p.host_port}"
+                          + ("" if p.loopback else " (not loopback: other machines can connect)"), "command line")
+                for p in published)
         + tuple(Weakening("limits", detail, "command line" if args.limits_mode else sources.get("limits", "config"))
                 for mode, detail in ((limits.BEST_EFFORT, "--limits best-effort: a limit this host cannot enforce is reported, not refused"),
                                      (limits.OFF, "--limits off: no memory, process, CPU or file limit; the agent can exhaust the host"))
@@ -338,6 +373,9 @@ def plan_to_json(plan: RunPlan) -> dict[str, Any]:
         "protected_paths": list(plan.protected_paths),
         "writable_home_paths": list(plan.writable_home_paths),
         "on_workspace_findings": plan.on_workspace_findings,
+        "workspace_read_only": plan.workspace_read_only,
+        "timeout_secs": plan.timeout_secs,
+        "publish": [{"bind": p.bind, "host_port": p.host_port, "port": p.port} for p in plan.publish],
         "limits": {
             "memory": plan.limits.memory, "pids": plan.limits.pids, "cpus": plan.limits.cpus,
             "nofile": plan.limits.nofile, "file_size": plan.limits.file_size, "mode": plan.limits.mode,

@@ -27,6 +27,12 @@ def run_facts(plan: RunPlan, *, policy_sha256: str | None) -> dict[str, Any]:
         "allow_hosts": list(plan.allow_hosts),
         "policy": {"path": plan.policy_path, "sha256": policy_sha256} if plan.policy_path else None,
         "config": [s.as_json() for s in plan.config_sources],
+        # names only: a value may be a secret (the weakenings name the risky ones)
+        "env_names": sorted(plan.base_env),
+        "mounts": [{"source": m.source, "target": m.target, "read_only": m.read_only} for m in plan.mounts],
+        "workspace_read_only": plan.workspace_read_only,
+        "timeout_secs": plan.timeout_secs,
+        "publish": [{"bind": p.bind, "host_port": p.host_port, "port": p.port} for p in plan.publish],
         "weakenings": [{"setting": w.setting, "detail": w.detail, "source": w.source} for w in plan.weakenings],
     }
 

@@ -58,6 +58,7 @@ def build_envelope(
         mounts=plan.mounts + tuple(_writable_home_mounts(plan)),
         mask_home_paths=plan.mask_home_paths,
         mask_paths=plan.mask_paths,
+        workspace_read_only=plan.workspace_read_only,
         network=NetworkEndpoints(
             proxy_url=proxy_url,
             dns_stub_addr=dns_stub_addr,

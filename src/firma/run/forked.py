@@ -24,13 +24,15 @@ import gc
 import os
 import select
 import signal
+import socket
 import time
 from typing import Any, cast
 
+from ..core.runopts import TIMEOUT_GRACE_SECS, TIMEOUT_STATUS, timeout_note
 from ..backends.base import HeldSandbox, LaunchedChild, PlantedChild, PlantedSockets, PlantingBackend, RoutingPlan
-from ..core.model import PLANTED_DNS_ADDR, PLANTED_PROXY_ADDR, Check, ExecutionEnvelope, RunPlan
+from ..core.model import PLANTED_DNS_ADDR, PLANTED_PROXY_ADDR, Check, ExecutionEnvelope, Publish, RunPlan
 from ..core.record import record
-from ..errors import FirmaError, SidecarError
+from ..errors import FirmaError, LaunchError, SidecarError
 from .gates import unreachable_external
 from .log import RunLog
 from .record import RunRecord, sidecar_listen
@@ -85,6 +87,7 @@ class ForkedHosting:
         self._held: HeldSandbox | None = None  # built, not yet released: aborted at teardown
         self._socks: PlantedSockets | None = None  # the launcher's copies until the fork
         self._services: ServicesProcess | None = None
+        self._published: list[tuple[socket.socket, Publish]] = []  # --publish host listeners
 
     async def probe_external(self, plan: RunPlan) -> None:
         from ..services.health import probe  # noqa: PLC0415 - only with an external sidecar
@@ -111,7 +114,13 @@ class ForkedHosting:
 
     async def start_services(self, run: RunRecord, routing: RoutingPlan) -> tuple[str, str | None]:
         # Nothing to start yet: the addresses are the planted ones, the agent's connections wait
-        # in the planted listeners' backlogs until the services process serves them.
+        # in the planted listeners' backlogs until the services process serves them. --publish's
+        # host listeners are bound now, so a taken port refuses the launch before the sandbox.
+        for pub in run.plan.publish:
+            self._published.append((_bind_published(pub), pub))
+        if self._published:
+            run.add_check(Check("published", True, "; ".join(
+                f"agent port {p.port} at {s.getsockname()[0]}:{s.getsockname()[1]}" for s, p in self._published)))
         return "http://%s:%d" % PLANTED_PROXY_ADDR, "%s:%d" % PLANTED_DNS_ADDR
 
     async def launch(self, run: RunRecord, envelope: ExecutionEnvelope) -> PlantedChild:
@@ -130,9 +139,11 @@ class ForkedHosting:
         # agent's start-up rather than with the sandbox checks and the release.
         socks = self._socks
         assert socks is not None
-        self._services = _fork_services(run, self._embedded, socks)
+        self._services = _fork_services(run, self._embedded, socks, self._published)
         # The services process now holds the only copies of the listeners (fail closed).
         socks.close()
+        for sock, _pub in self._published:
+            sock.close()
         if self._embedded is not None:
             self._embedded.listener.close()
         run.log(f"services process pid {self._services.pid}", "info")
@@ -140,7 +151,12 @@ class ForkedHosting:
     async def supervise(self, run: RunRecord, child: LaunchedChild) -> int:
         assert self._services is not None and self._signals is not None
         # A planting backend's release returns a PlantedChild (see launch above).
-        return _supervise(cast(PlantedChild, child), self._services, self._signals, run.log, run.plan.sidecar.startup_timeout_secs)
+        status, timed_out = _supervise(cast(PlantedChild, child), self._services, self._signals, run.log,
+                                       run.plan.sidecar.startup_timeout_secs, run.plan.timeout_secs)
+        if timed_out:
+            run.notes.append(timeout_note(run.plan.timeout_secs))
+            return TIMEOUT_STATUS
+        return status
 
     def interrupted(self, exc: BaseException) -> int | None:
         return exc.signum if isinstance(exc, Interrupted) else None
@@ -156,6 +172,9 @@ class ForkedHosting:
             _stop_services(self._services, run.log)
         if self._socks is not None:
             self._socks.close()
+            self._socks.reap_factory()
+        for sock, _pub in self._published:
+            sock.close()
         embedded = self._embedded
         if embedded is not None:
             embedded.listener.close()
@@ -194,7 +213,22 @@ def _ready_embedded(run: RunRecord) -> EmbeddedSidecar:
 # --- the services process ------------------------------------------------------------------
 
 
-def _fork_services(run: RunRecord, embedded: EmbeddedSidecar | None, socks: PlantedSockets) -> ServicesProcess:
+def _bind_published(pub: Publish) -> socket.socket:
+    family = socket.AF_INET6 if ":" in pub.bind else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((pub.bind, pub.host_port))
+        sock.listen(256)
+    except OSError as exc:
+        sock.close()
+        raise LaunchError(f"--publish {pub.host_port}:{pub.port}: cannot listen on {pub.bind}:{pub.host_port}: "
+                          f"{exc.strerror}; choose another host port") from None
+    return sock
+
+
+def _fork_services(run: RunRecord, embedded: EmbeddedSidecar | None, socks: PlantedSockets,
+                   published: list[tuple[socket.socket, Publish]]) -> ServicesProcess:
     serving_r, serving_w = os.pipe2(os.O_CLOEXEC)
     ppid = os.getpid()
     # Blocked across the fork: the child resets the launcher's handlers before any of these
@@ -215,7 +249,7 @@ def _fork_services(run: RunRecord, embedded: EmbeddedSidecar | None, socks: Plan
             # cancel, systemd stop, ^C) must not end the services while the agent shuts down and
             # may still talk to the network; the launcher ends them at teardown.
             os.setpgid(0, 0)
-            code = _services_main(run, embedded, socks, serving_w, ppid)
+            code = _services_main(run, embedded, socks, serving_w, ppid, published)
         except BaseException as exc:  # noqa: BLE001 - the services process never returns into the launcher
             try:
                 run.log(f"services process failed: {exc!r}", "error")
@@ -239,7 +273,8 @@ def _fork_services(run: RunRecord, embedded: EmbeddedSidecar | None, socks: Plan
     return ServicesProcess(pid=pid, pidfd=pidfd, serving_r=serving_r)
 
 
-def _services_main(run: RunRecord, embedded: EmbeddedSidecar | None, socks: PlantedSockets, serving_w: int, ppid: int) -> int:
+def _services_main(run: RunRecord, embedded: EmbeddedSidecar | None, socks: PlantedSockets, serving_w: int, ppid: int,
+                   published: list[tuple[socket.socket, Publish]]) -> int:
     signal.set_wakeup_fd(-1)
     # A signal sent to the launcher's group between the fork and setpgid is pending here, blocked:
     # ignoring a signal discards its pending instance, so a group SIGTERM (timeout(1), a CI
@@ -261,7 +296,7 @@ def _services_main(run: RunRecord, embedded: EmbeddedSidecar | None, socks: Plan
     run.log.quiet = True
     import asyncio  # noqa: PLC0415 - the point of this process
 
-    asyncio.run(_serve(run, embedded, socks, serving_w))
+    asyncio.run(_serve(run, embedded, socks, serving_w, published))
     return 0
 
 
@@ -280,7 +315,8 @@ def _bridge(bridge):
     return bridge
 
 
-async def _serve(run: RunRecord, embedded: EmbeddedSidecar | None, socks: PlantedSockets, serving_w: int) -> None:
+async def _serve(run: RunRecord, embedded: EmbeddedSidecar | None, socks: PlantedSockets, serving_w: int,
+                 published: list[tuple[socket.socket, Publish]]) -> None:
     import asyncio  # noqa: PLC0415 - the services process only: the launcher never imports asyncio
 
     from ..services.bridge import Bridge  # noqa: PLC0415 - the services process only
@@ -343,6 +379,13 @@ async def _serve(run: RunRecord, embedded: EmbeddedSidecar | None, socks: Plante
             await egress.serve_sockets(socks.transparent)
         stub = DnsStub(on_query=reporter, names=names)
         services.append(stub)
+        if published and socks.factory is not None and sidecar is not None:
+            from ..services.publish import Published  # noqa: PLC0415 - only with --publish
+
+            pub_service = Published(socks.factory, sidecar.inbound_reporter(ctx))
+            socks.factory = None  # the service owns it now
+            services.append(pub_service)
+            await pub_service.serve(published)
         await stub.serve_sockets(socks.dns_udp, socks.dns_tcp)
         os.write(serving_w, b"1")
         if sidecar is not None:
@@ -359,26 +402,33 @@ async def _serve(run: RunRecord, embedded: EmbeddedSidecar | None, socks: Plante
 # --- supervision and teardown --------------------------------------------------------------
 
 
-def _supervise(child: PlantedChild, services: ServicesProcess, signals: Signals, log: RunLog, startup_timeout: float) -> int:
+def _supervise(child: PlantedChild, services: ServicesProcess, signals: Signals, log: RunLog, startup_timeout: float,
+               timeout_secs: float | None = None) -> tuple[int, bool]:
     """Wait for the agent while forwarding signals (a second termination signal kills the whole
     sandbox) and watching the services process, which must serve within the sidecar start-up
     timeout (DESIGN §9) or the run stops: an agent whose connections would wait forever is
-    stopped rather than left hanging."""
+    stopped rather than left hanging. `timeout_secs` (--timeout): then SIGTERM to the agent's
+    process group, SIGKILL to everything left after the grace period. (status, timed out)."""
     sup = Supervisor(on_early_signal=lambda _s: None)  # early signals ended the launch already
     sup.attach(child)
-    deadline = time.monotonic() + startup_timeout
+    start = time.monotonic()
+    deadline = start + startup_timeout
+    wall = start + timeout_secs if timeout_secs else None
+    kill_at: float | None = None
+    timed_out = False
     while True:
         watch = [child.proc_pidfd, signals.r, services.pidfd]
         if services.starting:
             watch.append(services.serving_r)
-        timeout = max(deadline - time.monotonic(), 0) if services.starting else None
+        ends = [t for t in (deadline if services.starting else None, None if timed_out else wall, kill_at) if t is not None]
+        timeout = max(min(ends) - time.monotonic(), 0) if ends else None
         ready = select.select(watch, [], [], timeout)[0]
         for signum in signals.take():
             sup.handle(signum)
             if signum in TERMINATION and sup.escalated:
                 log(f"second termination signal ({signum}): killing the sandbox", "warn")
         if child.proc_pidfd in ready:
-            return child.status()
+            return child.status(), timed_out
         if services.serving_r in ready:
             if os.read(services.serving_r, 1):
                 services.serving = True
@@ -391,11 +441,21 @@ def _supervise(child: PlantedChild, services: ServicesProcess, signals: Signals,
                 f"the services process (sidecar, bridge, DNS stub) stopped unexpectedly ({_describe(services.status)}); "
                 "the agent had no egress and was stopped; see run.log in the proof directory"
             )
-        if not ready and services.starting:
+        now = time.monotonic()
+        if services.starting and now >= deadline:
             raise SidecarError(
                 f"the services process (sidecar, bridge, DNS stub) did not serve within {startup_timeout:g}s; "
                 "the agent was stopped; raise --sidecar-startup-timeout-secs on a slow machine"
             )
+        if wall is not None and not timed_out and now >= wall:
+            timed_out = True
+            log(f"--timeout {timeout_secs:g}s reached: SIGTERM to the agent", "warn")
+            child.forward_signal(signal.SIGTERM)
+            kill_at = now + TIMEOUT_GRACE_SECS
+        elif kill_at is not None and now >= kill_at:
+            log(f"the agent outlived --timeout's {TIMEOUT_GRACE_SECS:g}s grace: killing the sandbox", "warn")
+            child.kill_tree()
+            kill_at = None
 
 
 def _describe(wait_status: int | None) -> str:

@@ -5,10 +5,12 @@ loopback before the sandbox is built, and their addresses go to the backend in t
 from __future__ import annotations
 
 import asyncio
+import signal
 import os
 import secrets
 from typing import Any
 
+from ..core.runopts import TIMEOUT_GRACE_SECS, TIMEOUT_STATUS, timeout_note
 from ..backends.base import Backend, LaunchedChild, LaunchHooks, PlantedSockets, RoutingPlan
 from ..core.model import Check, ExecutionEnvelope, RunPlan
 from ..services.health import probe_async
@@ -156,7 +158,25 @@ class InProcessHosting:
 
     async def supervise(self, run: RunRecord, child: LaunchedChild) -> int:
         assert self._sup is not None
-        return await self._sup.wait()
+        secs = run.plan.timeout_secs
+        if secs is None:
+            return await self._sup.wait()
+        try:
+            async with asyncio.timeout(secs):
+                return await self._sup.wait()
+        except TimeoutError:
+            pass
+        run.log(f"--timeout {secs:g}s reached: SIGTERM to the agent", "warn")
+        child.forward_signal(signal.SIGTERM)
+        try:
+            async with asyncio.timeout(TIMEOUT_GRACE_SECS):
+                await self._sup.wait()
+        except TimeoutError:
+            run.log(f"the agent outlived --timeout's {TIMEOUT_GRACE_SECS:g}s grace: killing it", "warn")
+            child.kill_tree()
+            await self._sup.wait()
+        run.notes.append(timeout_note(secs))
+        return TIMEOUT_STATUS
 
     def interrupted(self, exc: BaseException) -> int | None:
         if isinstance(exc, asyncio.CancelledError) and self._sup is not None:

@@ -37,6 +37,7 @@ class RunRecord:
     summary: runsummary.RunSummary | None = None  # once the agent has exited
     workspace_findings: list[dict[str, str]] | None = None  # the post-run check's, once it ran
     limit_notes: tuple[str, ...] = ()  # the resource limits the run hit (from the child, at teardown)
+    notes: list[str] = field(default_factory=list)  # other lines for the run summary (--timeout)
 
     def add_check(self, check: Check) -> None:
         self.checks.append(check)
@@ -86,7 +87,7 @@ class RunRecord:
                 self.plan.state_root, self.audit_offset, sandbox_id=self.plan.identity.sandbox_id,
                 exit_status=status, proof_path=self.dirs.proof_path(self.plan.identity.sandbox_id),
                 monitor=self.plan.monitor,
-                notes=self.limit_notes
+                notes=tuple(self.notes) + self.limit_notes
                 + tuple(f"warning: {w.detail}" for w in self.plan.weakenings if w.setting == "allow_hosts")
                 + ((f"workspace check: {len(self.workspace_findings)} finding(s), listed above",)
                    if self.workspace_findings else ()),

@@ -37,7 +37,7 @@ from .limiter import Limiter
 from .command import require_command
 from .facts import git_refs, kind_of, measure_facts
 from .idmap import StagedClones
-from .planting import Addresses, netns_interfaces, plant
+from .planting import Addresses, netns_interfaces, plant, socket_factory
 from .verify import (
     mount_table,
     verify_agent,
@@ -133,6 +133,7 @@ class BwrapBackend:
         self._limits: LimitPlan | None = None  # from the RunPlan (prepare); none for a runner
         self._sandbox_id = ""
         self._transparent_ports: tuple[int, ...] = ()  # from the RunPlan (prepare); none for a runner
+        self._publish = False  # --publish (prepare): a socket factory in the sandbox's netns
 
     def prepare(self, plan: RunPlan, host: Host) -> EnforcementProof:
         bwrap_preflight(host)
@@ -140,6 +141,11 @@ class BwrapBackend:
         self._host = host
         self._protected_extra = bwrap_plan.plan_protected(plan)
         self._refuse_protected_symlinks(plan.cwd)  # before any service starts
+        for m in plan.mounts:
+            if not os.path.exists(m.source):
+                raise LaunchError(f"mount source {m.source} does not exist; create it or fix --mount / --allow-write / "
+                                  "[run].mounts")
+        self._publish = bool(plan.publish)
         self._transparent_ports = egress.transparent_ports(
             plan.allow_hosts + plan.allow_tcp, cedar=plan.policy_path is not None, monitor=plan.monitor,
             external=not plan.sidecar.embedded)
@@ -264,6 +270,12 @@ class BwrapBackend:
             if not ok:
                 raise LaunchError(f"sandbox network namespace has unexpected interfaces: {ifaces}")
             socks = plant(init_pid, Addresses(transparent_ports=self._transparent_ports))
+            if self._publish:
+                try:
+                    socks.factory_pid, socks.factory = socket_factory(init_pid)
+                except BaseException:
+                    socks.close()
+                    raise
             add_check(
                 Check(
                     "planted_sockets",

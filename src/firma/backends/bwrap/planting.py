@@ -199,3 +199,55 @@ def netns_interfaces(pid: int) -> list[str]:
     with open(f"/proc/{pid}/net/dev") as f:
         lines = f.read().splitlines()[2:]
     return sorted(line.split(":", 1)[0].strip() for line in lines if ":" in line)
+
+
+def socket_factory(pid: int) -> tuple[int, socket.socket]:
+    """(helper pid, control socket): a helper in the sandbox's user and network namespaces that,
+    for each byte it reads, hands back one unconnected TCP socket of that network namespace
+    (`--publish`: the services process connects it to the agent's port inside, from outside).
+    It makes nothing else, ends at EOF on the control socket, and dies with the launcher."""
+    setns = _libc_setns()
+    try:
+        net_fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        user_fd = fcntl.ioctl(net_fd, NS_GET_USERNS)
+        os.set_inheritable(user_fd, False)
+    except OSError as exc:
+        raise LaunchError(f"cannot open namespaces of sandbox pid {pid}: {exc.strerror}; the sandbox exited early") from None
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        join_user = os.fstat(user_fd).st_ino != _ns_ino("/proc/self/ns/user")
+        launcher = os.getpid()
+        helper = os.fork()
+        if helper == 0:  # pragma: no cover - runs in the forked helper
+            try:
+                parent.close()
+                ctypes.CDLL(None, use_errno=True).prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
+                if os.getppid() != launcher:
+                    os._exit(1)
+                if (join_user and setns(user_fd, CLONE_NEWUSER) != 0) or setns(net_fd, CLONE_NEWNET) != 0:
+                    os._exit(2)
+                child.send(b"OK")
+                while child.recv(1):
+                    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                    socket.send_fds(child, [b"S"], [s.fileno()])
+                    s.close()
+            except BaseException:  # noqa: BLE001 - the helper only ever exits
+                pass
+            finally:
+                os._exit(0)
+        child.close()
+        parent.settimeout(_HELPER_TIMEOUT)
+        try:
+            ok = parent.recv(8)
+        except OSError:
+            ok = b""
+        if ok != b"OK":
+            parent.close()
+            os.kill(helper, 9)
+            os.waitpid(helper, 0)
+            raise LaunchError("could not start the --publish helper in the sandbox's network namespace")
+        parent.settimeout(None)
+        return helper, parent
+    finally:
+        os.close(user_fd)
+        os.close(net_fd)
