@@ -21,6 +21,8 @@ command -v cargo >/dev/null 2>&1 || [ -x /root/.cargo/bin/cargo ] || [ -x "$HOME
 # Transparent egress tests: clients that ignore proxy variables (Node's fetch, ssh).
 [ -x /usr/bin/node ] || need+=(nodejs)
 [ -x /usr/bin/ssh ] || need+=(openssh-client)
+# Kept caches: pip downloads through a local index twice.
+/usr/bin/python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 # Test probes written in C (seccomp, raw sockets).
 command -v gcc >/dev/null 2>&1 || need+=(gcc libc6-dev)
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi

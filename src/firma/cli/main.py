@@ -33,6 +33,7 @@ COMMANDS = {
     "conformance": "firma.cli.conformance",
     "trust": "firma.cli.trust",
     "proofs": "firma.cli.proofs",
+    "cache": "firma.cli.cache",
 }
 
 # Option kinds: FLAG is store_true, VALUE takes one value, APPEND takes one value per use.

@@ -52,6 +52,7 @@ SETTING_KINDS: Mapping[str, str] = MappingProxyType(
         "protected_paths": _RELPATHS,
         "on_workspace_findings": _ON_FINDINGS,
         "limits": _LIMITS,
+        "caches": _LIST,
     }
 )
 MAP_KEYS = frozenset(k for k, v in SETTING_KINDS.items() if v in (_MAP, _LIMITS))  # merged key by key

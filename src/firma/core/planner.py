@@ -15,7 +15,7 @@ from . import config as cfgmod
 from . import launchenv, profiles
 from .endpoint import validate_endpoint
 from .identity import build_identity
-from . import allowlist, limits, runopts
+from . import allowlist, caches, limits, runopts
 from .model import BACKENDS, IdentityMode, Mount, RunPlan, SidecarChoice, Weakening
 from .mountcheck import check_mounts
 from .record import record
@@ -50,6 +50,8 @@ class RunArgs:
     read_only: bool = False  # --read-only: the workspace is read-only inside
     timeout: str | None = None  # --timeout DURATION
     publish: tuple[str, ...] = ()  # --publish [[BIND:]HOST_PORT:]PORT
+    cache: tuple[str, ...] = ()  # --cache NAME (adds to [run].caches)
+    no_caches: bool = False  # --no-caches
     memory: str | None = None  # --memory SIZE
     pids: int | None = None  # --pids N
     cpus: str | None = None  # --cpus N
@@ -201,6 +203,13 @@ def build_plan(
     for p in settings.get("mask_home_paths", ()):
         if p.startswith("/") or ".." in p.split("/"):
             raise ConfigError(f"mask_home_paths entries must be relative to $HOME: {p}")
+    # Caches that survive runs (opt-in): their mounts and variables join the configured ones.
+    cache_names = () if args.no_caches else caches.check_names(
+        (*settings.get("caches", ()), *args.cache), "--cache / [run].caches")
+    cache_mounts, cache_env = caches.plan_caches(cache_names, cwd=cwd, environ=env, state_root=root)
+    if cache_mounts:
+        settings["mounts"] = (*settings.get("mounts", ()), *cache_mounts)
+        settings["env_set"] = {**settings.get("env_set", {}), **cache_env}
     # Never a way into firma's own state or the user's config and trust records (DESIGN §14, §15).
     config_dir = user_config_dir(env)
     check_mounts(settings.get("mounts", ()), state_root=root, realpath=realpath,
@@ -272,6 +281,7 @@ def build_plan(
         quiet=args.quiet,
         limits=limit_request,
         workspace_read_only=args.read_only,
+        caches=cache_names,
         publish=published,
         timeout_secs=runopts.parse_duration(args.timeout) if args.timeout is not None else None,
         summary_json=posixpath.normpath(posixpath.join(cwd, args.summary_json)) if args.summary_json else None,
@@ -281,6 +291,9 @@ def build_plan(
         + tuple(Weakening("allow_hosts", w, sources.get("allow_hosts", "command line")) for w in checked_allow.warnings)
         + tuple(Weakening("allow_tcp", f"opaque TCP to {t}: any protocol, not inspected", sources.get("allow_tcp", "command line"))
                 for t in allow_tcp)
+        + tuple(Weakening("caches", f"cache {n} is shared between the runs in this workspace (one run's agent can "
+                          "change what a later run's agent reads)", "command line" if n in args.cache else sources.get("caches", "config"))
+                for n in cache_names)
         + tuple(Weakening("publish", f"the agent's port {p.port} is reachable at {p.bind}:{p.host_port}"
                           + ("" if p.loopback else " (not loopback: other machines can connect)"), "command line")
                 for p in published)
@@ -375,6 +388,7 @@ def plan_to_json(plan: RunPlan) -> dict[str, Any]:
         "on_workspace_findings": plan.on_workspace_findings,
         "workspace_read_only": plan.workspace_read_only,
         "timeout_secs": plan.timeout_secs,
+        "caches": list(plan.caches),
         "publish": [{"bind": p.bind, "host_port": p.host_port, "port": p.port} for p in plan.publish],
         "limits": {
             "memory": plan.limits.memory, "pids": plan.limits.pids, "cpus": plan.limits.cpus,

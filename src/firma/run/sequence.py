@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Coroutine, Protocol, TextIO, TypeVar, cast
 from ..backends.base import Backend, LaunchedChild, PlantingBackend, RoutingMode, RoutingPlan
 from ..core.hostfacts import Host
 from ..core import runsummary
+from ..core.caches import TARGET_ROOT as CACHE_TARGET_ROOT
 from ..core.model import EnforcementProof, ExecutionEnvelope, RunPlan
 from ..errors import FirmaError
 from .envelope import build_envelope, seccomp_for
@@ -97,7 +98,11 @@ def run(
             from ..backends import backend_for  # noqa: PLC0415 - loads only the backend in use
 
             backend = backend_for(plan.backend)
-        # 1. prepare + gates: nothing is started before these pass.
+        # 1. prepare + gates: nothing is started before these pass. Kept caches' directories are
+        # firma's own (0700, never a link): made now, so prepare finds every mount source.
+        for m in plan.mounts:
+            if m.target.startswith(CACHE_TARGET_ROOT + "/"):
+                privfs.ensure_dir(m.source)
         proof = backend.prepare(plan, host)
         gate(proof, plan, log)
         refuse_without_sidecar(plan)
