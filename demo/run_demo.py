@@ -132,8 +132,14 @@ def main() -> int:
         f"stub refused {len(dns_seen)} quer(ies) (audit)" if audit else "no audit log to check",
         not n["ok"] and len(dns_seen) > 0, "BLOCKED (no address)", "ESCAPED")
     u = r["no_proxy"]
-    row(5, "proxy variables unset, direct GET", short(u["detail"]), f"upstream saw {direct_hits} request(s)",
-        not u["ok"] and direct_hits == 0, "BLOCKED (no route)", "ESCAPED")
+    # Transparent egress: a client that ignores the proxy still goes through the sidecar's
+    # decision (and audit); it arrives only as an allowed, audited connection.
+    tunnels = [e for e in audit if e.get("action") == "network.connect" and e.get("decision") == 1
+               and e.get("resource") == f"127.0.0.1:{upstream.port}"]
+    row(5, "proxy variables unset, direct GET", short(u["detail"]),
+        f"upstream saw {direct_hits}, sidecar allowed {len(tunnels)}",
+        u["ok"] and direct_hits == 1 and len(tunnels) == 1, "ALLOWED (sidecar, no proxy)",
+        "ESCAPED" if direct_hits > len(tunnels) else "UNEXPECTED")
 
     headers = ("#", "the agent tried", "what it got inside the sandbox", "what reached the far side", "verdict")
     table = [headers] + [tuple(str(c) for c in x) for x in rows]
@@ -152,7 +158,7 @@ def main() -> int:
     if bad:
         print(f"\n{len(bad)} outcome(s) differ from what firma promises: see the rows marked above.")
         return 1
-    print("\nEvery way out except the allowed request was closed, and the proof says how.")
+    print("\nEvery way out was closed or went through the sidecar's decision, and the proof says how.")
     return 0
 
 
