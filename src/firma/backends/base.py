@@ -158,9 +158,11 @@ class PlantingBackend(Backend, Protocol):
     stay the caller's to close."""
 
     def build(
-        self, envelope: ExecutionEnvelope, add_check: AddCheck, log: Callable[[str], None], waits: Waits
+        self, envelope: ExecutionEnvelope, add_check: AddCheck, log: Callable[[str], None], waits: Waits,
+        terminal: int | None = None, terminal_stderr: bool = False,
     ) -> HeldSandbox:
-        """Spawn the sandbox holding the agent and plant the sockets (`held.socks`)."""
+        """Spawn the sandbox holding the agent and plant the sockets (`held.socks`). `terminal`:
+        the pty slave to give the agent as stdin and stdout (and stderr with `terminal_stderr`)."""
 
     def release(self, held: HeldSandbox, add_check: AddCheck, waits: Waits) -> PlantedChild:
         """Verify the sandbox from outside, release the agent, verify its credentials."""

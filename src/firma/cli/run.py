@@ -44,6 +44,7 @@ OPTIONS = (
     Opt("--cache", APPEND, "cache", metavar="NAME",
         help="keep this tool's cache between runs in this workspace: pip, uv, npm, cargo, go, maven, gradle (repeatable)"),
     Opt("--no-caches", FLAG, "no_caches", help="no kept caches for this run, whatever the configuration says"),
+    Opt("--no-tty", FLAG, "no_tty", help="never give the agent a terminal of its own (pipes, as without a terminal)"),
     Opt("--read-only", FLAG, "read_only", help="the workspace is read-only inside (/tmp stays writable)"),
     Opt("--timeout", VALUE, "timeout", metavar="DURATION", help="stop the agent after this long (30s, 10m, 2h): SIGTERM, then SIGKILL; exit 124"),
     Opt("--memory", VALUE, "memory", metavar="SIZE", help="memory of the whole sandbox, e.g. 4g or 512m (default: half of RAM)"),
@@ -76,6 +77,15 @@ def _load_config(args, environ, cwd: str) -> cfgmod.ConfigSet:
     if line is not None:
         print(f"[WARN] {line}", file=sys.stderr)
     return cfgs
+
+
+def _foreground() -> bool:
+    """firma is the terminal's foreground job (`firma run … &` is not: taking the terminal raw
+    would stop it with SIGTTOU)."""
+    try:
+        return os.tcgetpgrp(0) == os.getpgrp()
+    except OSError:
+        return False
 
 
 def run(args) -> int:
@@ -115,6 +125,8 @@ def run(args) -> int:
         publish=tuple(args.publish or ()),
         cache=tuple(args.cache or ()),
         no_caches=args.no_caches,
+        # a terminal of the agent's own when firma's stdin and stdout are terminals (DESIGN §12a)
+        terminal=not args.no_tty and os.isatty(0) and os.isatty(1) and _foreground(),
         memory=args.memory,
         pids=args.pids,
         cpus=args.cpus,

@@ -159,6 +159,7 @@ class RunPlan:
     workspace_read_only: bool = False  # --read-only (bwrap only)
     timeout_secs: float | None = None  # --timeout: wall clock; SIGTERM, then SIGKILL; exit 124
     publish: tuple[Publish, ...] = ()  # --publish (bwrap, embedded sidecar)
+    terminal: bool = False  # the agent gets a pty of its own, relayed by the launcher (bwrap; DESIGN §12a)
     caches: tuple[str, ...] = ()  # [run].caches / --cache: tool caches kept per workspace (their mounts are in `mounts`)
     quiet: bool = False  # --quiet: no run summary on stderr
     summary_json: str | None = None  # --summary-json FILE

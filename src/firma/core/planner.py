@@ -52,6 +52,7 @@ class RunArgs:
     publish: tuple[str, ...] = ()  # --publish [[BIND:]HOST_PORT:]PORT
     cache: tuple[str, ...] = ()  # --cache NAME (adds to [run].caches)
     no_caches: bool = False  # --no-caches
+    terminal: bool = False  # stdin and stdout are terminals and no --no-tty (the CLI looks)
     memory: str | None = None  # --memory SIZE
     pids: int | None = None  # --pids N
     cpus: str | None = None  # --cpus N
@@ -282,6 +283,7 @@ def build_plan(
         limits=limit_request,
         workspace_read_only=args.read_only,
         caches=cache_names,
+        terminal=args.terminal and host.setsid_path is not None,
         publish=published,
         timeout_secs=runopts.parse_duration(args.timeout) if args.timeout is not None else None,
         summary_json=posixpath.normpath(posixpath.join(cwd, args.summary_json)) if args.summary_json else None,
@@ -389,6 +391,7 @@ def plan_to_json(plan: RunPlan) -> dict[str, Any]:
         "workspace_read_only": plan.workspace_read_only,
         "timeout_secs": plan.timeout_secs,
         "caches": list(plan.caches),
+        "terminal": plan.terminal,
         "publish": [{"bind": p.bind, "host_port": p.host_port, "port": p.port} for p in plan.publish],
         "limits": {
             "memory": plan.limits.memory, "pids": plan.limits.pids, "cpus": plan.limits.cpus,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from ..backends.base import RoutingPlan
+from ..backends.base import RoutingMode, RoutingPlan
 from ..core import launchenv
 from ..core.hostfacts import Host
 from ..core.model import ExecutionEnvelope, Mount, NetworkEndpoints, RunPlan
@@ -35,6 +35,7 @@ def build_envelope(
     dns_stub_addr: str | None,
     routing: RoutingPlan,
     artifact: SeccompArtifact | None,
+    setsid: str | None = None,
 ) -> ExecutionEnvelope:
     """The envelope for `plan`; `artifact` is the managed seccomp filter from `seccomp_for`
     (its exec gate, if any, prefixes the command)."""
@@ -43,6 +44,9 @@ def build_envelope(
         extra[DNS_STUB_ENV] = dns_stub_addr
     env = launchenv.with_proxy(plan.base_env, proxy_url, extra=extra)
     prefix = tuple(artifact.command_prefix) if artifact is not None else ()
+    if plan.terminal and routing.mode is RoutingMode.PLANTED and setsid is not None:
+        # setsid -c makes the agent's pty its controlling terminal, then execs (the exec gate, if any)
+        prefix = (setsid, "-c") + prefix
     argv = prefix + tuple(plan.argv)
     return ExecutionEnvelope(
         sandbox_id=plan.identity.sandbox_id,

@@ -29,6 +29,7 @@ import time
 from typing import Any, cast
 
 from ..core.runopts import TIMEOUT_GRACE_SECS, TIMEOUT_STATUS, timeout_note
+from typing import TYPE_CHECKING
 from ..backends.base import HeldSandbox, LaunchedChild, PlantedChild, PlantedSockets, PlantingBackend, RoutingPlan
 from ..core.model import PLANTED_DNS_ADDR, PLANTED_PROXY_ADDR, Check, ExecutionEnvelope, Publish, RunPlan
 from ..core.record import record
@@ -36,6 +37,8 @@ from ..errors import FirmaError, LaunchError, SidecarError
 from .gates import unreachable_external
 from .log import RunLog
 from .record import RunRecord, sidecar_listen
+if TYPE_CHECKING:
+    from .terminal import TerminalRelay
 from .signals import (
     FORWARDED,
     TERMINATION,
@@ -88,6 +91,7 @@ class ForkedHosting:
         self._socks: PlantedSockets | None = None  # the launcher's copies until the fork
         self._services: ServicesProcess | None = None
         self._published: list[tuple[socket.socket, Publish]] = []  # --publish host listeners
+        self._tty: TerminalRelay | None = None  # the agent's own terminal (DESIGN §12a)
 
     async def probe_external(self, plan: RunPlan) -> None:
         from ..services.health import probe  # noqa: PLC0415 - only with an external sidecar
@@ -106,6 +110,9 @@ class ForkedHosting:
         self._waits = LaunchWaits(self._signals)
 
     def restore_signals(self) -> None:
+        if self._tty is not None:
+            self._tty.close()  # the user's terminal as it was, on every way out
+            self._tty = None
         if self._signals is not None:
             self._signals.uninstall()
 
@@ -127,11 +134,23 @@ class ForkedHosting:
         waits = self._waits
         assert waits is not None
         waits.check()
-        self._held = held = self._backend.build(envelope, run.add_check, run.log, waits)
+        if run.plan.terminal:
+            from .terminal import TerminalRelay  # noqa: PLC0415 - only with a terminal
+
+            self._tty = TerminalRelay()
+        tty = self._tty
+        self._held = held = self._backend.build(envelope, run.add_check, run.log, waits,
+                                                terminal=tty.slave if tty else None,
+                                                terminal_stderr=bool(tty and tty.stderr_too))
         self._socks = held.socks
         waits.check()
         child = self._backend.release(held, run.add_check, waits)
         self._held = None
+        if tty is not None:
+            tty.close_slave()  # the agent holds it; the pty ends when the agent does
+            tty.raw()
+            run.add_check(Check("terminal", True, "the agent runs on a pty of its own (controlling terminal, "
+                                "setsid -c), relayed; the user's terminal raw while it runs, restored after"))
         return child
 
     async def serve(self, run: RunRecord) -> None:
@@ -152,7 +171,10 @@ class ForkedHosting:
         assert self._services is not None and self._signals is not None
         # A planting backend's release returns a PlantedChild (see launch above).
         status, timed_out = _supervise(cast(PlantedChild, child), self._services, self._signals, run.log,
-                                       run.plan.sidecar.startup_timeout_secs, run.plan.timeout_secs)
+                                       run.plan.sidecar.startup_timeout_secs, run.plan.timeout_secs, self._tty)
+        if self._tty is not None:
+            self._tty.drain()  # the agent's last output
+            self._tty.restore()
         if timed_out:
             run.notes.append(timeout_note(run.plan.timeout_secs))
             return TIMEOUT_STATUS
@@ -403,7 +425,7 @@ async def _serve(run: RunRecord, embedded: EmbeddedSidecar | None, socks: Plante
 
 
 def _supervise(child: PlantedChild, services: ServicesProcess, signals: Signals, log: RunLog, startup_timeout: float,
-               timeout_secs: float | None = None) -> tuple[int, bool]:
+               timeout_secs: float | None = None, tty: TerminalRelay | None = None) -> tuple[int, bool]:
     """Wait for the agent while forwarding signals (a second termination signal kills the whole
     sandbox) and watching the services process, which must serve within the sidecar start-up
     timeout (DESIGN §9) or the run stops: an agent whose connections would wait forever is
@@ -420,13 +442,23 @@ def _supervise(child: PlantedChild, services: ServicesProcess, signals: Signals,
         watch = [child.proc_pidfd, signals.r, services.pidfd]
         if services.starting:
             watch.append(services.serving_r)
+        if tty is not None:
+            watch += ([tty.master] if tty.pty_open else []) + ([0] if tty.stdin_open else [])
         ends = [t for t in (deadline if services.starting else None, None if timed_out else wall, kill_at) if t is not None]
         timeout = max(min(ends) - time.monotonic(), 0) if ends else None
         ready = select.select(watch, [], [], timeout)[0]
         for signum in signals.take():
+            if tty is not None and signum == signal.SIGWINCH:
+                tty.resize()  # the kernel tells the agent's foreground job
+                continue
             sup.handle(signum)
             if signum in TERMINATION and sup.escalated:
                 log(f"second termination signal ({signum}): killing the sandbox", "warn")
+        if tty is not None:
+            if tty.master in ready:
+                tty.to_user()
+            if 0 in ready:
+                tty.from_user()
         if child.proc_pidfd in ready:
             return child.status(), timed_out
         if services.serving_r in ready:

@@ -140,7 +140,7 @@ async def _launch(
     # From here the hosting owns the signals, so the run dir made next is always torn down.
     hosting.take_signals()
     try:
-        return await _run(plan, proof, routing, hosting, log, artifact)
+        return await _run(plan, proof, routing, hosting, log, artifact, host.setsid_path)
     finally:
         hosting.restore_signals()
 
@@ -152,6 +152,7 @@ async def _run(
     hosting: Hosting,
     log: RunLog,
     artifact: SeccompArtifact | None,
+    setsid: str | None = None,
 ) -> int:
     run = open_run(plan, proof, log, artifact)
     # 2. sidecar ready
@@ -169,7 +170,7 @@ async def _run(
     try:
         proxy_url, dns_stub_addr = await hosting.start_services(run, routing)
         envelope = build_envelope(
-            plan, proxy_url=proxy_url, dns_stub_addr=dns_stub_addr, routing=routing, artifact=artifact
+            plan, proxy_url=proxy_url, dns_stub_addr=dns_stub_addr, routing=routing, artifact=artifact, setsid=setsid
         )
         # 3. build + release: from here on firma's log lines stay off the agent's terminal.
         log.quiet = True

@@ -183,7 +183,8 @@ class BwrapBackend:
             raise bwrap_plan.symlink_error(links[0])
 
     def build(
-        self, envelope: ExecutionEnvelope, add_check: AddCheck, log=lambda _m: None, waits: Waits = BLOCKING
+        self, envelope: ExecutionEnvelope, add_check: AddCheck, log=lambda _m: None, waits: Waits = BLOCKING,
+        terminal: int | None = None, terminal_stderr: bool = False,
     ) -> HeldSandbox:
         """Spawn bwrap holding the agent, read where the sandbox is, check that its network
         namespace has only `lo`, and plant the proxy and DNS sockets in it. On failure nothing
@@ -195,7 +196,7 @@ class BwrapBackend:
         # The run's cgroup is made while the plan is built and bwrap builds the sandbox (§5.3).
         limiter = self._start_limits()
         try:
-            return self._build(envelope, add_check, log, waits, limiter)
+            return self._build(envelope, add_check, log, waits, limiter, terminal, terminal_stderr)
         except BaseException:
             if limiter is not None:
                 limiter.abandon()
@@ -203,7 +204,8 @@ class BwrapBackend:
                     limiter.cgroup.remove()  # nothing of the sandbox is in it any more
             raise
 
-    def _build(self, envelope: ExecutionEnvelope, add_check: AddCheck, log, waits: Waits, limiter: Limiter | None) -> HeldSandbox:
+    def _build(self, envelope: ExecutionEnvelope, add_check: AddCheck, log, waits: Waits, limiter: Limiter | None,
+               terminal: int | None, terminal_stderr: bool) -> HeldSandbox:
         self._refuse_protected_symlinks(envelope.cwd)  # before any descriptor is opened
         seccomp_fd = open_seccomp(envelope)
         info_r, info_w = os.pipe2(os.O_CLOEXEC)
@@ -230,9 +232,11 @@ class BwrapBackend:
             clones = StagedClones(plan) if plan.staged else None
             # Own process group: a terminal's ^C reaches firma only, which forwards it. Plain
             # Popen + pidfd: no child-watcher thread exists before the planting fork.
+            # With a terminal of its own (run.terminal) the agent's stdio is that pty's slave.
             proc = subprocess.Popen(
                 bwrap_plan.exec_argv(plan, args_fd), pass_fds=passed, start_new_session=True,
                 preexec_fn=clones.enter if clones is not None else None,
+                stdin=terminal, stdout=terminal, stderr=terminal if terminal_stderr else None,
             )
             proc_pidfd = os.pidfd_open(proc.pid)
         except (OSError, LaunchError, subprocess.SubprocessError) as exc:

@@ -1,0 +1,203 @@
+"""The agent's own terminal (DESIGN §12a), driven through a real pseudo-terminal: firma runs as the
+session leader of a test pty (as in a terminal emulator); inside, bash has job control, /dev/tty,
+silent reads, ^C and ^Z reach only the agent's foreground job, the window size follows; the outer
+terminal's settings are the same afterwards, also when the agent changed its own (`stty susp a
+-isig -echo`) and when firma is stopped by SIGTERM mid-run. Without a terminal nothing changes
+(pipes: tests/linux/test_linux_lifecycle.py)."""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import select
+import signal
+import struct
+import termios
+import time
+
+from linux_support import base_env, firma_cmd, require_tools
+
+
+class Term:
+    """firma in a fresh pty, as a terminal emulator would start it."""
+
+    def __init__(self, argv: list[str], cwd, env) -> None:
+        self.master, slave = os.openpty()
+        self.slave_name = os.ttyname(slave)
+        self.pid = os.fork()
+        if self.pid == 0:  # pragma: no cover - the child becomes firma
+            try:
+                os.close(self.master)
+                os.setsid()
+                fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+                for fd in (0, 1, 2):
+                    os.dup2(slave, fd)
+                os.chdir(cwd)
+                os.execve(argv[0], argv, env)
+            finally:
+                os._exit(127)
+        os.close(slave)
+        # a descriptor of the outer terminal to read its settings (never its controlling one)
+        self.outer = os.open(self.slave_name, os.O_RDWR | os.O_NOCTTY)
+        self.out = b""
+
+    def read(self, secs: float = 1.0, until: bytes | None = None) -> bytes:
+        end = time.monotonic() + secs
+        start = len(self.out)
+        while time.monotonic() < end:
+            if until is not None and until in self.out[start:]:
+                break
+            if select.select([self.master], [], [], 0.05)[0]:
+                try:
+                    self.out += os.read(self.master, 65536)
+                except OSError:
+                    break
+        return self.out[start:]
+
+    def send(self, data: bytes, wait_for: bytes | None = None, secs: float = 5.0) -> bytes:
+        os.write(self.master, data)
+        return self.read(secs, wait_for)
+
+    def attrs(self):
+        return termios.tcgetattr(self.outer)
+
+    def wait(self, secs: float = 30) -> int:
+        end = time.monotonic() + secs
+        while time.monotonic() < end:
+            self.read(0.1)
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                return os.waitstatus_to_exitcode(status)
+        os.kill(self.pid, signal.SIGKILL)
+        os.waitpid(self.pid, 0)
+        raise AssertionError(f"firma did not exit: {self.out[-500:]!r}")
+
+    def close(self) -> None:
+        for fd in (self.master, self.outer):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _bash(ws, tmp_path, *extra: str) -> Term:
+    env = base_env(tmp_path, TERM="xterm")
+    return Term(firma_cmd("run", "--quiet", *extra, "--", "bash", "--norc", "--noprofile", "-i"), ws, env)
+
+
+def test_job_control_dev_tty_silent_reads_and_signals_reach_the_agent_only(ws, tmp_path):
+    require_tools()
+    t = _bash(ws, tmp_path)
+    try:
+        before = t.attrs()
+        assert b"$ " in t.read(10, b"$ "), t.out
+        assert b"no job control" not in t.out and b"cannot set terminal process group" not in t.out
+        out = t.send(b"sleep 100 &\n", b"$ ")
+        assert b"[1]" in out
+        out = t.send(b"exec 3</dev/tty && echo DEVTTY-OK\n", b"DEVTTY-OK")
+        assert b"DEVTTY-OK" in out, out
+        t.send(b"sleep 50\n", b"sleep 50")
+        time.sleep(0.3)
+        out = t.send(b"\x1a", b"Stopped")  # ^Z: the agent's foreground job stops, not firma
+        assert b"Stopped" in out, out
+        out = t.send(b"bg; jobs\n", b"$ ")
+        assert b"sleep 50 &" in out, out
+        out = t.send(b"read -s -p pw: x; echo; echo got=$x\n", b"pw:")
+        out = t.send(b"hunter2\n", b"got=")
+        t.read(1, b"$ ")
+        assert b"got=hunter2" in t.out and b"hunter2\r\n" not in out.split(b"got=")[0], out  # typed silently
+        t.send(b"sleep 30\n", b"sleep 30")
+        time.sleep(0.3)
+        out = t.send(b"\x03", b"$ ")  # ^C: only the foreground sleep
+        out = t.send(b"echo alive\n", b"alive")
+        assert b"alive" in out
+        # the attacker's trick: change the terminal's special keys and echo
+        t.send(b"stty susp a -isig -echo; echo changed\n", b"changed")
+        t.send(b"kill %1 %2; exit 7\n")
+        assert t.wait() == 7
+        assert t.attrs() == before  # the outer terminal is as it was
+    finally:
+        t.close()
+
+
+def test_the_window_size_follows_the_terminal(ws, tmp_path):
+    require_tools()
+    t = _bash(ws, tmp_path)
+    try:
+        fcntl.ioctl(t.master, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+        t.read(10, b"$ ")
+        out = t.send(b"stty size\n", b"24 80")
+        assert b"24 80" in out, out
+        fcntl.ioctl(t.master, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 123, 0, 0))  # the kernel sends SIGWINCH
+        time.sleep(0.3)
+        out = t.send(b"stty size\n", b"40 123")
+        assert b"40 123" in out, out
+        t.send(b"exit\n")
+        assert t.wait() == 0
+    finally:
+        t.close()
+
+
+def test_sigterm_mid_run_restores_the_outer_terminal(ws, tmp_path):
+    require_tools()
+    t = _bash(ws, tmp_path)
+    try:
+        before = t.attrs()
+        t.read(10, b"$ ")
+        t.send(b"sleep 100\n", b"sleep 100")
+        time.sleep(0.3)
+        raw = t.attrs()
+        assert raw != before  # raw while the agent runs (control: the restore below is real)
+        # an interactive bash ignores the forwarded SIGTERM; the second one kills the sandbox
+        os.kill(t.pid, signal.SIGTERM)
+        time.sleep(0.5)
+        os.kill(t.pid, signal.SIGTERM)
+        t.wait()
+        assert t.attrs() == before
+    finally:
+        t.close()
+
+
+def test_tiocsti_inside_never_reaches_the_outer_terminal(ws, tmp_path):
+    """An injection ioctl inside is refused (seccomp), and the agent's pty is its own anyway.
+    Control: the same call outside the sandbox, on a terminal of the test's, injects."""
+    require_tools()
+    import tty
+
+    m, s = os.openpty()
+    try:
+        tty.setraw(s)
+        fcntl.ioctl(s, termios.TIOCSTI, b"X")
+        assert select.select([s], [], [], 5)[0] and os.read(s, 10) == b"X"  # control: it works outside (as root)
+    except OSError as exc:
+        assert exc.errno == errno.EPERM, exc  # a kernel with legacy TIOCSTI off refuses even that
+    finally:
+        os.close(m)
+        os.close(s)
+    env = base_env(tmp_path, TERM="xterm")
+    probe = ("import fcntl, termios\n"
+             "try:\n"
+             "    fcntl.ioctl(0, termios.TIOCSTI, b'Z'); print('INJECTED')\n"
+             "except OSError as e:\n"
+             "    print('refused', e.errno)\n")
+    t = Term(firma_cmd("run", "--quiet", "--", "/usr/bin/python3", "-c", probe), ws, env)
+    try:
+        assert t.wait() == 0
+        assert b"refused 1" in t.out, t.out  # EPERM from the seccomp filter
+        assert b"INJECTED" not in t.out
+    finally:
+        t.close()
+
+
+def test_no_tty_keeps_pipes(ws, tmp_path):
+    require_tools()
+    env = base_env(tmp_path, TERM="xterm")
+    t = Term(firma_cmd("run", "--quiet", "--no-tty", "--", "sh", "-c", "tty; test -t 0 && echo stdin-tty"), ws, env)
+    try:
+        assert t.wait() == 0
+        # --no-tty: the agent gets firma's own stdio (this test's pty), no pty of its own and
+        # no controlling terminal inside its new session
+        assert b"not a tty" in t.out or b"/dev/console" in t.out, t.out
+    finally:
+        t.close()
