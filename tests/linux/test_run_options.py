@@ -207,3 +207,18 @@ def test_publish_refusals(tmp_path, ws):
         assert p.returncode == 1 and "--publish" in p.stderr, (bad, p.stderr)
     p = run_firma(["run", "--publish", "8000", "--sidecar", "tcp://127.0.0.1:9", "--", "true"], cwd=ws, env=base_env(tmp_path))
     assert p.returncode == 1 and "embedded sidecar" in p.stderr
+
+
+def test_print_effective_config_shows_the_everyday_options(tmp_path, ws):
+    require_tools()
+    (tmp_path / "data").mkdir()
+    p = run_firma(["run", "--print-effective-config", "--env", "A=1", "--env", "HOME", "--mount", f"{tmp_path}/data:/tmp/d:ro",
+                   "--allow-write", str(tmp_path / "data"), "--read-only", "--timeout", "5m", "--publish", "8080:3000",
+                   "--cache", "npm", "--no-tty", "--", "true"], cwd=ws, env=base_env(tmp_path))
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["env"]["A"] == "1" and doc["workspace_read_only"] is True and doc["timeout_secs"] == 300.0
+    assert {"source": f"{tmp_path}/data", "target": "/tmp/d", "read_only": True} in doc["mounts"]
+    assert {"source": f"{tmp_path}/data", "target": f"{tmp_path}/data", "read_only": False} in doc["mounts"]
+    assert doc["publish"] == [{"bind": "127.0.0.1", "host_port": 8080, "port": 3000}]
+    assert doc["caches"] == ["npm"] and doc["terminal"] is False

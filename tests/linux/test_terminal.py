@@ -95,28 +95,48 @@ def test_job_control_dev_tty_silent_reads_and_signals_reach_the_agent_only(ws, t
         assert b"no job control" not in t.out and b"cannot set terminal process group" not in t.out
         out = t.send(b"sleep 100 &\n", b"$ ")
         assert b"[1]" in out
-        out = t.send(b"exec 3</dev/tty && echo DEVTTY-OK\n", b"DEVTTY-OK")
-        assert b"DEVTTY-OK" in out, out
+        # markers are computed by the shell: the echoed command line never contains them
+        out = t.send(b"exec 3</dev/tty && echo DEVTTY-$((40+2))\n", b"DEVTTY-42")
+        assert b"DEVTTY-42" in out, out
         t.send(b"sleep 50\n", b"sleep 50")
         time.sleep(0.3)
         out = t.send(b"\x1a", b"Stopped")  # ^Z: the agent's foreground job stops, not firma
         assert b"Stopped" in out, out
-        out = t.send(b"bg; jobs\n", b"$ ")
+        out = t.send(b"bg; jobs\n", b"sleep 50 &")
         assert b"sleep 50 &" in out, out
-        out = t.send(b"read -s -p pw: x; echo; echo got=$x\n", b"pw:")
+        out = t.send(b"read -s -p \"$(printf p%s w):\" x; echo; echo got=$x\n", b"pw:")
         out = t.send(b"hunter2\n", b"got=")
         t.read(1, b"$ ")
         assert b"got=hunter2" in t.out and b"hunter2\r\n" not in out.split(b"got=")[0], out  # typed silently
         t.send(b"sleep 30\n", b"sleep 30")
         time.sleep(0.3)
         out = t.send(b"\x03", b"$ ")  # ^C: only the foreground sleep
-        out = t.send(b"echo alive\n", b"alive")
-        assert b"alive" in out
-        # the attacker's trick: change the terminal's special keys and echo
-        t.send(b"stty susp a -isig -echo; echo changed\n", b"changed")
+        out = t.send(b"echo ali$((0))ve\n", b"ali0ve")
+        assert b"ali0ve" in out
+        # the attacker's trick: make `a` the suspend key and turn echo off
+        t.send(b"stty susp a; echo chan$((1))ged\n", b"chan1ged")
+        t.send(b"a")  # reaches the agent's pty (its shell ignores the stop), never firma
+        time.sleep(0.3)
+        with open(f"/proc/{t.pid}/stat") as f:
+            assert f.read().rsplit(")", 1)[1].split()[0] != "T"  # firma is not stopped
+        t.send(b"\x15stty -isig -echo; echo chan$((2))ged\n", b"chan2ged")
         t.send(b"kill %1 %2; exit 7\n")
         assert t.wait() == 7
         assert t.attrs() == before  # the outer terminal is as it was
+        # nothing of the run holds the user's terminal afterwards (the agent never had it)
+        holders = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                fds = os.listdir(f"/proc/{pid}/fd")
+            except OSError:
+                continue
+            for fd in fds:
+                try:
+                    if os.readlink(f"/proc/{pid}/fd/{fd}") == t.slave_name and int(pid) != os.getpid():
+                        holders.append(pid)
+                except OSError:
+                    pass
+        assert holders == [], holders
     finally:
         t.close()
 
@@ -199,5 +219,45 @@ def test_no_tty_keeps_pipes(ws, tmp_path):
         # --no-tty: the agent gets firma's own stdio (this test's pty), no pty of its own and
         # no controlling terminal inside its new session
         assert b"not a tty" in t.out or b"/dev/console" in t.out, t.out
+    finally:
+        t.close()
+
+
+def test_full_screen_programs_draw_and_exit(ws, tmp_path):
+    require_tools()
+    (ws / "notes.txt").write_text("".join(f"line {i} of the notes\n" for i in range(200)))
+    env = base_env(tmp_path, TERM="xterm")
+    for argv, drawn, keys in ((["less", "notes.txt"], b"line 5 of the notes", b"q"),
+                              (["vim", "-u", "NONE", "-N", "-n", "notes.txt"], b"line 5 of the notes", b"\x1b:q!\r")):
+        t = Term(firma_cmd("run", "--quiet", "--", *argv), ws, env)
+        try:
+            fcntl.ioctl(t.master, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
+            before = t.attrs()
+            assert drawn in t.read(15, drawn), (argv, t.out[-300:])
+            assert b"\x1b[" in t.out  # it drew with escape sequences (a real terminal for it)
+            t.send(keys)
+            assert t.wait() == 0, (argv, t.out[-300:])
+            assert t.attrs() == before
+        finally:
+            t.close()
+
+
+def test_the_exec_gate_keeps_the_terminal_its_own(ws, tmp_path):
+    """With a seccomp policy denying system.execute, the exec gate runs between setsid -c and the
+    agent: the agent still leads its session on its own pty (job control, /dev/tty)."""
+    require_tools()
+    pol = tmp_path / "seccomp.toml"
+    pol.write_text('policy_id = "tty"\npolicy_version = "1"\ndefault_action = "allow"\ndeny_actions = ["system.execute"]\n')
+    cfg = tmp_path / "firma.toml"
+    cfg.write_text(f'[run]\nseccomp_policy = {{ source_policy_path = "{pol}", artifact_dir = "{tmp_path / "artifacts"}" }}\n')
+    t = Term(firma_cmd("--config", str(cfg), "run", "--quiet", "--", "bash", "--norc", "--noprofile", "-i"), ws,
+             base_env(tmp_path, TERM="xterm"))
+    try:
+        assert b"$ " in t.read(15, b"$ "), t.out
+        assert b"no job control" not in t.out
+        out = t.send(b"exec 3</dev/tty && echo DEVTTY-$((40+2)); sleep 1 || echo EXEC-$((6*7))\n", b"EXEC-42", secs=10)
+        assert b"DEVTTY-42" in out and b"EXEC-42" in out, out  # the policy holds: no second exec
+        t.send(b"exit 4\n")
+        assert t.wait() == 4
     finally:
         t.close()
