@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from typing import Any, Awaitable, TypeVar, cast
+from typing import Any, cast
 
 from ..core.endpoint import parse_endpoint
 from .listen import short_unix_path
 from ..core.http1 import HttpError, head_end, plausible_request_start
-
-T = TypeVar("T")
 
 READ_CHUNK = 1024 * 1024
 STREAM_LIMIT = 4 * 1024 * 1024
@@ -45,13 +43,6 @@ def nodelay(writer: asyncio.StreamWriter) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
-
-
-async def within(aw: Awaitable[T], secs: float | None) -> T:
-    """`await aw`, raising TimeoutError after `secs`: asyncio.wait_for without the task it creates
-    for every call (a measurable share of a small request's cost here)."""
-    async with asyncio.timeout(secs):
-        return await aw
 
 
 class Stream:

@@ -59,7 +59,7 @@ class Published:
             s = self._inner_socket()
             s.setblocking(False)
             try:
-                await netio.within(asyncio.get_running_loop().sock_connect(s, ("127.0.0.1", pub.port)), 10)
+                await asyncio.wait_for(asyncio.get_running_loop().sock_connect(s, ("127.0.0.1", pub.port)), 10)
             except (OSError, TimeoutError):
                 s.close()
                 self._audit(resource, auditfmt.ABORT, "nothing_listening", 0)  # the agent does not listen there

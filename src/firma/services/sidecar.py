@@ -295,7 +295,7 @@ class Sidecar:
             addrs = [host]
         else:
             try:
-                addrs = await netio.within(self._resolve(host, port), self.config.connect_timeout)
+                addrs = await asyncio.wait_for(self._resolve(host, port), self.config.connect_timeout)
             except Exception as exc:  # noqa: BLE001 - any resolver failure refuses (fail closed)
                 return _Verdict(False, "resolve_failed", f"cannot resolve {host}: {exc}", 502, host=authority_host, port=port, monitored=monitored)
             if not addrs:
@@ -320,7 +320,7 @@ class Sidecar:
         last: Exception | None = None
         for ip in v.addrs:  # exactly the addresses that were checked, in order
             try:
-                r, w = await netio.within(
+                r, w = await asyncio.wait_for(
                     asyncio.open_connection(ip, v.port, limit=netio.STREAM_LIMIT), self.config.connect_timeout
                 )
                 netio.nodelay(w)
@@ -397,7 +397,7 @@ class Sidecar:
             first = True
             while True:
                 try:
-                    raw = await netio.within(
+                    raw = await asyncio.wait_for(
                         s.read_head(self.limits.max_head_bytes, request=True),
                         self.limits.setup_timeout if first else self.limits.idle_timeout,
                     )
@@ -591,7 +591,7 @@ class Sidecar:
         if framing.kind == "length":
             left = framing.length
             while left:
-                data = await netio.within(s.read_some(min(left, netio.READ_CHUNK)), self.limits.idle_timeout)
+                data = await asyncio.wait_for(s.read_some(min(left, netio.READ_CHUNK)), self.limits.idle_timeout)
                 if not data:
                     return "client_body_truncated"
                 left -= len(data)
@@ -600,7 +600,7 @@ class Sidecar:
             return ""
         scanner = http1.ChunkedScanner()
         while not scanner.done:
-            data = await netio.within(s.read_some(), self.limits.idle_timeout)
+            data = await asyncio.wait_for(s.read_some(), self.limits.idle_timeout)
             if not data:
                 return "client_body_truncated"
             try:
@@ -620,7 +620,7 @@ class Sidecar:
 
     async def _relay_response(self, s: netio.Stream, up: netio.Stream, method: str, client_keep: bool) -> tuple[int, int, bool]:
         while True:
-            raw = await netio.within(up.read_head(self.limits.max_head_bytes), self.limits.idle_timeout)
+            raw = await asyncio.wait_for(up.read_head(self.limits.max_head_bytes), self.limits.idle_timeout)
             if raw is None:
                 raise ConnectionError("upstream closed without a response")
             resp = http1.parse_response_head(raw)
@@ -648,7 +648,7 @@ class Sidecar:
         elif framing.kind == "chunked":
             scanner = http1.ChunkedScanner()
             while not scanner.done:
-                data = await netio.within(up.read_some(), self.limits.idle_timeout)
+                data = await asyncio.wait_for(up.read_some(), self.limits.idle_timeout)
                 if not data:
                     raise ConnectionError("upstream closed mid-body")
                 n = scanner.feed(data)
@@ -657,7 +657,7 @@ class Sidecar:
             size = scanner.body_bytes
         elif framing.kind == "close":
             while True:
-                data = await netio.within(up.read_some(), self.limits.idle_timeout)
+                data = await asyncio.wait_for(up.read_some(), self.limits.idle_timeout)
                 if not data:
                     break
                 size += len(data)
@@ -737,7 +737,7 @@ class Sidecar:
             if left <= 0:
                 return "other" if s.buf else "closed"
             try:
-                chunk = await netio.within(s.r.read(65536), left)
+                chunk = await asyncio.wait_for(s.r.read(65536), left)
             except asyncio.TimeoutError:
                 continue
             if not chunk:
@@ -790,7 +790,7 @@ class Sidecar:
         resource = host.authority(port)
         if not s.buf:  # a transparent connection was already read into (its first bytes classified it)
             try:
-                first = await netio.within(s.r.read(65536), self.limits.setup_timeout)
+                first = await asyncio.wait_for(s.r.read(65536), self.limits.setup_timeout)
             except asyncio.TimeoutError:
                 first = b""
             s.buf += first
@@ -802,7 +802,7 @@ class Sidecar:
             return  # nothing was sent
         while True:
             try:
-                raw = await netio.within(s.read_head(self.limits.max_head_bytes, request=True), self.limits.idle_timeout)
+                raw = await asyncio.wait_for(s.read_head(self.limits.max_head_bytes, request=True), self.limits.idle_timeout)
             except (HttpError, asyncio.TimeoutError, asyncio.IncompleteReadError):
                 self._audit(ctx, action="http.malformed", resource=resource, decision=auditfmt.DENY,
                             reason="malformed_request", t0=t0)
@@ -854,7 +854,7 @@ class Sidecar:
             chunk = None
             if left > 0:
                 try:
-                    chunk = await netio.within(s.r.read(65536), left)
+                    chunk = await asyncio.wait_for(s.r.read(65536), left)
                 except asyncio.TimeoutError:
                     pass
             if chunk is None:  # the deadline: decide on what arrived
