@@ -8,9 +8,11 @@ are documentation and synthetic ones, inside the sandbox, whose network namespac
 
 from __future__ import annotations
 
+import fcntl
 import json
 import socket
 import ssl
+import struct
 import subprocess
 import threading
 import time
@@ -324,3 +326,56 @@ def test_unprivileged_caller_gets_the_same_routes_and_listeners(tmp_path):
     finally:
         up.close()
         remove_install(inst)
+
+
+def test_local_routes_wait_for_lo_to_come_up():
+    """The `lo` race (bwrap gives lo its address before the link is up): adding the local routes
+    answers ENETDOWN until the link is up, and planting waits for it (bounded). In a throwaway
+    user and network namespace of a forked child: lo brought up 0.3 s late, the routes land;
+    control: lo never brought up, the wait ends with ENETDOWN."""
+    import ctypes
+    import json as _json
+    import os
+
+    from firma.backends.bwrap import planting
+    from firma.core import egress
+
+    def child(bring_up: bool) -> dict:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the probe child
+            out = {}
+            try:
+                os.close(r)
+                if ctypes.CDLL(None, use_errno=True).unshare(0x10000000 | 0x40000000) != 0:
+                    raise OSError(ctypes.get_errno(), "unshare")
+                planting._LOOPBACK_WAIT = 1.0
+
+                def up():
+                    time.sleep(0.3)
+                    with socket.socket() as s:
+                        flags = struct.unpack("16sH", fcntl.ioctl(s, 0x8913, struct.pack("16sH", b"lo", 0)))[1]
+                        fcntl.ioctl(s, 0x8914, struct.pack("16sH", b"lo", flags | 1))
+
+                if bring_up:
+                    threading.Thread(target=up, daemon=True).start()
+                t = time.monotonic()
+                why = planting._add_local_routes(v6=os.path.exists("/proc/sys/net/ipv6"))
+                out = {"why": why.decode(), "secs": time.monotonic() - t,
+                       "v4": egress.local_default_routes(open("/proc/self/net/fib_trie").read(), "")[0]}
+            except BaseException as exc:
+                out = {"error": repr(exc)}
+            os.write(w, _json.dumps(out).encode())
+            os._exit(0)
+        os.close(w)
+        data = b""
+        while chunk := os.read(r, 4096):
+            data += chunk
+        os.close(r)
+        os.waitpid(pid, 0)
+        return _json.loads(data)
+
+    late = child(True)
+    assert late.get("why") == "" and late["v4"] and 0.25 < late["secs"] < 1.0, late
+    never = child(False)
+    assert "Network is down" in never.get("why", ""), never

@@ -53,9 +53,18 @@ def _add_local_routes(v6: bool) -> bytes:
     nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
     try:
         nl.bind((0, 0))
-        for seq, family in enumerate((socket.AF_INET, socket.AF_INET6) if v6 else (socket.AF_INET,), 1):
-            nl.send(rtnl.local_default_route(family, lo, seq))
-            err = rtnl.ack_errno(nl.recv(65536), seq)
+        seq = 0
+        for family in (socket.AF_INET, socket.AF_INET6) if v6 else (socket.AF_INET,):
+            # bwrap gives `lo` its address before it brings the link up (and IPv6 follows the
+            # link): ENETDOWN until then. Bounded like the bind above.
+            deadline = time.monotonic() + _LOOPBACK_WAIT
+            while True:
+                seq += 1
+                nl.send(rtnl.local_default_route(family, lo, seq))
+                err = rtnl.ack_errno(nl.recv(65536), seq)
+                if err != errno.ENETDOWN or time.monotonic() > deadline:
+                    break
+                time.sleep(0.0005)
             if err:
                 return b"local route (%s): %s" % (b"IPv6" if family == socket.AF_INET6 else b"IPv4", os.strerror(err).encode())
             if err is None:
