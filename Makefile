@@ -33,6 +33,10 @@ bench: setup
 	$(PY) bench/proxy.py
 	$(PY) bench/launch.py
 	$(PY) bench/workspace_check.py
+	$(PY) bench/egress.py
+	$(PY) bench/relay_copy.py
+	$(PY) bench/terminal.py
+	$(PY) bench/audit.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .hypothesis
