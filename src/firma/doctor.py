@@ -399,7 +399,7 @@ def _transparent_probe() -> tuple[bool, str]:
     import socket
     import struct
 
-    from .core import rtnl
+    from .backends.bwrap.planting import add_local_routes  # the very routes firma run plants
 
     r, w = os.pipe()
     pid = os.fork()
@@ -412,12 +412,9 @@ def _transparent_probe() -> tuple[bool, str]:
             with socket.socket() as s:  # lo up: SIOCGIFFLAGS, SIOCSIFFLAGS
                 flags = struct.unpack("16sH", fcntl.ioctl(s, 0x8913, struct.pack("16sH", b"lo", 0)))[1]
                 fcntl.ioctl(s, 0x8914, struct.pack("16sH", b"lo", flags | 1))
-            with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as nl:
-                nl.bind((0, 0))
-                nl.send(rtnl.local_default_route(socket.AF_INET, socket.if_nametoindex("lo"), 1))
-                err = rtnl.ack_errno(nl.recv(65536), 1)
-                if err:
-                    raise OSError(err, "local 0.0.0.0/0 dev lo")
+            why = add_local_routes(v6=False)
+            if why:
+                raise OSError(0, why.decode(errors="replace"))
             with socket.socket() as lst:
                 lst.bind(("0.0.0.0", 443))
                 lst.listen(1)

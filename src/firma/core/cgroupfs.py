@@ -119,6 +119,7 @@ WRITE = "write"  # a pid into cgroup.procs, or controllers into cgroup.subtree_c
 LIMIT = "limit"  # a limit: written, then read back
 AWAIT = "await"  # wait for the sandbox's pids (the steps before it run while bwrap starts)
 JOIN = "join"  # each of the sandbox's pids into cgroup.procs
+LAUNCHER_LEAF_SUFFIX = ".launcher"  # v2: `<run group name>.launcher`, the launcher's leaf
 
 
 @record
@@ -159,5 +160,3 @@ def cgroup_steps(plan: LimitPlan, name: str, launcher_pid: int) -> tuple[CgroupS
         steps += [*limits, CgroupStep(WRITE, posixpath.join(first, "cgroup.procs"), str(launcher_pid)), CgroupStep(AWAIT), *joins]
     return tuple(steps)
 
-
-LAUNCHER_LEAF_SUFFIX = ".launcher"

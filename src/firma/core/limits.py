@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from ..errors import ConfigError, LaunchError
-from .record import field, record
+from .record import field, record, replace
 
 MEMORY = "memory"
 PIDS = "pids"
@@ -171,8 +171,6 @@ def request(config: Mapping[str, Any], cli: Mapping[str, Any], mem_total: int | 
             changes[key] = theirs
     if not changes:
         return req
-    from .record import replace  # noqa: PLC0415 - tiny
-
     return replace(req, explicit=req.explicit | frozenset(changes), **changes)
 
 
@@ -278,8 +276,6 @@ class LimitPlan:
         }
 
     def with_entry(self, entry: LimitEntry) -> LimitPlan:
-        from .record import replace  # noqa: PLC0415 - tiny
-
         return replace(self, entries=self.entries + (entry,))
 
 

@@ -51,24 +51,24 @@ class SyntheticNames:
     def name_of(self, address: str) -> str | None:
         """The name a synthetic address stands for; None for any other address (an IP literal)
         or one this run never handed out."""
-        try:
-            ip = ipaddress.ip_address(address.split("%", 1)[0])
-        except ValueError:
+        ip = _synthetic_ip(address)
+        if ip is None:
             return None
-        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
         net = SYNTHETIC_V4 if ip.version == 4 else SYNTHETIC_V6
-        if ip not in net:
-            return None
         i = int(ip) - int(net.network_address) - 1
         return self._names[i] if 0 <= i < len(self._names) else None
 
 
-def is_synthetic(address: str) -> bool:
+def _synthetic_ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """`address` (a zone and an IPv4-mapped form undone) when it lies in a synthetic range."""
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
-        return False
+        return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    return ip in (SYNTHETIC_V4 if ip.version == 4 else SYNTHETIC_V6)
+    return ip if ip in (SYNTHETIC_V4 if ip.version == 4 else SYNTHETIC_V6) else None
+
+
+def is_synthetic(address: str) -> bool:
+    return _synthetic_ip(address) is not None

@@ -26,10 +26,9 @@ import select
 import signal
 import socket
 import time
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from ..core.runopts import TIMEOUT_GRACE_SECS, TIMEOUT_STATUS, timeout_note
-from typing import TYPE_CHECKING
 from ..backends.base import HeldSandbox, LaunchedChild, PlantedChild, PlantedSockets, PlantingBackend, RoutingPlan
 from ..core.model import PLANTED_DNS_ADDR, PLANTED_PROXY_ADDR, Check, ExecutionEnvelope, Publish, RunPlan
 from ..core.record import record
@@ -332,11 +331,6 @@ def _die_with_parent(ppid: int) -> None:
         os._exit(1)
 
 
-def _bridge(bridge):
-    assert bridge is not None  # an external sidecar: the bridge exists
-    return bridge
-
-
 async def _serve(run: RunRecord, embedded: EmbeddedSidecar | None, socks: PlantedSockets, serving_w: int,
                  published: list[tuple[socket.socket, Publish]]) -> None:
     import asyncio  # noqa: PLC0415 - the services process only: the launcher never imports asyncio
@@ -392,11 +386,9 @@ async def _serve(run: RunRecord, embedded: EmbeddedSidecar | None, socks: Plante
         if socks.transparent:
             policy = sidecar.policy if sidecar is not None else Policy.load(plan.allow_hosts + plan.allow_tcp, None)
             names = names_for(policy, ports, plan.identity.agent_id, table, answer_all=plan.monitor)
-            egress = TransparentEgress(
-                names=table, ctx=ctx,
-                decide=sidecar.transparent if sidecar is not None else _bridge(bridge).transparent,
-                refuse=sidecar.refuse_transparent if sidecar is not None else _bridge(bridge).refuse_transparent,
-            )
+            # the embedded sidecar decides in this process; an external one through the bridge
+            via: Any = sidecar if sidecar is not None else bridge
+            egress = TransparentEgress(names=table, ctx=ctx, decide=via.transparent, refuse=via.refuse_transparent)
             services.append(egress)
             await egress.serve_sockets(socks.transparent)
         stub = DnsStub(on_query=reporter, names=names)

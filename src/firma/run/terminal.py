@@ -17,12 +17,6 @@ import termios
 _DRAIN_SECS = 0.3
 
 
-def wanted(no_tty: bool) -> bool:
-    """A terminal of the agent's own: both stdin and stdout are terminals, and not --no-tty (so
-    `firma run -- cmd > out.json` keeps a clean stdout)."""
-    return not no_tty and os.isatty(0) and os.isatty(1)
-
-
 class TerminalRelay:
     def __init__(self) -> None:
         self.master, self.slave = os.openpty()

@@ -70,13 +70,7 @@ class Bridge:
         return server.sockets[0].getsockname()[1]
 
     async def aclose(self) -> None:
-        for s in self._servers:
-            s.close()
-        for t in list(self._tasks):
-            t.cancel()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=5)
-        self._servers.clear()
+        await netio.close_servers(self._servers, self._tasks)
 
     # ------------------------------------------------------------------------------------------
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -14,10 +14,6 @@ from typing import Any, Callable
 from ..core import dnsmsg
 from ..core.synthetic import TTL
 
-
-def synthetic_ttl() -> int:
-    return TTL
-
 MAX_TCP_FRAME = 4096  # a real query is a few hundred bytes; anything larger closes the connection
 TCP_IDLE_SECS = 10.0
 MAX_TCP_CLIENTS = 256
@@ -80,7 +76,7 @@ class DnsStub:
         if q is not None and self._names is not None:
             addrs = self._names(q.qname.lower().rstrip("."))
             if addrs is not None:
-                reply = dnsmsg.answer(msg, addrs[0], addrs[1], synthetic_ttl())
+                reply = dnsmsg.answer(msg, addrs[0], addrs[1], TTL)
         answered = reply is not None
         if reply is None:
             reply = dnsmsg.refusal(msg)

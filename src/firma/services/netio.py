@@ -45,6 +45,17 @@ def nodelay(writer: asyncio.StreamWriter) -> None:
             pass
 
 
+async def close_servers(servers: list[asyncio.base_events.Server], tasks: set[asyncio.Task]) -> None:
+    """Stop accepting, cancel the connections' tasks and give them up to 5 s to end."""
+    for srv in servers:
+        srv.close()
+    for t in list(tasks):
+        t.cancel()
+    if tasks:
+        await asyncio.wait(list(tasks), timeout=5)
+    servers.clear()
+
+
 class Stream:
     """A StreamReader/Writer pair with a push-back buffer for head parsing."""
 

@@ -78,10 +78,5 @@ class Published:
             self._tasks.discard(task)
 
     async def aclose(self) -> None:
-        for srv in self._servers:
-            srv.close()
-        for t in list(self._tasks):
-            t.cancel()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=5)
+        await netio.close_servers(self._servers, self._tasks)
         self._factory.close()

@@ -96,13 +96,7 @@ class TransparentEgress:
             self._tasks.discard(task)
 
     async def aclose(self) -> None:
-        for srv in self._servers:
-            srv.close()
-        for t in list(self._tasks):
-            t.cancel()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=5)
-        self._servers.clear()
+        await netio.close_servers(self._servers, self._tasks)
 
 
 def _unmapped(addr: str) -> str:

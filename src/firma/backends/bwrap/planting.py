@@ -46,7 +46,7 @@ class Addresses:
     transparent_ports: tuple[int, ...] = ()
 
 
-def _add_local_routes(v6: bool) -> bytes:
+def add_local_routes(v6: bool) -> bytes:
     """In the sandbox's network namespace (the helper, after setns): the local default routes.
     b"" when added; otherwise why, for the launcher's one-line error."""
     lo = socket.if_nametoindex("lo")
@@ -148,7 +148,7 @@ def plant(pid: int, addrs: Addresses = Addresses()) -> PlantedSockets:
                 dns_tcp.listen(64)
                 extra: list[socket.socket] = []
                 v6 = os.path.exists("/proc/sys/net/ipv6") and socket.has_ipv6
-                why = _add_local_routes(v6)
+                why = add_local_routes(v6)
                 if why:
                     child.send(b"ERR " + why)
                     os._exit(4)
