@@ -254,3 +254,35 @@ def test_services_that_never_serve_stop_the_run_at_the_startup_timeout(ws, tmp_p
     services = int(re.search(r"services process pid (\d+)", log).group(1))
     assert _wait_gone(services)
 
+
+
+def test_a_stop_sent_before_the_services_set_their_handlers_still_stops_them(ws, tmp_path):
+    """The launcher stops the services by closing a pipe, not by a signal: the services process
+    discards the group signals pending at its start, and a SIGTERM from a launcher whose agent had
+    already ended was discarded with them (the services served on until the 10 s kill). A
+    sitecustomize hook holds the services process for 0.5 s at its first step, so the launcher's
+    stop always arrives first; the hook leaves an evidence file that it held it."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    evidence = tmp_path / "held"
+    (hook / "sitecustomize.py").write_text(
+        "import os, signal, time\n"
+        "LAUNCHER = os.getpid()\n"
+        "_orig = signal.set_wakeup_fd\n"
+        "def _held(fd, *a, **k):\n"
+        "    if fd == -1 and os.getpid() != LAUNCHER:\n"
+        f"        open({str(evidence)!r}, 'a').write(str(os.getpid()) + '\\n')\n"
+        "        time.sleep(0.5)\n"
+        "    return _orig(fd, *a, **k)\n"
+        "signal.set_wakeup_fd = _held\n"
+    )
+    log = tmp_path / "firma.log"
+    started = time.monotonic()
+    p = run_firma(["--log-file", str(log), "run", "--", "true"], cwd=ws, env=base_env(tmp_path, PYTHONPATH=str(hook)))
+    took = time.monotonic() - started
+    assert p.returncode == 0, p.stderr
+    text = log.read_text()
+    services = int(re.search(r"services process pid (\d+)", text).group(1))
+    assert evidence.read_text().split() == [str(services)]  # the hook held the services process
+    assert "teardown:" not in text and "ERROR" not in text, text
+    assert took < 8, took  # not the 10 s kill (a bound on a failure mode, not a speed claim)

@@ -67,6 +67,7 @@ class ServicesProcess:
     pid: int
     pidfd: int
     serving_r: int  # one byte once everything serves; EOF when the process ends
+    stop_w: int  # closed by the launcher to stop the services (a signal could be lost, see _fork_services)
     serving: bool = False
     serving_eof: bool = False
     status: int | None = None  # wait status once reaped
@@ -251,6 +252,10 @@ def _bind_published(pub: Publish) -> socket.socket:
 def _fork_services(run: RunRecord, embedded: EmbeddedSidecar | None, socks: PlantedSockets,
                    published: list[tuple[socket.socket, Publish]]) -> ServicesProcess:
     serving_r, serving_w = os.pipe2(os.O_CLOEXEC)
+    # The launcher stops the services by closing this pipe, then sending SIGTERM: a SIGTERM that
+    # arrives before the child's start-up set its handlers is discarded with the group signals it
+    # means to drop (below), so the child looks at the pipe once its handlers are set.
+    stop_r, stop_w = os.pipe2(os.O_CLOEXEC)
     ppid = os.getpid()
     # Blocked across the fork: the child resets the launcher's handlers before any of these
     # reaches it, so a SIGTERM from the launcher is never swallowed by a copied handler.
@@ -259,18 +264,19 @@ def _fork_services(run: RunRecord, embedded: EmbeddedSidecar | None, socks: Plan
         pid = os.fork()
     except OSError as exc:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
-        os.close(serving_r)
-        os.close(serving_w)
+        for fd in (serving_r, serving_w, stop_r, stop_w):
+            os.close(fd)
         raise SidecarError(f"cannot start the services process: {exc.strerror}; check the process limits") from None
     if pid == 0:
         code = 1
         try:
             os.close(serving_r)
+            os.close(stop_w)
             # A process group of its own: a signal to the launcher's group (timeout(1), a CI
             # cancel, systemd stop, ^C) must not end the services while the agent shuts down and
             # may still talk to the network; the launcher ends them at teardown.
             os.setpgid(0, 0)
-            code = _services_main(run, embedded, socks, serving_w, ppid, published)
+            code = _services_main(run, embedded, socks, serving_w, stop_r, ppid, published)
         except BaseException as exc:  # noqa: BLE001 - the services process never returns into the launcher
             try:
                 run.log(f"services process failed: {exc!r}", "error")
@@ -280,6 +286,7 @@ def _fork_services(run: RunRecord, embedded: EmbeddedSidecar | None, socks: Plan
             os._exit(code)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
     os.close(serving_w)
+    os.close(stop_r)
     try:
         os.setpgid(pid, pid)  # also here, so no group signal can reach it before the child's own call
     except OSError:
@@ -290,12 +297,13 @@ def _fork_services(run: RunRecord, embedded: EmbeddedSidecar | None, socks: Plan
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
         os.close(serving_r)
+        os.close(stop_w)
         raise SidecarError(f"cannot watch the services process: {exc.strerror}") from None
-    return ServicesProcess(pid=pid, pidfd=pidfd, serving_r=serving_r)
+    return ServicesProcess(pid=pid, pidfd=pidfd, serving_r=serving_r, stop_w=stop_w)
 
 
-def _services_main(run: RunRecord, embedded: EmbeddedSidecar | None, socks: PlantedSockets, serving_w: int, ppid: int,
-                   published: list[tuple[socket.socket, Publish]]) -> int:
+def _services_main(run: RunRecord, embedded: EmbeddedSidecar | None, socks: PlantedSockets, serving_w: int, stop_r: int,
+                   ppid: int, published: list[tuple[socket.socket, Publish]]) -> int:
     signal.set_wakeup_fd(-1)
     # A signal sent to the launcher's group between the fork and setpgid is pending here, blocked:
     # ignoring a signal discards its pending instance, so a group SIGTERM (timeout(1), a CI
@@ -307,6 +315,8 @@ def _services_main(run: RunRecord, embedded: EmbeddedSidecar | None, socks: Plan
             # ^C and hang-ups reach the launcher's whole process group: the launcher decides.
             signal.signal(s, signal.SIG_IGN if s in TERMINATION else signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
+    if select.select([stop_r], [], [], 0)[0]:
+        return 0  # stopped before it started (its SIGTERM may have been discarded above)
     _die_with_parent(ppid)
     gc.disable()  # start-up allocates only long-lived objects (see cli.entry); on again in _serve
     # The agent owns the terminal: nothing of the services goes there (errors go to run.log).
@@ -317,7 +327,7 @@ def _services_main(run: RunRecord, embedded: EmbeddedSidecar | None, socks: Plan
     run.log.quiet = True
     import asyncio  # noqa: PLC0415 - the point of this process
 
-    asyncio.run(_serve(run, embedded, socks, serving_w, published))
+    asyncio.run(_serve(run, embedded, socks, serving_w, stop_r, published))
     return 0
 
 
@@ -331,7 +341,7 @@ def _die_with_parent(ppid: int) -> None:
         os._exit(1)
 
 
-async def _serve(run: RunRecord, embedded: EmbeddedSidecar | None, socks: PlantedSockets, serving_w: int,
+async def _serve(run: RunRecord, embedded: EmbeddedSidecar | None, socks: PlantedSockets, serving_w: int, stop_r: int,
                  published: list[tuple[socket.socket, Publish]]) -> None:
     import asyncio  # noqa: PLC0415 - the services process only: the launcher never imports asyncio
 
@@ -348,6 +358,7 @@ async def _serve(run: RunRecord, embedded: EmbeddedSidecar | None, socks: Plante
     )
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)  # from now on SIGTERM drains, then exits
+    loop.add_reader(stop_r, stop.set)  # the launcher's stop: EOF, whenever it came
     services: list[Any] = []
     sidecar = None
     try:
@@ -497,8 +508,10 @@ def _reap(services: ServicesProcess) -> None:
 
 def _stop_services(services: ServicesProcess, log: RunLog) -> None:
     if services.status is None:
+        os.close(services.stop_w)  # first: see _fork_services
+        services.stop_w = -1
         try:
-            signal.pidfd_send_signal(services.pidfd, signal.SIGTERM)
+            signal.pidfd_send_signal(services.pidfd, signal.SIGTERM)  # stops a start-up that hangs
         except OSError:
             pass
         if not select.select([services.pidfd], [], [], _STOP_TIMEOUT)[0]:
@@ -514,5 +527,7 @@ def _stop_services(services: ServicesProcess, log: RunLog) -> None:
             os.WIFSIGNALED(st) and os.WTERMSIG(st) == signal.SIGTERM and not services.serving
         ):
             log(f"teardown: services process ended with {_describe(st)}", "error")
+    if services.stop_w >= 0:
+        os.close(services.stop_w)
     os.close(services.pidfd)
     os.close(services.serving_r)
