@@ -75,3 +75,7 @@ class SeccompError(FirmaError):
 
 class LaunchError(FirmaError):
     """The sandboxed child could not be started or confined as planned."""
+
+
+class CaError(FirmaError):
+    """firma's HTTPS inspection CA cannot be created, read or used."""

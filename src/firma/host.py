@@ -186,9 +186,17 @@ def detect_host(environ: Mapping[str, str] | None = None, binaries: Mapping[str,
         sandbox_exec_path=find_binary("sandbox-exec", None)[0] if uname.sysname == "Darwin" else None,
         python3_path=python3,
         setsid_path=find_binary("setsid", None)[0] if uname.sysname == "Linux" else None,
+        ca_bundle=_ca_bundle(),
         refused_binaries=refused,
         environ=env,
         mem_total=mem_total() if uname.sysname == "Linux" else None,
         cgroups=cgroup_facts() if uname.sysname == "Linux" else CgroupFacts(why_not="not Linux"),
         rlimits=hard_rlimits() if uname.sysname == "Linux" else {},
     )
+
+
+def _ca_bundle() -> str | None:
+    from .castore import system_bundle_path  # noqa: PLC0415 - the candidates are named there
+
+    found = system_bundle_path(os.path.isfile)
+    return os.path.realpath(found) if found else None

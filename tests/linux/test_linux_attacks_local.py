@@ -130,10 +130,10 @@ def test_relay_failure_to_an_allowed_destination_is_one_event_per_attempt(etc_fs
     with open(state / "audit.jsonl") as f:
         events = [json.loads(line) for line in f]
     ctl_events = [e for e in events if e["sandbox_id"] in first]
-    assert [(e["resource"], e["deny_reason"]) for e in ctl_events] == [(f"http://127.0.0.1:{port}/ctl", "")]
+    assert [(e["resource"], e["deny_reason"]) for e in ctl_events] == [(f"GET http://127.0.0.1:{port}/ctl", "")]
     mine = [(e["action"], e["resource"], e["deny_reason"]) for e in events if e["sandbox_id"] == second]
     assert mine == [
-        ("http.request", f"http://127.0.0.1:{port}/{tag}", "upstream_unreachable"),
+        ("http.request", f"GET http://127.0.0.1:{port}/{tag}", "upstream_unreachable"),
         ("network.connect", f"127.0.0.1:{port}", "upstream_unreachable"),
     ]
 
@@ -190,7 +190,7 @@ def test_name_to_address_pairing_tricks_do_not_reach_an_allowed_address(etc_fs_w
         with open(tmp_path / "state" / "audit.jsonl") as f:
             denied = [(e["resource"], e["deny_reason"]) for e in map(json.loads, f) if e["decision"] != 1]
         assert denied == [
-            (f"http://evil.example:{port}/r1-{tag}", "host_not_allowed"),
+            (f"GET http://evil.example:{port}/r1-{tag}", "host_not_allowed"),
             (f"localhost:{port}", "tls_required"),
             (f"127.0.0.1:{port}", "host_not_allowed"),
             (f"evil.example:{port}", "host_not_allowed"),

@@ -73,5 +73,5 @@ def test_only_certified_clients_are_served_and_firma_run_presents_its_certificat
         proc.wait(30)
     time.sleep(0.05)
     events = [json.loads(line) for line in audit.read_text().splitlines()]
-    assert [e["resource"] for e in events] == ["http://denied.invalid/via-mtls"]
+    assert [e["resource"] for e in events] == ["GET http://denied.invalid/via-mtls"]
     assert events[0]["sandbox_id"].startswith("sbx_") and events[0]["sandbox_id"] != "sbx_forged"

@@ -44,7 +44,7 @@ def test_allowed_and_denied_plain_http_with_audit(tmp_path):
     s = run(main())
     evs = s.events()
     assert [e["decision"] for e in evs] == [1, 2]
-    assert evs[0]["resource"] == f"http://127.0.0.1:{evs[0]['resource'].split(':')[2].split('/')[0]}/p"
+    assert evs[0]["resource"] == f"GET http://127.0.0.1:{evs[0]['resource'].split(':')[2].split('/')[0]}/p"
     text = open(s.audit_path).read()
     assert "SECRET" not in text and "secret" not in text  # no query strings, no credentials
     assert stat.S_IMODE(os.stat(s.audit_path).st_mode) == 0o600

@@ -34,6 +34,7 @@ COMMANDS = {
     "trust": "firma.cli.trust",
     "proofs": "firma.cli.proofs",
     "cache": "firma.cli.cache",
+    "ca": "firma.cli.ca",
 }
 
 # Option kinds: FLAG is store_true, VALUE takes one value, APPEND takes one value per use.

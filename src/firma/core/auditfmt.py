@@ -195,6 +195,17 @@ def load_public_pem(data: bytes) -> ec.EllipticCurvePublicKey:
     return key
 
 
+def request_resource(method: str, url: str) -> str:
+    """The `resource` of an `http.request` event: the method and the URL without its query, as
+    in a request line (`POST https://api.example.com/repos/x`)."""
+    return f"{method} {url}" if method else url
+
+
+def request_url(resource: str) -> str:
+    """The URL of an `http.request` event's resource (the method dropped)."""
+    return resource.rsplit(" ", 1)[-1]
+
+
 def context_hash(*parts: str) -> str:
     return hashlib.sha256("\n".join(parts).encode("utf-8")).hexdigest()
 

@@ -16,6 +16,7 @@ from .model import Mount, SeccompPolicyRef, SidecarTls
 from .profiles import ALIASES, BUILTIN, Profile
 from .record import record, field
 from .limits import check_table as check_limits_table
+from .credentials import parse_credentials, refuse_shared_env
 from .workspace_findings import parse_on_findings
 
 
@@ -53,6 +54,8 @@ SETTING_KINDS: Mapping[str, str] = MappingProxyType(
         "on_workspace_findings": _ON_FINDINGS,
         "limits": _LIMITS,
         "caches": _LIST,
+        "inspect": _LIST,
+        "no_inspect": _LIST,
     }
 )
 MAP_KEYS = frozenset(k for k, v in SETTING_KINDS.items() if v in (_MAP, _LIMITS))  # merged key by key
@@ -70,6 +73,7 @@ class ConfigFile:
     state: Layer = field(default_factory=dict)  # [state]: keep_proofs
     host: Mapping[str, str] = field(default_factory=dict)  # [host]: bwrap, python3 (absolute paths)
     audit: Mapping[str, int] = field(default_factory=dict)  # [audit]: the audit's bounds (AUDIT_KEYS)
+    credentials: tuple[Any, ...] = ()  # [credentials.NAME]: core.credentials.CredentialSpec (trusted files only)
 
 
 DEFAULT_KEEP_PROOFS = 1000  # proofs (and kept run logs) older than the newest N are pruned
@@ -126,11 +130,13 @@ def parse(text: str, path: str) -> ConfigFile:
         raise ConfigError(f"{path}: invalid TOML: {exc}; fix the file") from None
     base = posixpath.dirname(path)
     for key in doc:
-        if key not in ("run", "state", "host", "audit"):
-            raise ConfigError(f"{path}: unknown key '{key}'; only [run], [state], [host] and [audit] are supported")
+        if key not in ("run", "state", "host", "audit", "credentials"):
+            raise ConfigError(f"{path}: unknown key '{key}'; only [run], [state], [host], [audit] and [credentials.NAME] "
+                              "are supported")
     state = _state_table(doc.get("state", {}), path)
     audit = _audit_table(doc.get("audit", {}), path)
     host = _host_table(doc.get("host", {}), path)
+    credentials = parse_credentials(doc.get("credentials", {}), path)
     run = doc.get("run", {})
     if not isinstance(run, dict):
         raise ConfigError(f"{path}: 'run' must be a table")
@@ -164,6 +170,7 @@ def parse(text: str, path: str) -> ConfigFile:
         state=state,
         host=host,
         audit=audit,
+        credentials=credentials,
         run=_layer(top, "run", path, base),
         defaults=_layer(defaults, "run.defaults", path, base),
         profiles=profiles,
@@ -317,6 +324,16 @@ class ConfigSet:
             if trusted:
                 out.update(cfg.audit)
         return out
+
+    @property
+    def credentials(self) -> tuple[Any, ...]:
+        """`[credentials.NAME]` from trusted files only (a higher file wins per name)."""
+        out: dict[str, Any] = {}
+        for cfg, trusted in self.files:
+            if trusted:
+                out.update({c.name: c for c in cfg.credentials})
+        refuse_shared_env(out.values(), "trusted configuration")
+        return tuple(out.values())
 
     @property
     def keep_proofs(self) -> int:

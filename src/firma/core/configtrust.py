@@ -102,6 +102,7 @@ def narrow(cfg: ConfigFile) -> tuple[ConfigFile, tuple[str, ...]]:
         profiles[name], i3 = _narrow_layer(layer)
         ignored += i3
     ignored += [f"state.{k}" for k in cfg.state] + [f"host.{k}" for k in cfg.host] + [f"audit.{k}" for k in cfg.audit]
+    ignored += [f"credentials.{c.name}" for c in cfg.credentials]
     narrowed = ConfigFile(path=cfg.path, profile=None, run=run, defaults=defaults, profiles=profiles)
     return narrowed, tuple(sorted(set(ignored)))
 

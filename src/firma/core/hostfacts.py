@@ -25,6 +25,7 @@ class Host:
     sandbox_exec_path: str | None = None
     python3_path: str | None = None  # the system python3 the exec gate runs inside the sandbox
     setsid_path: str | None = None  # util-linux setsid: makes the agent's pty its controlling terminal
+    ca_bundle: str | None = None  # the system's trusted CA bundle (its real path), if one of the known ones exists
     # Why a configured or found binary was refused (trusted-binary rule), by name: preflight and
     # doctor report it instead of "not installed".
     refused_binaries: Mapping[str, str] = field(default_factory=dict)

@@ -252,9 +252,12 @@ def stamp_attribution(head: RequestHead, attribution: Mapping[str, str]) -> Requ
 class ChunkedScanner:
     """Validates a chunked body as raw bytes pass through; `feed` says how many bytes of `data`
     belong to the body, so the caller forwards exactly those and keeps the rest (the next
-    pipelined request)."""
+    pipelined request). With `decode`, the payload bytes are also collected in `payload` (the
+    caller takes and clears them): a scan for a needle must see the payload, not the framing,
+    whose size lines could split it."""
 
-    def __init__(self) -> None:
+    def __init__(self, decode: bool = False) -> None:
+        self.payload: bytearray | None = bytearray() if decode else None
         self._state = "size"
         self._line = bytearray()
         self._remaining = 0
@@ -270,6 +273,8 @@ class ChunkedScanner:
             st = self._state
             if st == "data":
                 take = min(self._remaining, n - i)
+                if self.payload is not None:
+                    self.payload += mv[i : i + take]
                 i += take
                 self._remaining -= take
                 self.body_bytes += take

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 from enum import StrEnum
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from . import wire
 from .limits import LimitPlan, LimitRequest
 from .statelayout import run_dir_path
 from .record import record, field
+
+if TYPE_CHECKING:
+    from .inspectplan import InspectionPlan
 
 BACKENDS = ("bwrap", "vz", "runner")
 
@@ -48,6 +51,9 @@ class Mount:
     source: str  # absolute host path
     target: str  # absolute path inside the sandbox
     read_only: bool = False
+    # firma writes the source into the run's private dir after the gates (the CA bundle): it
+    # does not exist at prepare, and bwrap refuses to build if it is missing then.
+    generated: bool = False
 
 
 @record
@@ -167,6 +173,7 @@ class RunPlan:
     protected_paths: tuple[str, ...] = ()
     # What a finding of the post-run workspace check does to the exit status (DESIGN §13a).
     on_workspace_findings: str = "fail"
+    inspection: InspectionPlan | None = None  # HTTPS inspection and credentials (DESIGN §5.7)
 
     @property
     def runtime_dir(self) -> str:

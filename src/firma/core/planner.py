@@ -16,7 +16,9 @@ from . import launchenv, profiles
 from .endpoint import validate_endpoint
 from .identity import build_identity
 from . import allowlist, caches, limits, runopts
-from .model import BACKENDS, IdentityMode, Mount, RunPlan, SidecarChoice, Weakening
+from .inspectplan import JAVA_ENV, plan_inspection
+from .model import BACKENDS, IdentityMode, Mount, RunPlan, SidecarChoice, Weakening, frozen_map
+from .statelayout import run_dir_path
 from .mountcheck import check_mounts
 from .record import record
 from .vzinputs import vz_inputs_from_environ
@@ -57,6 +59,7 @@ class RunArgs:
     pids: int | None = None  # --pids N
     cpus: str | None = None  # --cpus N
     limits_mode: str | None = None  # --limits enforce|best-effort
+    inspect: tuple[str, ...] = ()  # --inspect HOST (adds to [run].inspect)
     monitor: bool = False
 
 
@@ -239,6 +242,20 @@ def build_plan(
         identity=identity,
         identity_mode=identity_mode,
     )
+    # HTTPS inspection and credentials (DESIGN §5.7): firma's own mounts (from the run directory,
+    # so after the mount checks) and variables (the placeholders, the CA bundle's names).
+    inspection, inspect_mounts, inspect_env = plan_inspection(
+        inspect=tuple(dict.fromkeys((*settings.get("inspect", ()), *args.inspect))),
+        no_inspect=tuple(dict.fromkeys(settings.get("no_inspect", ()))),
+        credentials=cfg.credentials, policy_path=settings.get("policy"), embedded=endpoint == "local",
+        backend=backend, run_dir=run_dir_path(root, identity.sandbox_id), system_bundle=host.ca_bundle, rand=rand,
+        passthrough=tuple(settings.get("env_passthrough", ())))
+    if inspect_env:
+        java = JAVA_ENV
+        if java in inspect_env and base.get(java, "").strip():
+            inspect_env = {**inspect_env, java: f"{base[java].strip()} {inspect_env[java]}"}  # the user's options kept
+        base = frozen_map({**base, **inspect_env})
+    settings["mounts"] = (*settings.get("mounts", ()), *inspect_mounts)
     return RunPlan(
         identity=identity,
         backend=backend,
@@ -305,6 +322,7 @@ def build_plan(
                 if limit_request.mode == mode),
         allow_notes=checked_allow.notes,
         on_workspace_findings=settings.get("on_workspace_findings", "fail"),
+        inspection=inspection,
     )
 
 
@@ -371,6 +389,7 @@ def plan_to_json(plan: RunPlan) -> dict[str, Any]:
         "allow_hosts": list(plan.allow_hosts),
         "allow_host_notes": list(plan.allow_notes),
         "allow_tcp": list(plan.allow_tcp),
+        "inspection": plan.inspection.describe() if plan.inspection is not None else None,
         "policy": plan.policy_path,
         "seccomp_policy": (
             None

@@ -4,11 +4,14 @@ Cedar `forbid` wins. Pure apart from cedarpy evaluation; decide on canonical nam
 from __future__ import annotations
 
 import hashlib
+import json
 import re
+from typing import Any, Mapping
 
 from ..errors import PolicyError
 from .hostcanon import HostError, canon_host
-from .record import record
+from .inspection import PolicyHosts, policy_hosts
+from .record import field, record
 
 DEFAULT_PORTS = frozenset({80, 443})
 _PATH_ATTR = re.compile(r"\.\s*path\b|\[\s*\"path\"\s*\]")
@@ -82,6 +85,16 @@ class Request:
     method: str
     path: str  # without query string
     agent_id: str = ""
+    # Cedar's `context` (DESIGN §5.7): what the sidecar saw of the request; see `request_context`.
+    context: Mapping[str, Any] = field(default_factory=dict)
+
+
+def request_context(*, inspected: bool, scheme: str, query_params: tuple[str, ...] = (), content_type: str = "",
+                    content_length: int = -1) -> dict[str, Any]:
+    """Every key on every request, so a rule that reads one never fails to evaluate (an erroring
+    forbid would otherwise be skipped). Query parameter names only, never their values."""
+    return {"inspected": inspected, "scheme": scheme, "query_params": list(query_params),
+            "content_type": content_type, "content_length": content_length}
 
 
 @record
@@ -112,6 +125,7 @@ class Policy:
         # Whether any rule looks at the request path: then ambiguous spellings of a path are refused
         # and tunnels that would carry requests past those rules are too (DESIGN §9).
         self.has_path_rules = cedar_text is not None and bool(_PATH_ATTR.search(cedar_text))
+        self._cedar_text = cedar_text
         h = hashlib.sha256()
         for p in sorted(x.text for x in self.patterns):
             h.update(p.encode() + b"\n")
@@ -135,6 +149,15 @@ class Policy:
     @property
     def has_cedar(self) -> bool:
         return self._cedar is not None
+
+    def request_hosts(self) -> PolicyHosts:
+        """The hosts for which a Cedar rule decides on the request itself (method, path,
+        context): inspected automatically (DESIGN §5.7)."""
+        if self._cedar_text is None:
+            return PolicyHosts()
+        import cedarpy  # noqa: PLC0415 - cedarpy loads only with a Cedar policy (launch latency)
+
+        return policy_hosts(json.loads(cedarpy.policies_to_json_str(self._cedar_text)))
 
     def could_allow(self, host: str, ports: tuple[int, ...], agent_id: str) -> bool:
         """Some connection to `host` on one of `ports` (the planted ones) might be allowed: the
@@ -173,19 +196,21 @@ class Policy:
                         "principal": {"type": "Agent", "id": req.agent_id or "unknown"},
                         "action": {"type": "Action", "id": req.action},
                         "resource": {"type": "Resource", "id": f"{req.host}:{req.port}"},
-                        "context": {},
+                        "context": dict(req.context) or request_context(inspected=False, scheme="connect"),
                     },
                     self._cedar,
                     entities,
                 )
             except Exception as exc:  # noqa: BLE001 - an evaluation failure denies
                 return Decision(False, "policy_error", f"Cedar evaluation failed: {exc}", exact)
+            if result.diagnostics.errors:
+                # A rule that failed to evaluate is skipped by Cedar: a failing forbid would let
+                # the request through. Fail closed instead.
+                return Decision(False, "policy_error", "Cedar evaluation error", exact)
             if result.allowed:
                 return Decision(True, "", "permitted by Cedar policy", exact)
             if result.diagnostics.reasons:  # a forbid matched: it wins over allow_hosts
                 return Decision(False, "policy_forbid", "forbidden by Cedar policy " + ",".join(result.diagnostics.reasons), exact)
-            if result.diagnostics.errors:
-                return Decision(False, "policy_error", "Cedar evaluation error", exact)
         if host_ok:
             return Decision(True, "", "allowed by allow_hosts", exact)
         return Decision(False, "host_not_allowed", f"{req.host}:{req.port} is not in the allow list", exact)

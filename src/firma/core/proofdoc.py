@@ -33,6 +33,8 @@ def run_facts(plan: RunPlan, *, policy_sha256: str | None) -> dict[str, Any]:
         "workspace_read_only": plan.workspace_read_only,
         "timeout_secs": plan.timeout_secs,
         "publish": [{"bind": p.bind, "host_port": p.host_port, "port": p.port} for p in plan.publish],
+        # which destinations are terminated and which credentials brokered: names, never values
+        "inspection": plan.inspection.describe() if plan.inspection is not None else None,
         "weakenings": [{"setting": w.setting, "detail": w.detail, "source": w.source} for w in plan.weakenings],
     }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
 
+from .auditfmt import request_url
 from .record import field, record
 
 DENY = 2
@@ -67,6 +68,8 @@ class RunSummary:
 
 def _destination(action: str, resource: str) -> tuple[str, int] | None:
     """(host, port) of a decided request: `host:port` for connect, a URL for a proxy request."""
+    if action == "http.request":
+        resource = request_url(resource)
     if action == "http.request" and "://" in resource:
         from urllib.parse import urlsplit  # noqa: PLC0415 - only once a run has denials (launch latency)
 

@@ -39,3 +39,27 @@ def run_dir_path(root: str, sandbox_id: str) -> str:
 def state_root_of_run_dir(run_dir: str) -> str:
     """The inverse of run_dir_path: the state root a runtime_dir lives in."""
     return posixpath.dirname(posixpath.dirname(run_dir.rstrip("/")))
+
+
+# firma's HTTPS inspection CA (firma.castore): one per user, kept across runs.
+CA_DIR = "ca"
+CA_KEY = "ca.key"  # PEM PKCS#8, 0600
+CA_CERT = "ca.pem"
+CA_LOCK = ".lock"  # in CA_DIR: readers share it, a rotation holds it alone
+
+
+def ca_dir_path(root: str) -> str:
+    return posixpath.join(root, CA_DIR)
+
+
+def ca_key_path(root: str) -> str:
+    return posixpath.join(root, CA_DIR, CA_KEY)
+
+
+def ca_cert_path(root: str) -> str:
+    return posixpath.join(root, CA_DIR, CA_CERT)
+
+
+def ca_lock_beside(ca_file: str) -> str:
+    """The lock of the CA whose key or certificate is `ca_file`."""
+    return posixpath.join(posixpath.dirname(ca_file), CA_LOCK)

@@ -62,3 +62,19 @@ def ambiguous(path: str) -> bool:
     decoding the unreserved characters, so `%2e%2e` counts) — not by mere percent-encoding."""
     decoded = _decode_unreserved(path if path.startswith("/") else "/" + path)
     return normalize(path) != decoded
+
+
+def query_names(target: str, limit: int = 64) -> tuple[str, ...]:
+    """The parameter names of a target's query string, percent-decoded, in order, each once (at
+    most `limit`): what Cedar sees of a query (its values never reach the policy or the audit)."""
+    from urllib.parse import unquote_plus  # noqa: PLC0415 - only for inspected requests
+
+    query = target.split("#", 1)[0].partition("?")[2]
+    names: dict[str, None] = {}
+    for part in query.split("&"):
+        name = unquote_plus(part.split("=", 1)[0], errors="replace")
+        if name:
+            names.setdefault(name[:256])
+        if len(names) >= limit:
+            break
+    return tuple(names)

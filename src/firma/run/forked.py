@@ -26,7 +26,7 @@ import select
 import signal
 import socket
 import time
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Mapping, cast
 
 from ..core.runopts import TIMEOUT_GRACE_SECS, TIMEOUT_STATUS, timeout_note
 from ..backends.base import HeldSandbox, LaunchedChild, PlantedChild, PlantedSockets, PlantingBackend, RoutingPlan
@@ -60,6 +60,7 @@ class EmbeddedSidecar:
     listener: Any  # socket.socket, listening on `path`
     endpoint: str
     path: str
+    inspection: Any = None  # run.inspection_setup.InspectionSetup: CA, rules, credentials (DESIGN §5.7)
 
 
 @record(frozen=False)
@@ -81,8 +82,9 @@ class ServicesProcess:
 class ForkedHosting:
     """The services in a process forked once the agent is released (see the module docstring)."""
 
-    def __init__(self, backend: PlantingBackend, log: RunLog) -> None:
+    def __init__(self, backend: PlantingBackend, log: RunLog, environ: Mapping[str, str]) -> None:
         self._backend = backend
+        self._environ = environ  # the caller's: credential sources, SSL_CERT_FILE
         self._log = log
         self._signals: Signals | None = None
         self._waits: LaunchWaits | None = None
@@ -117,7 +119,7 @@ class ForkedHosting:
             self._signals.uninstall()
 
     async def ready_sidecar(self, run: RunRecord) -> None:
-        self._embedded = _ready_embedded(run)
+        self._embedded = _ready_embedded(run, self._environ)
 
     async def start_services(self, run: RunRecord, routing: RoutingPlan) -> tuple[str, str | None]:
         # Nothing to start yet: the addresses are the planted ones, the agent's connections wait
@@ -206,7 +208,7 @@ class ForkedHosting:
                 pass
 
 
-def _ready_embedded(run: RunRecord) -> EmbeddedSidecar:
+def _ready_embedded(run: RunRecord, environ: Mapping[str, str]) -> EmbeddedSidecar:
     """DESIGN §9 readiness, measured here: the policy loads, the audit key is a private PEM file
     (made now in a new state dir), the audit log opens, the listener is bound."""
     from ..services.audit_files import load_or_create_key, open_audit_log, read_key_file  # noqa: PLC0415 - only with the embedded sidecar
@@ -218,6 +220,11 @@ def _ready_embedded(run: RunRecord) -> EmbeddedSidecar:
     if read_key_file(run.dirs.key_path) is None:
         load_or_create_key(run.dirs.key_path)
     os.close(open_audit_log(run.dirs.audit_path, "fix its directory"))
+    inspection = None
+    if plan.inspection is not None and (plan.inspection.trust or plan.inspection.credentials):
+        from .inspection_setup import prepare  # noqa: PLC0415 - only with inspection or credentials
+
+        inspection = prepare(run, policy, environ)
     endpoint = sidecar_listen(run)
     path = endpoint[len("unix://") :]
     listener = bind_unix_listener(path)
@@ -229,7 +236,7 @@ def _ready_embedded(run: RunRecord) -> EmbeddedSidecar:
             f"embedded sidecar ready: policy {policy.version} loaded, audit key checked, listening at {endpoint}",
         )
     )
-    return EmbeddedSidecar(policy=policy, listener=listener, endpoint=endpoint, path=path)
+    return EmbeddedSidecar(policy=policy, listener=listener, endpoint=endpoint, path=path, inspection=inspection)
 
 
 # --- the services process ------------------------------------------------------------------
@@ -365,7 +372,7 @@ async def _serve(run: RunRecord, embedded: EmbeddedSidecar | None, socks: Plante
         if embedded is not None:
             sidecar = Sidecar(
                 SidecarConfig.for_run(plan, audit_path=run.dirs.audit_path, key_path=run.dirs.key_path,
-                                      launcher_uid=os.geteuid()),
+                                      launcher_uid=os.geteuid(), inspection=embedded.inspection),
                 policy=embedded.policy,
             )
             services.append(sidecar)  # closed last: it flushes the audit log

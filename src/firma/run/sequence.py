@@ -110,7 +110,7 @@ def run(
         if routing.mode is RoutingMode.PLANTED:
             from .forked import ForkedHosting  # noqa: PLC0415 - only the hosting in use is loaded
 
-            forked = ForkedHosting(cast(PlantingBackend, backend), log)
+            forked = ForkedHosting(cast(PlantingBackend, backend), log, host.environ)
             return drive(_launch(plan, host, proof, routing, forked, log))
         import asyncio  # noqa: PLC0415 - only the in-process hosting runs an event loop
 

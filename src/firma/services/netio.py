@@ -214,7 +214,7 @@ class _Tunnel:
             self.done.set_result(None)
 
 
-def _take_stream(st: Stream) -> tuple[bytes, bool]:
+def take_buffered(st: Stream) -> tuple[bytes, bool]:
     """Bytes already read into the stream's buffers, and whether it had seen EOF."""
     rb = getattr(st.r, "_buffer", None)
     data = bytes(st.buf) + (bytes(rb) if rb else b"")
@@ -233,8 +233,8 @@ async def relay(a: Stream, b: Stream, idle: float, lifetime: float, act: Activit
     tun = _Tunnel(act)
     sa, sb = _Side(tun, ta, tb, True), _Side(tun, tb, ta, False)
     tun.sides = [sa, sb]
-    left_a, eof_a = _take_stream(a)
-    left_b, eof_b = _take_stream(b)
+    left_a, eof_a = take_buffered(a)
+    left_b, eof_b = take_buffered(b)
     ta.set_protocol(sa)
     tb.set_protocol(sb)
     for side, left, eof in ((sa, left_a, eof_a), (sb, left_b, eof_b)):
@@ -306,7 +306,7 @@ class _Counted(asyncio.Protocol):
 async def forward_exact(src: Stream, dst: asyncio.StreamWriter, n: int, idle: float) -> None:
     """Copy exactly n bytes from src to dst. src's transport is taken over for good (use only on
     a connection that is closed afterwards, like the per-request upstream)."""
-    data, eof = _take_stream(src)
+    data, eof = take_buffered(src)
     if len(data) >= n:
         dst.write(data[:n])
         await dst.drain()

@@ -1,4 +1,4 @@
-"""`--publish` (DESIGN §5.5): a port the agent listens on inside, reachable on the host.
+"""`--publish` (DESIGN §5.7): a port the agent listens on inside, reachable on the host.
 
 The host side listens where the user said (loopback unless another bind address was named); for
 each connection the services process takes a fresh socket of the sandbox's network namespace

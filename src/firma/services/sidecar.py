@@ -13,7 +13,7 @@ import os
 import socket
 import struct
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Mapping
 
 from ..core import synthetic
 from ..core import addrclass, auditcaps, auditfmt, http1, tlshello, urlpath
@@ -30,14 +30,17 @@ from ..core.wire import (
     deny_response,
 )
 from ..core.model import RunPlan
-from ..core.policy import HTTP_REQUEST, NETWORK_CONNECT, Policy, Request, parse_pattern
+from ..core.policy import HTTP_REQUEST, NETWORK_CONNECT, Policy, Request, parse_pattern, request_context
 from ..core.record import record, field
 from ..errors import SidecarError
 from .listen import LISTEN_BACKLOG, bind_unix_listener
-from . import netio
+from . import bodies, netio
+from .bodies import EXFILTRATION
 from .audit_writer import AuditWriter
 from .audit_files import free_bytes
 from ..core.auditcaps import AuditCaps
+from ..core.credentials import Broker, Credential
+from ..core.inspection import InspectionRules
 
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 DNS_TYPES = {1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 15: "MX", 16: "TXT", 28: "AAAA", 33: "SRV", 64: "SVCB", 65: "HTTPS", 255: "ANY"}
@@ -81,12 +84,24 @@ class SidecarConfig:
     # Audit bounds (core.auditcaps defaults) and the free-space measurement (injectable in tests).
     audit_caps: AuditCaps = field(default_factory=AuditCaps)
     audit_free_space: Callable[[str], int] = free_bytes
+    # HTTPS inspection and credential brokering (DESIGN §5.7; the embedded sidecar only): which
+    # destinations are terminated, with leaves of the CA in `ca` (key, cert paths), minted in
+    # `private_dir`; the run's credentials (their secrets live only in this process).
+    inspection: InspectionRules | None = None
+    ca: tuple[str, str] | None = None
+    private_dir: str | None = None
+    credentials: tuple[Credential, ...] = ()
 
     @classmethod
-    def for_run(cls, plan: RunPlan, *, audit_path: str, key_path: str, launcher_uid: int) -> SidecarConfig:
+    def for_run(cls, plan: RunPlan, *, audit_path: str, key_path: str, launcher_uid: int,
+                inspection: Any = None) -> SidecarConfig:
         """The embedded sidecar's configuration for a `firma run` (both ways of hosting it): it
-        serves only the launcher's uid."""
+        serves only the launcher's uid. `inspection`: the launcher's InspectionSetup, if any."""
         return cls(
+            inspection=inspection.rules if inspection is not None else None,
+            ca=(inspection.ca_key, inspection.ca_cert) if inspection is not None else None,
+            private_dir=inspection.private_dir if inspection is not None else None,
+            credentials=inspection.credentials if inspection is not None else (),
             client_uids=frozenset({launcher_uid}),
             audit_caps=auditcaps.from_config(plan.audit_bounds),
             allow_hosts=tuple(plan.allow_hosts),
@@ -161,6 +176,30 @@ class Sidecar:
         self._unix_path: str | None = None
         self.refused_clients = 0  # connections from uids not in config.client_uids
         self._peer_uids: Any = None  # services.peers.PeerUids, for a TCP listener that checks uids
+        self.broker = Broker(config.credentials)
+        self.inspection = config.inspection
+        self.inspector: Any = None  # services.inspected.Inspector, made when a destination is inspected
+        if self.inspection is not None and self.inspection.active:
+            self.inspector = self._make_inspector()
+
+    def _make_inspector(self) -> Any:
+        from .tlsctx import load_ssl  # noqa: PLC0415 - TLS only when something is inspected
+
+        load_ssl()  # the launcher kept `ssl` out; this (forked) services process lets it in
+        from .inspected import Inspector  # noqa: PLC0415 - TLS only when something is inspected
+        from .leafcerts import LeafMint  # noqa: PLC0415 - TLS only when something is inspected
+        from .tlsterm import upstream_context  # noqa: PLC0415 - TLS only when something is inspected
+
+        if self.config.ca is None or self.config.private_dir is None:
+            raise SidecarError("inspection needs firma's CA and a private directory; this is a bug")
+        mint = LeafMint(self.config.ca[0], self.config.ca[1], self.config.private_dir)
+        return Inspector(self, mint, upstream_context(), self.broker)
+
+    def inspects(self, host: CanonHost) -> str | None:
+        """Why a TLS connection to `host` is terminated (DESIGN §5.7), None when it is tunnelled."""
+        if self.inspector is None or host.is_ip or self.inspection is None:
+            return None
+        return self.inspection.why(host.host)
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self, listen: str = "tcp://127.0.0.1:0", tls: Any = None) -> str:
@@ -250,7 +289,7 @@ class Sidecar:
         return report
 
     # -- audit --------------------------------------------------------------------------------
-    def _audit(self, ctx: Attribution, *, action: str, resource: str, decision: int, reason: str = "", t0: int = 0, **extra) -> None:
+    def audit_event(self, ctx: Attribution, *, action: str, resource: str, decision: int, reason: str = "", t0: int = 0, **extra) -> None:
         self.audit.submit(
             session_id=ctx.session_id,
             agent_id=ctx.agent_id,
@@ -265,8 +304,14 @@ class Sidecar:
         )
 
     # -- decision -----------------------------------------------------------------------------
-    async def authorize(self, action: str, authority_host: CanonHost, port: int, method: str, path: str, agent_id: str) -> _Verdict:
-        """Name decision, then resolution and address checks. Never resolves a denied name."""
+    async def authorize(self, action: str, authority_host: CanonHost, port: int, method: str, path: str, agent_id: str,
+                        context: Mapping[str, Any] | None = None, *, resolve: bool = True,
+                        connect_if_requests: bool = False) -> _Verdict:
+        """Name decision, then resolution and address checks. Never resolves a denied name.
+        `context`: Cedar's request context (policy.request_context). `resolve=False`: the decision
+        only (an inspected connection's upstream is open already). `connect_if_requests`: an
+        inspected connection is accepted when some request on it could be allowed (each one is
+        decided on its own), unless a rule forbids the connection itself."""
         host = authority_host.host
         try:
             await self.audit.ready()  # the signing key, loaded on the first request
@@ -285,12 +330,17 @@ class Sidecar:
             # even when an exact rule names it (DESIGN §5.4).
             return _Verdict(False, "synthetic_address", f"{host} is a synthetic address firma hands out inside a sandbox",
                             403, host=authority_host, port=port)
-        d = self.policy.decide(Request(action, host, port, method, path, agent_id))
+        d = self.policy.decide(Request(action, host, port, method, path, agent_id, context or {}))
+        if connect_if_requests and not d.allowed and d.reason == "host_not_allowed" and \
+                self.policy.could_allow(host, (port,), agent_id):
+            return _Verdict(True, "", "decided request by request (inspected)", 200, (), authority_host, port)
         monitored = ""
         if not d.allowed:
             if not self.config.monitor:
                 return _Verdict(False, d.reason, d.detail, 403, host=authority_host, port=port)
             monitored = d.reason
+        if not resolve:
+            return _Verdict(True, "", d.detail, 200, (), authority_host, port, monitored)
         if authority_host.is_ip:
             addrs = [host]
         else:
@@ -386,12 +436,12 @@ class Sidecar:
             if cap is not None and self._per_client[key] > cap:
                 # audited like any event: the audit's caps aggregate a flood of these
                 writer.write(deny_response(503, "too_many_client_connections", "this client's connection limit reached"))
-                self._audit(ctx, action=HTTP_REQUEST, resource="", decision=auditfmt.DENY, reason="too_many_client_connections")
+                self.audit_event(ctx, action=HTTP_REQUEST, resource="", decision=auditfmt.DENY, reason="too_many_client_connections")
                 await writer.drain()
                 return
             if self._active > self.limits.max_connections:
                 writer.write(deny_response(503, "too_many_connections", "sidecar connection limit reached"))
-                self._audit(ctx, action=HTTP_REQUEST, resource="", decision=auditfmt.DENY, reason="too_many_connections")
+                self.audit_event(ctx, action=HTTP_REQUEST, resource="", decision=auditfmt.DENY, reason="too_many_connections")
                 await writer.drain()
                 return
             first = True
@@ -402,14 +452,14 @@ class Sidecar:
                         self.limits.setup_timeout if first else self.limits.idle_timeout,
                     )
                 except HttpError as exc:
-                    self._malformed(ctx, s, exc.reason, exc.detail)
+                    self.malformed(ctx, s, exc.reason, exc.detail)
                     return
                 except asyncio.TimeoutError:
                     if s.buf:  # slowloris: a head that never completes
-                        self._malformed(ctx, s, "head_timeout", "request head not completed in time", status=408)
+                        self.malformed(ctx, s, "head_timeout", "request head not completed in time", status=408)
                     return
                 except asyncio.IncompleteReadError:
-                    self._malformed(ctx, s, "malformed_request", "connection closed inside a request head")
+                    self.malformed(ctx, s, "malformed_request", "connection closed inside a request head")
                     return
                 if raw is None:
                     return
@@ -418,7 +468,7 @@ class Sidecar:
                 try:
                     head = http1.parse_request_head(raw)
                 except HttpError as exc:
-                    self._malformed(ctx, s, exc.reason, exc.detail)
+                    self.malformed(ctx, s, exc.reason, exc.detail)
                     return
                 ctx = trusted if trusted is not None else self._context(head)
                 if not self._rate_ok(key):
@@ -427,7 +477,7 @@ class Sidecar:
                 if head.method == REPORT_METHOD:
                     # the bridge's report of a malformed head; from an agent, just a bad method
                     reason = "malformed_request" if trusted is not None else (head.get(REPORT_REASON) or "malformed_request")[:64]
-                    self._malformed(ctx, s, reason, "malformed request rejected by the bridge")
+                    self.malformed(ctx, s, reason, "malformed request rejected by the bridge")
                     return
                 if head.method == "GET" and head.target == HEALTH_PATH:
                     body = b'{"ready":true}'
@@ -442,7 +492,7 @@ class Sidecar:
         except (OSError, asyncio.CancelledError, ConnectionError):
             pass
         except Exception as exc:  # noqa: BLE001 - a bug must close the connection, audited, never open it
-            self._audit(ctx, action="sidecar.error", resource="", decision=auditfmt.ABORT, reason=f"internal_error: {type(exc).__name__}")
+            self.audit_event(ctx, action="sidecar.error", resource="", decision=auditfmt.ABORT, reason=f"internal_error: {type(exc).__name__}")
         finally:
             self._active -= 1
             left = self._per_client.get(key, 1) - 1
@@ -460,18 +510,23 @@ class Sidecar:
     def _context(head: http1.RequestHead) -> Attribution:
         return attribution_of(head.get)
 
-    def _malformed(self, ctx: Attribution, s: netio.Stream, reason: str, detail: str, status: int = 400) -> None:
-        self._audit(ctx, action="http.malformed", resource="", decision=auditfmt.DENY, reason=reason)
+    def malformed(self, ctx: Attribution, s: netio.Stream, reason: str, detail: str, status: int = 400) -> None:
+        self.audit_event(ctx, action="http.malformed", resource="", decision=auditfmt.DENY, reason=reason)
         try:
             s.w.write(deny_response(status, reason, detail))
         except (OSError, RuntimeError):
             pass
 
+    @staticmethod
+    def audited_reason(v: _Verdict) -> str:
+        """A blocked address is recorded with the address the name resolved to."""
+        return f"{v.reason}:{','.join(v.addrs)}" if v.reason == "blocked_address" and v.addrs else v.reason
+
     def _deny(self, ctx: Attribution, s: netio.Stream, action: str, resource: str, reason: str, detail: str, status: int, t0: int, decision: int = auditfmt.DENY, addrs: tuple[str, ...] = ()) -> None:
         # A blocked address is recorded with the address the name resolved to (the reason code
         # first, as monitor mode's `monitor_mode:<code>`): the audit says what was refused.
         audited = f"{reason}:{','.join(addrs)}" if reason == "blocked_address" and addrs else reason
-        self._audit(ctx, action=action, resource=resource, decision=decision, reason=audited, t0=t0)
+        self.audit_event(ctx, action=action, resource=resource, decision=decision, reason=audited, t0=t0)
         try:
             s.w.write(deny_response(status, reason, detail))
         except (OSError, RuntimeError):
@@ -492,7 +547,7 @@ class Sidecar:
             self._deny(ctx, s, HTTP_REQUEST, "", "invalid_host", str(exc), 403, t0)
             return False
         shown = host.authority(port) if port != 80 else (f"[{host.host}]" if host.kind == "ipv6" else host.host)
-        resource = f"http://{shown}{path_noq}"
+        resource = auditfmt.request_resource(head.method, f"http://{shown}{path_noq}")
         hosts = head.get_all("host")
         if len(hosts) > 1:
             self._deny(ctx, s, HTTP_REQUEST, resource, "duplicate_host", "more than one Host header", 403, t0)
@@ -517,8 +572,23 @@ class Sidecar:
             self._deny(ctx, s, HTTP_REQUEST, resource, "ambiguous_path",
                        "the path has dot segments or doubled slashes, which servers resolve differently", 403, t0)
             return False
+        stray = self.broker.stray(host.host, port, target=target.path, headers=head.headers)
+        if stray:
+            self._deny(ctx, s, HTTP_REQUEST, resource, f"{EXFILTRATION}:{stray}",
+                       f"the placeholder of credential {stray} may not go here", 403, t0)
+            return False
+        held, why = await bodies.hold(s, framing, idle=self.limits.idle_timeout, needles=self.broker.needles())
+        if why:
+            exfil = why.startswith(EXFILTRATION)
+            self._deny(ctx, s, HTTP_REQUEST, resource, why, "a credential's placeholder may not go here" if exfil
+                       else "the agent closed before the end of the body", 403 if exfil else 400, t0)
+            return False
+        context = request_context(
+            inspected=False, scheme="http", query_params=urlpath.query_names(target.path),
+            content_type=(head.get("content-type") or "")[:256],
+            content_length=framing.length if framing.kind == "length" else -1)
         # Decided on the path's normal form; forwarded as sent (a rewrite would break signed requests).
-        v = await self.authorize(HTTP_REQUEST, host, port, head.method, urlpath.normalize(path_noq), ctx.agent_id)
+        v = await self.authorize(HTTP_REQUEST, host, port, head.method, urlpath.normalize(path_noq), ctx.agent_id, context)
         if not v.allowed:
             self._deny(ctx, s, HTTP_REQUEST, resource, v.reason, v.detail, v.status, t0, auditfmt.ABORT if v.status in (502, 504) else auditfmt.DENY, v.addrs)
             return False
@@ -528,12 +598,12 @@ class Sidecar:
         try:
             up = await self._dial(v)
         except OSError as exc:
-            self._audit(ctx, action=HTTP_REQUEST, resource=resource, decision=auditfmt.ABORT, reason="upstream_unreachable", t0=t0)
+            self.audit_event(ctx, action=HTTP_REQUEST, resource=resource, decision=auditfmt.ABORT, reason="upstream_unreachable", t0=t0)
             s.w.write(deny_response(502, "upstream_unreachable", str(exc)))
             return False
         status, size, keep, abort = 0, 0, False, "shutdown"
         try:
-            status, size, keep, abort = await self._exchange(s, up, head, target.path, host, port, framing)
+            status, size, keep, abort = await self._exchange(s, up, head, target.path, host, port, framing, held)
         except (OSError, ConnectionError) as exc:
             abort = f"relay_failed: {type(exc).__name__}"
         except HttpError as exc:
@@ -541,18 +611,22 @@ class Sidecar:
         finally:
             up.close()
             self._exchange_event(ctx, resource, head.method, abort, deny_reason, enforce_us, t_dispatch, status, size)
+        if abort.startswith(EXFILTRATION):
+            s.w.write(deny_response(403, abort, "a credential's placeholder may not go here"))
+            return False
         return keep and not abort
 
     def _exchange_event(self, ctx, resource, method, abort, deny_reason, enforce_us, t_dispatch, status, size) -> None:
         self.audit.submit(
             session_id=ctx.session_id, agent_id=ctx.agent_id, sandbox_id=ctx.sandbox_id, action=HTTP_REQUEST,
-            resource=resource, decision=auditfmt.ABORT if abort else auditfmt.ALLOW,
+            resource=resource,
+            decision=auditfmt.DENY if abort.startswith(EXFILTRATION) else auditfmt.ABORT if abort else auditfmt.ALLOW,
             deny_reason=abort or deny_reason, enforcement_latency_us=enforce_us, bundle_version=self.policy.version,
             context_hash=auditfmt.context_hash(method, resource), dispatch_status=status,
             dispatch_latency_us=(time.perf_counter_ns() - t_dispatch) // 1000, response_size=size,
         )
 
-    async def _exchange(self, s, up, head, path, host: CanonHost, port: int, framing) -> tuple[int, int, bool, str]:
+    async def _exchange(self, s, up, head, path, host: CanonHost, port: int, framing, held: bytes | None) -> tuple[int, int, bool, str]:
         connection_tokens = {t.strip().lower() for v in head.get_all("connection") for t in v.split(",")}
         drop = set(ATTRIBUTION_HEADERS) | HOP_BY_HOP | connection_tokens | {"host"}
         drop |= {k.lower() for k, _ in head.headers if k.lower().startswith(HEADER_PREFIX)}  # none of ours goes upstream
@@ -561,7 +635,9 @@ class Sidecar:
         # Host first, as clients send it.
         out = http1.RequestHead(out.method, out.target, out.version, (out.headers[-2],) + out.headers[:-2] + (out.headers[-1],))
         up.w.write(out.to_bytes())
-        body_task = asyncio.ensure_future(self._send_body(s, up, framing))
+        body_task = asyncio.ensure_future(bodies.send_request_body(
+            s, up, framing, max_body=self.limits.max_body_bytes, idle=self.limits.idle_timeout,
+            needles=self.broker.needles(), held=held))
         client_keep = head.version == "HTTP/1.1" and "close" not in connection_tokens
         try:
             status, size, resp_keep = await self._relay_response(s, up, head.method, client_keep)
@@ -584,39 +660,6 @@ class Sidecar:
             body_task.cancel()
             client_keep = False
         return status, size, client_keep and resp_keep and not body_err, body_err
-
-    async def _send_body(self, s: netio.Stream, up: netio.Stream, framing) -> str:
-        if framing.kind == "none":
-            return ""
-        if framing.kind == "length":
-            left = framing.length
-            while left:
-                data = await asyncio.wait_for(s.read_some(min(left, netio.READ_CHUNK)), self.limits.idle_timeout)
-                if not data:
-                    return "client_body_truncated"
-                left -= len(data)
-                up.w.write(data)
-                await up.w.drain()
-            return ""
-        scanner = http1.ChunkedScanner()
-        while not scanner.done:
-            data = await asyncio.wait_for(s.read_some(), self.limits.idle_timeout)
-            if not data:
-                return "client_body_truncated"
-            try:
-                n = scanner.feed(data)
-            except HttpError as exc:
-                # Never forward bytes that failed validation; the upstream sees a truncated body.
-                up.close()
-                return exc.reason
-            if scanner.body_bytes > self.limits.max_body_bytes:
-                up.close()
-                return "body_too_large"
-            if n < len(data):
-                s.buf[:0] = data[n:]  # the next pipelined request
-            up.w.write(data[:n])
-            await up.w.drain()
-        return ""
 
     async def _relay_response(self, s: netio.Stream, up: netio.Stream, method: str, client_keep: bool) -> tuple[int, int, bool]:
         while True:
@@ -674,13 +717,32 @@ class Sidecar:
             self._deny(ctx, s, NETWORK_CONNECT, "", "invalid_host", str(exc), 403, t0)
             return
         resource = host.authority(port)
-        v = await self.authorize(NETWORK_CONNECT, host, port, "CONNECT", "", ctx.agent_id)
+        stray = self.broker.stray(host.host, port, target="", headers=())  # a placeholder as a DNS label
+        if stray:
+            self._deny(ctx, s, NETWORK_CONNECT, resource, f"{EXFILTRATION}:{stray}",
+                       f"the placeholder of credential {stray} may not go here", 403, t0)
+            return
+        inspected = self.inspects(host) is not None and (host.host, port) not in self._opaque
+        v = await self.authorize(NETWORK_CONNECT, host, port, "CONNECT", "", ctx.agent_id,
+                                 resolve=not inspected, connect_if_requests=inspected)
         if not v.allowed:
             self._deny(ctx, s, NETWORK_CONNECT, resource, v.reason, v.detail, v.status, t0, auditfmt.ABORT if v.status in (502, 504) else auditfmt.DENY, v.addrs)
             return
         s.w.write(b"HTTP/1.1 200 Connection Established\r\n\r\n")
         await s.w.drain()
+        if inspected:
+            await self._inspected(ctx, s, host, port, t0)
+            return
         await self._tunnel(ctx, s, host, port, v, t0)
+
+    async def _inspected(self, ctx: Attribution, s: netio.Stream, host: CanonHost, port: int, t0: int) -> None:
+        """A TLS connection to an inspected name: the SNI rules first, as for a tunnel."""
+        verdict = await self._check_hello(s, host, port)
+        if verdict:
+            self.audit_event(ctx, action=NETWORK_CONNECT, resource=host.authority(port), decision=auditfmt.DENY,
+                             reason=verdict, t0=t0)
+            return
+        await self.inspector.serve(ctx, s, host, port)
 
     async def transparent(self, ctx: Attribution, s: netio.Stream, host: CanonHost, port: int) -> None:
         """A connection a planted transparent listener accepted (DESIGN §5.4): `host` is the name
@@ -690,6 +752,11 @@ class Sidecar:
         decided as one, as a CONNECT to it is. Refusals close the connection and are audited."""
         t0 = time.perf_counter_ns()
         resource = host.authority(port)
+        stray = self.broker.stray(host.host, port, target="", headers=())  # a placeholder as a DNS label
+        if stray:
+            self.audit_event(ctx, action=NETWORK_CONNECT, resource=resource, decision=auditfmt.DENY,
+                             reason=f"{EXFILTRATION}:{stray}", t0=t0)
+            return
         opaque = (host.host, port) in self._opaque
         if not opaque and not host.is_ip:
             kind = await self._classify(s)
@@ -698,27 +765,32 @@ class Sidecar:
                 return
             if kind != "tls":
                 if kind != "closed":
-                    self._audit(ctx, action=NETWORK_CONNECT, resource=resource, decision=auditfmt.DENY,
+                    self.audit_event(ctx, action=NETWORK_CONNECT, resource=resource, decision=auditfmt.DENY,
                                 reason="tls_or_http_required", t0=t0)
                 return
-        v = await self.authorize(NETWORK_CONNECT, host, port, "CONNECT", "", ctx.agent_id)
+        inspected = not opaque and self.inspects(host) is not None
+        v = await self.authorize(NETWORK_CONNECT, host, port, "CONNECT", "", ctx.agent_id,
+                                 resolve=not inspected, connect_if_requests=inspected)
         if not v.allowed:
             reason = f"{v.reason}:{','.join(v.addrs)}" if v.reason == "blocked_address" and v.addrs else v.reason
-            self._audit(ctx, action=NETWORK_CONNECT, resource=resource,
+            self.audit_event(ctx, action=NETWORK_CONNECT, resource=resource,
                         decision=auditfmt.ABORT if v.status in (502, 504) else auditfmt.DENY, reason=reason, t0=t0)
+            return
+        if inspected:
+            await self._inspected(ctx, s, host, port, t0)
             return
         await self._tunnel(ctx, s, host, port, v, t0)
 
     def inbound_reporter(self, ctx: Attribution) -> Callable[[str, int, str, int], None]:
         """--publish: each inbound connection to the agent's published port, as `network.inbound`."""
         def report(resource: str, decision: int, reason: str, size: int) -> None:
-            self._audit(ctx, action="network.inbound", resource=resource, decision=decision, reason=reason,
+            self.audit_event(ctx, action="network.inbound", resource=resource, decision=decision, reason=reason,
                         response_size=size)
         return report
 
     def refuse_transparent(self, ctx: Attribution, resource: str, reason: str) -> None:
         """A transparent connection refused before any decision (an unknown synthetic address)."""
-        self._audit(ctx, action=NETWORK_CONNECT, resource=resource, decision=auditfmt.DENY, reason=reason)
+        self.audit_event(ctx, action=NETWORK_CONNECT, resource=resource, decision=auditfmt.DENY, reason=reason)
 
     async def _classify(self, s: netio.Stream) -> str:
         """What a transparent connection to a name carries, from its first bytes: "tls", "http"
@@ -762,7 +834,7 @@ class Sidecar:
             deny_reason = deny_reason or OPAQUE_TCP
         if verdict:
             if not self.config.monitor:
-                self._audit(ctx, action=NETWORK_CONNECT, resource=resource, decision=auditfmt.DENY, reason=verdict, t0=t0)
+                self.audit_event(ctx, action=NETWORK_CONNECT, resource=resource, decision=auditfmt.DENY, reason=verdict, t0=t0)
                 return
             deny_reason = deny_reason or f"monitor_mode:{verdict}"
         enforce_us = (time.perf_counter_ns() - t0) // 1000
@@ -770,7 +842,7 @@ class Sidecar:
         try:
             up = await self._dial(v)
         except OSError:
-            self._audit(ctx, action=NETWORK_CONNECT, resource=resource, decision=auditfmt.ABORT, reason="upstream_unreachable", t0=t0)
+            self.audit_event(ctx, action=NETWORK_CONNECT, resource=resource, decision=auditfmt.ABORT, reason="upstream_unreachable", t0=t0)
             return
         early = s.take_buffer()
         if early:
@@ -795,7 +867,7 @@ class Sidecar:
                 first = b""
             s.buf += first
         if s.buf[:1] == b"\x16":
-            self._audit(ctx, action=NETWORK_CONNECT, resource=resource, decision=auditfmt.DENY,
+            self.audit_event(ctx, action=NETWORK_CONNECT, resource=resource, decision=auditfmt.DENY,
                         reason="tls_needs_inspection", t0=t0)
             return
         if not s.buf:
@@ -804,7 +876,7 @@ class Sidecar:
             try:
                 raw = await asyncio.wait_for(s.read_head(self.limits.max_head_bytes, request=True), self.limits.idle_timeout)
             except (HttpError, asyncio.TimeoutError, asyncio.IncompleteReadError):
-                self._audit(ctx, action="http.malformed", resource=resource, decision=auditfmt.DENY,
+                self.audit_event(ctx, action="http.malformed", resource=resource, decision=auditfmt.DENY,
                             reason="malformed_request", t0=t0)
                 return
             if raw is None:
@@ -812,7 +884,7 @@ class Sidecar:
             try:
                 head = http1.parse_request_head(raw)
             except HttpError as exc:
-                self._malformed(ctx, s, exc.reason, exc.detail)
+                self.malformed(ctx, s, exc.reason, exc.detail)
                 return
             if not head.target.startswith("/") or head.method == "CONNECT":
                 self._deny(ctx, s, HTTP_REQUEST, resource, "malformed_request", "a tunnel carries origin-form requests", 400, t0)

@@ -1,6 +1,6 @@
 """TLS contexts for the sidecar's client authentication (DESIGN §9 "Standalone sidecar"): the
 standalone sidecar requires a client certificate from a CA the operator names; `firma run`'s
-bridge presents one. `firma` keeps the `ssl` module out of the process for launch latency
+bridge presents one; HTTPS inspection (DESIGN §5.7) loads `ssl` through it too. `firma` keeps the `ssl` module out of the process for launch latency
 (cli.main.entry), so it is let in here, only when TLS is configured."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from typing import Any
 from ..errors import SidecarError
 
 
-def _ssl() -> Any:
+def load_ssl() -> Any:
+    """The `ssl` module, let into a process that kept it out (and asyncio told it exists)."""
     if "ssl" in sys.modules and sys.modules["ssl"] is None:
         del sys.modules["ssl"]
     import ssl  # noqa: PLC0415 - only with client authentication configured
@@ -33,7 +34,7 @@ def _ssl() -> Any:
 
 def server_context(cert: str, key: str, client_ca: str) -> Any:
     """TLS 1.2+ server context that requires a client certificate signed by `client_ca`."""
-    ssl = _ssl()
+    ssl = load_ssl()
     try:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -47,7 +48,7 @@ def server_context(cert: str, key: str, client_ca: str) -> Any:
 
 def client_context(cert: str, key: str, ca: str) -> Any:
     """TLS client context presenting `cert`, trusting only `ca` for the sidecar's certificate."""
-    ssl = _ssl()
+    ssl = load_ssl()
     try:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2

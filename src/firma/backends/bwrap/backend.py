@@ -142,7 +142,7 @@ class BwrapBackend:
         self._protected_extra = bwrap_plan.plan_protected(plan)
         self._refuse_protected_symlinks(plan.cwd)  # before any service starts
         for m in plan.mounts:
-            if not os.path.exists(m.source):
+            if not m.generated and not os.path.exists(m.source):
                 raise LaunchError(f"mount source {m.source} does not exist; create it or fix --mount / --allow-write / "
                                   "[run].mounts")
         self._publish = bool(plan.publish)
