@@ -365,3 +365,8 @@ def split_target(head: RequestHead) -> Target:
 
 def strip_query(path: str) -> str:
     return path.split("?", 1)[0]
+
+
+def expects_continue(head: RequestHead) -> bool:
+    """The client waits for `100 Continue` before sending its body (RFC 9110 §10.1.1)."""
+    return any(v.strip().lower() == "100-continue" for v in head.get_all("expect"))

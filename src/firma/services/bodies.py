@@ -31,13 +31,16 @@ LAST_CHUNK = b"0\r\n\r\n"
 HOLD_MAX = 1 << 20
 
 
-async def hold(src: netio.Stream, framing: http1.Framing, *, idle: float,
-               needles: Mapping[str, bytes]) -> tuple[bytes | None, str]:
+async def hold(src: netio.Stream, framing: http1.Framing, *, idle: float, needles: Mapping[str, bytes],
+               expects_continue: bool = False) -> tuple[bytes | None, str]:
     """(body, "") when the body was held and is clean; (None, reason) when it is refused (a
     placeholder: `credential_exfiltration:NAME`; or the agent closed before its end); (None, "")
-    when it is not held (no needles, not a Content-Length body, or too long): stream it."""
+    when it is not held (no needles, not a Content-Length body, or too long): stream it. An agent
+    waiting for `100 Continue` gets it from here (the upstream's own comes later and is ignored)."""
     if not needles or framing.kind != "length" or framing.length > HOLD_MAX:
         return None, ""
+    if expects_continue and framing.length:
+        src.w.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     data = bytearray()
     while len(data) < framing.length:
         got = await asyncio.wait_for(src.read_some(framing.length - len(data)), idle)

@@ -138,7 +138,8 @@ class _Session:
         if stray:
             return self.deny(resource, f"{EXFILTRATION}:{stray}",
                              f"the placeholder of credential {stray} may not go here", 403, t0)
-        held, why = await bodies.hold(self.agent, framing, idle=sc.limits.idle_timeout, needles=broker.needles())
+        held, why = await bodies.hold(self.agent, framing, idle=sc.limits.idle_timeout, needles=broker.needles(),
+                                      expects_continue=http1.expects_continue(head))
         if why:
             return self.deny(resource, why, "a credential's placeholder may not go here" if why.startswith(EXFILTRATION)
                              else "the agent closed before the end of the body", 403 if why.startswith(EXFILTRATION) else 400, t0)

@@ -577,7 +577,8 @@ class Sidecar:
             self._deny(ctx, s, HTTP_REQUEST, resource, f"{EXFILTRATION}:{stray}",
                        f"the placeholder of credential {stray} may not go here", 403, t0)
             return False
-        held, why = await bodies.hold(s, framing, idle=self.limits.idle_timeout, needles=self.broker.needles())
+        held, why = await bodies.hold(s, framing, idle=self.limits.idle_timeout, needles=self.broker.needles(),
+                                      expects_continue=http1.expects_continue(head))
         if why:
             exfil = why.startswith(EXFILTRATION)
             self._deny(ctx, s, HTTP_REQUEST, resource, why, "a credential's placeholder may not go here" if exfil
