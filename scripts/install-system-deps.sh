@@ -21,6 +21,11 @@ command -v cargo >/dev/null 2>&1 || [ -x /root/.cargo/bin/cargo ] || [ -x "$HOME
 # Transparent egress tests: clients that ignore proxy variables (Node's fetch, ssh).
 [ -x /usr/bin/node ] || need+=(nodejs)
 [ -x /usr/bin/ssh ] || need+=(openssh-client)
+# HTTPS inspection with real tools: a single-file Java program (`java Hello.java` compiles, so a
+# JDK), and git's smart-HTTP CGI (git-http-backend ships with git) behind a local TLS front.
+[ -x /usr/bin/java ] && [ -x /usr/bin/javac ] || need+=(default-jdk-headless)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
+[ -e /etc/ssl/certs/ca-certificates.crt ] || need+=(ca-certificates)
 # Kept caches: pip downloads through a local index twice.
 /usr/bin/python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 # Test probes written in C (seccomp, raw sockets).

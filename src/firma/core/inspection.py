@@ -35,10 +35,13 @@ def name_glob(text: str, what: str) -> HostGlob:
     raw = text.strip().lower()
     wildcard = raw.startswith("*.")
     name = raw[2:] if wildcard else raw
-    if name.startswith("[") or name.count(":") > 1:
-        host = name
-    else:
-        host = name.rsplit(":", 1)[0] if ":" in name else name
+    host, port = name, ""
+    if name.startswith("[") and "]:" in name:
+        host, port = name.rsplit(":", 1)
+    elif name.count(":") == 1:
+        host, port = name.split(":")
+    if port and not (port.isdigit() and 0 < int(port) < 65536):
+        raise ConfigError(f"{what} entry {text!r}: the port must be a number from 1 to 65535")
     if "*" in host:
         raise ConfigError(f"{what} entry {text!r}: '*' only as a whole leading label ('*.example.com')")
     try:
@@ -124,21 +127,26 @@ def policy_hosts(est: Mapping[str, Any]) -> PolicyHosts:
 
 def _request_level(policy: Mapping[str, Any]) -> bool:
     action = policy.get("action") or {}
-    entities = [action.get("entity")] if action.get("op") == "==" else list(action.get("entities") or [])
+    entities = [action["entity"]] if "entity" in action else list(action.get("entities") or [])
     if entities and all(isinstance(e, dict) and e.get("id") == "http.request" for e in entities):
         return True
     return any(_mentions_request(c.get("body")) for c in policy.get("conditions") or ())
 
 
+_CONNECT_ATTRS = frozenset({"host", "port"})
+
+
 def _mentions_request(node: Any) -> bool:
+    """Whether a condition may depend on what only a request shows. Conservative: the action
+    tested in a condition, the context, or `resource` used any way but `.host` / `.port` count."""
     if isinstance(node, dict):
-        dot = node.get(".")
-        if isinstance(dot, dict) and dot.get("attr") in _REQUEST_ATTRS and dot.get("left") == {"Var": "resource"}:
-            return True
-        has = node.get("has")
-        if isinstance(has, dict) and has.get("attr") in _REQUEST_ATTRS and has.get("left") == {"Var": "resource"}:
-            return True
-        if node.get("Var") == "context":
+        for op in (".", "has"):
+            arg = node.get(op)
+            if isinstance(arg, dict) and arg.get("left") == {"Var": "resource"}:
+                if arg.get("attr") not in _CONNECT_ATTRS:
+                    return True
+                return False
+        if node.get("Var") in ("context", "action", "resource"):
             return True
         return any(_mentions_request(v) for v in node.values())
     if isinstance(node, list):
@@ -150,59 +158,56 @@ _HOST = {".": {"left": {"Var": "resource"}, "attr": "host"}}
 
 
 def _policy_host_literals(policy: Mapping[str, Any]) -> list[HostGlob] | None:
-    """The host names a policy compares `resource.host` with (==, like, a set's contains), or
-    the host of its scope's resource; None when it names none or one under a negation."""
-    out: list[HostGlob] = []
+    """Host names a policy applies only to: its scope's resource, or what one of its `when`
+    conditions implies `resource.host` is (==, like, a set's contains, through && and through
+    || and if-then-else whose every branch says so). None when nothing restricts it: then it
+    counts for every host (a host named under a negation, `unless`, or beside an `||` with
+    another kind of test restricts nothing)."""
     scope = policy.get("resource") or {}
     if scope.get("op") == "==" and isinstance(scope.get("entity"), dict):
         rid = str(scope["entity"].get("id", ""))
         host = rid.rsplit(":", 1)[0] if ":" in rid else rid
         if host:
-            out.append(like_glob(host.strip("[]")))
-    negated = False
-
-    def walk(node: Any, under_not: bool) -> None:
-        nonlocal negated
-        if isinstance(node, list):
-            for v in node:
-                walk(v, under_not)
-            return
-        if not isinstance(node, dict):
-            return
-        for op, arg in node.items():
-            neg = under_not or op in ("!", "!=")
-            if op == "==" and isinstance(arg, dict) and _HOST in (arg.get("left"), arg.get("right")):
-                other = arg.get("right") if arg.get("left") == _HOST else arg.get("left")
-                value = other.get("Value") if isinstance(other, dict) else None
-                if isinstance(value, str) and not under_not:
-                    out.append(like_glob(value.lower()))
-                else:
-                    negated = True
-                continue
-            if op == "like" and isinstance(arg, dict) and arg.get("left") == _HOST:
-                if under_not:
-                    negated = True
-                else:
-                    out.append(like_glob(_like_text(arg.get("pattern")).lower()))
-                continue
-            if op == "contains" and isinstance(arg, dict) and arg.get("right") == _HOST:
-                values = (arg.get("left") or {}).get("Set") if isinstance(arg.get("left"), dict) else None
-                names = [v.get("Value") for v in values or () if isinstance(v, dict)]
-                if under_not or not names or not all(isinstance(n, str) for n in names):
-                    negated = True
-                else:
-                    out.extend(like_glob(str(n).lower()) for n in names)
-                continue
-            if node == _HOST:
-                negated = True  # the host used some other way: it may stand for any host
-                return
-            walk(arg, neg)
-
+            return [like_glob(host.strip("[]"))]
     for cond in policy.get("conditions") or ():
-        walk(cond.get("body"), cond.get("kind") == "unless")
-    if negated or not out:
+        if cond.get("kind") == "when":
+            found = _implied_hosts(cond.get("body"))
+            if found is not None:
+                return found
+    return None
+
+
+def _implied_hosts(node: Any) -> list[HostGlob] | None:
+    """Hosts that `node` being true implies `resource.host` is one of; None when it implies none."""
+    if not isinstance(node, dict) or len(node) != 1:
         return None
-    return out
+    ((op, arg),) = node.items()
+    if not isinstance(arg, dict):
+        return None
+    if op == "==" and _HOST in (arg.get("left"), arg.get("right")):
+        other = arg.get("right") if arg.get("left") == _HOST else arg.get("left")
+        value = other.get("Value") if isinstance(other, dict) else None
+        return [like_glob(value.lower())] if isinstance(value, str) else None
+    if op == "like" and arg.get("left") == _HOST:
+        return [like_glob(_like_text(arg.get("pattern")).lower())]
+    if op == "contains" and arg.get("right") == _HOST:
+        values = (arg.get("left") or {}).get("Set") if isinstance(arg.get("left"), dict) else None
+        names = [v.get("Value") for v in values or () if isinstance(v, dict)]
+        if values and len(names) == len(values) and all(isinstance(n, str) for n in names):
+            return [like_glob(str(n).lower()) for n in names]
+        return None
+    if op == "&&":
+        left = _implied_hosts(arg.get("left"))
+        return left if left is not None else _implied_hosts(arg.get("right"))
+    if op == "||":
+        left, right = _implied_hosts(arg.get("left")), _implied_hosts(arg.get("right"))
+        return None if left is None or right is None else left + right
+    if op == "if-then-else":
+        cond = _implied_hosts(arg.get("if"))
+        then = cond if cond is not None else _implied_hosts(arg.get("then"))
+        other = _implied_hosts(arg.get("else"))
+        return None if then is None or other is None else then + other
+    return None
 
 
 def _like_text(pattern: Any) -> str:
