@@ -37,6 +37,7 @@ bench: setup
 	$(PY) bench/relay_copy.py
 	$(PY) bench/terminal.py
 	$(PY) bench/audit.py
+	$(PY) bench/https_inspection.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .hypothesis

@@ -280,6 +280,9 @@ class _Session:
         agent.w.write(out.with_added(extra).to_bytes())
         size = 0
         stream: Any = None if replacer is None else replacer.stream()
+        if stream is None and framing.kind == "length":
+            await netio.forward_counted(up, agent.w, framing.length, lim.idle_timeout)
+            return resp.status, framing.length, keep
         async for data in bodies.response_body(up, framing, lim.idle_timeout, decode=stream is not None):
             size += len(data)
             if stream is not None:

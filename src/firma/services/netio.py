@@ -361,3 +361,88 @@ async def forward_exact(src: Stream, dst: asyncio.StreamWriter, n: int, idle: fl
             t.resume_reading()
     c.done.result()
     await dst.drain()
+
+
+class _CountedInto(asyncio.BufferedProtocol):
+    """`forward_counted`'s protocol: reads at most the bytes still owed into one buffer (so
+    nothing past the body is taken), writes them to `dst`, pauses while dst is backed up."""
+
+    def __init__(self, src: asyncio.BaseTransport, dst: asyncio.StreamWriter, left: int) -> None:
+        self.src, self.dst, self.left = src, dst, left
+        self.buf = memoryview(bytearray(min(left, RELAY_BUFFER_BULK)))
+        self.done = asyncio.get_running_loop().create_future()
+        self.paused = asyncio.Event()
+        self.last = time.monotonic()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.buf[: max(1, min(self.left, len(self.buf)))]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self.done.done():
+            return
+        self.last = time.monotonic()
+        self.dst.write(self.buf[:nbytes])
+        self.left -= nbytes
+        pending = self.dst.transport.get_write_buffer_size()
+        if pending:
+            self.buf = memoryview(bytearray(len(self.buf)))  # dst may hold a view of the old one
+        if self.left <= 0:
+            self.done.set_result(None)
+            cast(asyncio.ReadTransport, self.src).pause_reading()  # until the stream protocol is back
+        elif pending > STREAM_LIMIT:
+            cast(asyncio.ReadTransport, self.src).pause_reading()
+            self.paused.set()
+
+    def eof_received(self) -> bool:
+        self._lost()
+        return False
+
+    def connection_lost(self, exc) -> None:
+        self._lost()
+
+    def _lost(self) -> None:
+        if not self.done.done():
+            self.done.set_exception(ConnectionError("upstream closed mid-body"))
+
+
+async def forward_counted(src: Stream, dst: asyncio.StreamWriter, n: int, idle: float) -> None:
+    """Copy exactly n bytes from src to dst, reading straight into one buffer (a TLS transport
+    decrypts many records per call into it), then give src back to its stream protocol for the
+    next response on the connection. ConnectionError when src ends first."""
+    data, eof = take_buffered(src)
+    if data:
+        if len(data) > n:
+            src.buf[:0] = data[n:]  # what follows the body stays for the next read
+        dst.write(data[:n])
+        n -= min(n, len(data))
+    if n == 0:
+        await dst.drain()
+        return
+    if eof:
+        raise ConnectionError("upstream closed mid-body")
+    t = src.w.transport
+    stream_protocol = t.get_protocol()
+    c = _CountedInto(t, dst, n)
+    t.set_protocol(c)
+    cast(asyncio.ReadTransport, t).resume_reading()
+    try:
+        while not c.done.done():
+            waiter = asyncio.ensure_future(c.paused.wait())
+            try:
+                done, _ = await asyncio.wait([c.done, waiter], timeout=min(idle, 5.0), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+            if not done:
+                if time.monotonic() - c.last > idle:
+                    raise asyncio.TimeoutError()
+                continue
+            if c.paused.is_set() and not c.done.done():
+                c.paused.clear()
+                await dst.drain()
+                cast(asyncio.ReadTransport, t).resume_reading()
+        c.done.result()
+    finally:
+        if not t.is_closing():
+            t.set_protocol(stream_protocol)
+            cast(asyncio.ReadTransport, t).resume_reading()
+    await dst.drain()
