@@ -372,3 +372,96 @@ def test_a_credential_that_could_never_be_added_refuses_the_launch(tmp_path, ca)
     cfg = _credential_config(tmp_path, "api.example.test")  # control: the same credential, reachable
     p = run_firma(["run", "--quiet", "--config", str(cfg), "--", "sh", "-c", "touch ran"], cwd=ws, env=env)
     assert p.returncode == 0 and (ws / "ran").exists(), p.stderr
+
+
+class _WebSocketUpstream:
+    """A TLS server that answers an Upgrade with 101 and then echoes raw bytes upper-cased (the
+    frames are not parsed: after 101 firma relays bytes as they are)."""
+
+    def __init__(self, ca: trustme.CA) -> None:
+        import socket
+        import threading
+
+        self.ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ca.issue_cert("ws.example.test").configure_cert(self.ctx)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.paths: list[str] = []
+        self.echoed = b""
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                raw, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                c = self.ctx.wrap_socket(raw, server_side=True)
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    head += c.recv(4096)
+                self.paths.append(head.split(b" ")[1].decode())
+                c.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+                while data := c.recv(4096):
+                    self.echoed += data
+                    c.sendall(data.upper())
+            except (OSError, ssl.SSLError):
+                pass
+            finally:
+                raw.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+WS_CLIENT = r'''
+import os, socket, ssl, sys
+host, port, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+s = socket.create_connection(("127.0.0.1", 18080))
+s.sendall(f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+assert s.recv(4096).startswith(b"HTTP/1.1 200")
+t = ssl.create_default_context(cafile=os.environ["SSL_CERT_FILE"]).wrap_socket(s, server_hostname=host)
+t.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+          "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n".encode())
+head = b""
+while b"\r\n\r\n" not in head:
+    head += t.recv(4096)
+status = head.split(b" ")[1].decode()
+print(status, end=" ")
+if status == "101":
+    rest = head.split(b"\r\n\r\n", 1)[1]
+    t.sendall(b"\x81\x05hello raw bytes")
+    while len(rest) < 17:
+        rest += t.recv(4096)
+    print(rest.hex())
+'''
+
+
+def test_a_websocket_upgrade_is_decided_then_relayed_as_bytes(tmp_path, ca):
+    """Over an inspected connection the upgrade request is decided like any request (a Cedar
+    forbid on its path refuses it: 403, nothing arrives); an allowed one gets the upstream's 101,
+    after which bytes go both ways untouched (no HTTP parsing of the frames)."""
+    up = _WebSocketUpstream(ca)
+    try:
+        env = _env(tmp_path, ca, "ws.example.test")
+        ws = _ws(tmp_path)
+        (ws / "wsclient.py").write_text(WS_CLIENT)
+        policy = tmp_path / "ws.cedar"
+        policy.write_text('forbid (principal, action == Action::"http.request", resource)\n'
+                          '  when { resource.host == "ws.example.test" && resource.path == "/denied" };\n')
+        script = (f"{SYSTEM_PYTHON} wsclient.py ws.example.test {up.port} /socket > ok.out 2>&1; "
+                  f"{SYSTEM_PYTHON} wsclient.py ws.example.test {up.port} /denied > denied.out 2>&1; true")
+        p = run_firma(["run", "--quiet", "--policy", str(policy), "--allow-host", f"ws.example.test:{up.port}",
+                       "--", "sh", "-c", script], cwd=ws, env=env)
+        assert p.returncode == 0, p.stderr
+        assert (ws / "ok.out").read_text() == "101 " + b"\x81\x05HELLO RAW BYTES".hex() + "\n", (ws / "ok.out").read_text()
+        assert (ws / "denied.out").read_text().strip() == "403"
+        assert up.paths == ["/socket"] and up.echoed == b"\x81\x05hello raw bytes"
+        events = {e["resource"]: e for e in _audit(tmp_path) if e["action"] == "http.request"}
+        assert events[f"GET https://ws.example.test:{up.port}/socket"]["dispatch_status"] == 101
+        assert events[f"GET https://ws.example.test:{up.port}/denied"]["deny_reason"] == "policy_forbid"
+    finally:
+        up.close()
