@@ -393,13 +393,15 @@ def test_chunked_with_a_placeholder_passes_raw_without_needles():
 
 def test_chunked_placeholder_in_framing_never_reaches_the_upstream():
     # A placeholder in a chunk extension or a trailer is framing, not payload: the re-chunked
-    # message does not carry it.
-    wire = chunked(b"hello", b"world", ext=b";k=" + PH, trailer=b"X-Leak: " + PH2 + b"\r\n")
-    why, got, closed, _ = run(send_chunked(wire, 2, [20], NEEDLES))
-    assert PH not in got and PH2 not in got
-    if not why:
-        dec, done, _ = decode(got)
-        assert dec == b"helloworld" and done
+    # message would not carry it, but it is an attempt all the same, refused as one.
+    for wire in (chunked(b"hello", b"world", ext=b";k=" + PH),
+                 chunked(b"hello", b"world", trailer=b"X-Leak: " + PH2 + b"\r\n")):
+        why, got, closed, _ = run(send_chunked(wire, 2, [20], NEEDLES))
+        assert why.startswith("credential_exfiltration:") and closed, why
+        assert PH not in got and PH2 not in got
+    # control: the same framing without a placeholder goes through
+    why, got, closed, _ = run(send_chunked(chunked(b"hello", b"world", ext=b";k=v"), 2, [20], NEEDLES))
+    assert why == "" and decode(got)[0] == b"helloworld"
 
 
 def test_chunked_too_large_and_malformed_close_dst():

@@ -93,6 +93,9 @@ async def _send(src: netio.Stream, dst: netio.Stream, framing: http1.Framing, *,
             await dst.w.drain()
         return ""
     scanner = http1.ChunkedScanner(decode=scan is not None)
+    # The framing too (chunk extensions, trailers): dropped when re-chunking, but a placeholder
+    # there is still an attempt, refused as one.
+    framing_scan = NeedleScanner(dict(needles)) if needles else None
     while not scanner.done:
         data = await asyncio.wait_for(src.read_some(), idle)
         if not data:
@@ -108,7 +111,10 @@ async def _send(src: netio.Stream, dst: netio.Stream, framing: http1.Framing, *,
         if scan is None:
             dst.w.write(data[:n])
         else:
-            assert scanner.payload is not None
+            assert scanner.payload is not None and framing_scan is not None
+            _, found = framing_scan.feed(bytes(data[:n]))
+            if found:
+                return f"{EXFILTRATION}:{found}"
             payload = bytes(scanner.payload)
             scanner.payload.clear()
             safe, found = scan.feed(payload)
