@@ -465,3 +465,24 @@ def test_a_websocket_upgrade_is_decided_then_relayed_as_bytes(tmp_path, ca):
         assert events[f"GET https://ws.example.test:{up.port}/denied"]["deny_reason"] == "policy_forbid"
     finally:
         up.close()
+
+
+def test_domain_fronting_inside_tls_is_refused_on_an_inspected_host(tmp_path, ca):
+    """ATTACKS #18: TLS whose SNI is the allowed name, carrying a request whose Host names another
+    site. A tunnel cannot see it; an inspected connection refuses it (host_mismatch) and nothing
+    arrives. Control: the same request with its own Host arrives."""
+    up = TlsUpstream(ca, ("api.example.test", "evil.example.test"))
+    try:
+        env = _env(tmp_path, ca, "api.example.test")
+        ws = _ws(tmp_path)
+        url = f"https://api.example.test:{up.port}"
+        script = (f"curl -sS -m 10 -o /dev/null -w '%{{http_code}} ' -H 'Host: evil.example.test:{up.port}' {url}/fronted > codes;"
+                  f"curl -sS -m 10 -o /dev/null -w '%{{http_code}}' {url}/own >> codes; true")
+        p = run_firma(["run", "--quiet", "--inspect", "api.example.test", "--allow-host", f"api.example.test:{up.port}",
+                       "--", "sh", "-c", script], cwd=ws, env=env)
+        assert p.returncode == 0, p.stderr
+        assert (ws / "codes").read_text().split() == ["403", "200"]
+        assert [h["path"] for h in up.hits] == ["/own"]
+        assert [e for e in _audit(tmp_path) if e["deny_reason"] == "host_mismatch"]
+    finally:
+        up.close()
