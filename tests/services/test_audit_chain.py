@@ -214,3 +214,30 @@ def test_a_log_without_checkpoints_is_reported_unchained(tmp_path):
     r = verify(path)
     assert r.returncode == 1 and r.stdout.startswith("FAIL: ref.jsonl: unchained: no checkpoint records") and "--no-chain" in r.stdout
     assert verify(path, "--no-chain").stdout == "OK: 1 lines verified (signatures only)\n"
+
+
+def test_events_a_few_milliseconds_apart_share_a_checkpoint_and_close_flushes_them(tmp_path):
+    """The writer gathers events for a moment before it signs and appends them (one checkpoint
+    per batch, not per event: the per-event work slowed every small request). Control: with
+    the window at zero the same spacing gives about one checkpoint per event."""
+    import time as _time
+
+    from firma.services import audit_writer
+
+    def run(window: float, sub: str) -> tuple[int, int]:
+        d = tmp_path / sub
+        d.mkdir()
+        path = d / "audit.jsonl"
+        w = audit_writer.AuditWriter(str(path), key_path=str(d / "audit.key"), batch_window=window)
+        for i in range(30):
+            w.submit(sandbox_id=f"s{i}", action="network.connect", resource=f"h.test:{i}", decision=1)
+            _time.sleep(0.002)
+        w.close()
+        r = verify(path)
+        assert r.returncode == 0 and r.stdout.startswith("OK: 30 lines verified"), r.stdout + r.stderr
+        return len(lines_of(path)), len((d / "audit.jsonl.chain").read_text().splitlines())
+
+    lines, records = run(audit_writer.BATCH_WINDOW_SECS, "batched")
+    assert lines == 30 and records <= 10, records
+    lines, records = run(0.0, "unbatched")
+    assert lines == 30 and records >= 20, records

@@ -31,14 +31,18 @@ from ..errors import AuditError
 
 _LOAD_KEY = object()  # queue marker: load the key now (see ready)
 MAX_QUEUE = 100_000  # beyond this, events are counted as dropped rather than blocking a request
+MAX_BATCH = 512  # events signed and appended under one checkpoint
+BATCH_WINDOW_SECS = 0.02  # how long the first event of a batch waits for others (see _next_batch)
 
 
 class AuditWriter:
     def __init__(self, path: str, key=None, *, key_path: str | None = None, caps: auditcaps.AuditCaps | None = None,
-                 clock: Callable[[], float] = time.monotonic, free_space: Callable[[str], int] = free_bytes) -> None:
+                 clock: Callable[[], float] = time.monotonic, free_space: Callable[[str], int] = free_bytes,
+                 batch_window: float = BATCH_WINDOW_SECS) -> None:
         """`key`: a loaded key; or `key_path`: checked now, parsed or created on the writer's
         thread (see `ready`). `clock` (seconds) drives the per-second caps and `free_space`
-        (bytes free for a directory) the disk check: both injectable for tests."""
+        (bytes free for a directory) the disk check: both injectable for tests. `batch_window`:
+        how long the first event of a batch waits for others (see `_next_batch`)."""
         if (key is None) == (key_path is None):
             raise ValueError("AuditWriter needs exactly one of key and key_path")
         self.path = path
@@ -55,6 +59,7 @@ class AuditWriter:
             self._key_ready.set_result(key)
         self.caps = caps or auditcaps.AuditCaps()
         self._clock = clock
+        self._batch_window = batch_window
         self._free_space = free_space
         self._disk_checked: float | None = None
         self._disk_low = False
@@ -142,10 +147,18 @@ class AuditWriter:
             batch = [self._q.get(timeout=self.caps.free_check_secs)]
         except queue.Empty:
             batch = []
+        # Events gather for a moment before they are signed and appended: one checkpoint (and
+        # one lock, one wake-up of this thread) per batch instead of per event. This thread
+        # shares the interpreter lock with the sidecar's loop, and working event by event it
+        # added ~0.3 ms to every small request on two CPUs (bench/egress.py). The close marker
+        # and a key request end the wait at once.
+        deadline = time.monotonic() + self._batch_window if batch and batch[0] is not None and \
+            batch[0] is not _LOAD_KEY else 0.0
         try:
-            while len(batch) < 512:
-                batch.append(self._q.get_nowait())
-        except queue.Empty:
+            while len(batch) < MAX_BATCH and batch[-1] is not None and batch[-1] is not _LOAD_KEY:
+                left = deadline - time.monotonic()
+                batch.append(self._q.get(timeout=left) if left > 0 else self._q.get_nowait())
+        except (queue.Empty, IndexError):
             pass
         with self._lock:  # seconds that ended without a later event still get their records
             ended = self._throttle.expire(self._clock())
