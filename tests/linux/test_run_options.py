@@ -168,7 +168,10 @@ def test_publish_makes_a_server_inside_reachable_from_the_host(tmp_path, ws):
         try:
             deadline = time.monotonic() + 30
             while not (ws / "listening").exists():
-                assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+                if p.poll() is not None or time.monotonic() > deadline:
+                    p.kill()  # the output must not wait on a hung run (or on a child holding its pipes)
+                    out, err = p.communicate(timeout=10)
+                    raise AssertionError(f"the server inside never listened: rc={p.returncode}\n{out}\n{err}")
                 time.sleep(0.05)
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
