@@ -96,3 +96,55 @@ def test_a_body_cut_short_is_an_error():
         b.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_a_slow_agent_holds_the_body_back_and_gets_it_whole(tls):
+    """The agent reads nothing for a while, then slowly: the upstream is read only as fast as the
+    agent takes it (the agent side's backlog stays near its high-water mark plus one read, never
+    the body), every byte arrives, and both connections keep their own protocols afterwards."""
+    size = 24 << 20
+    body = os.urandom(size)
+    server, client = _tls() if tls else (None, None)
+
+    async def main() -> tuple[bytes, bytes, int, bytes]:
+        port = _serve([body + NEXT], server)
+        kw = {"ssl": client, "server_hostname": "up.example.test"} if client else {}
+        ur, uw = await asyncio.open_connection("127.0.0.1", port, limit=netio.STREAM_LIMIT, **kw)
+        a, b = socket.socketpair()
+        b.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        ar, aw = await asyncio.open_connection(sock=a)
+        loop = asyncio.get_running_loop()
+        b.setblocking(False)
+        got = bytearray()
+        backlog = 0
+
+        async def agent() -> None:
+            await asyncio.sleep(0.3)  # everything would back up into the relay meanwhile
+            while len(got) < size:
+                got.extend(await loop.sock_recv(b, 1 << 16))
+                if len(got) < size // 2:
+                    await asyncio.sleep(0.0005)
+
+        async def watch() -> None:
+            nonlocal backlog
+            while True:
+                backlog = max(backlog, aw.transport.get_write_buffer_size())
+                await asyncio.sleep(0.001)
+
+        reader, watcher = asyncio.ensure_future(agent()), asyncio.ensure_future(watch())
+        up = netio.Stream(ur, uw)
+        await netio.forward_counted(up, aw, size, 10)
+        await asyncio.wait_for(reader, 30)
+        watcher.cancel()
+        head = await asyncio.wait_for(up.read_head(65536), 10)
+        await loop.sock_sendall(b, b"next request")  # the agent side's stream reader is back too
+        after = await asyncio.wait_for(ar.readexactly(12), 10)
+        uw.close()
+        aw.close()
+        b.close()
+        return bytes(got), head or b"", backlog, after
+
+    got, head, backlog, after = asyncio.run(main())
+    assert got == body and head == NEXT and after == b"next request"
+    assert backlog <= (64 << 10) + netio.RELAY_BUFFER_BULK + (256 << 10), backlog

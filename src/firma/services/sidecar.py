@@ -687,7 +687,7 @@ class Sidecar:
         size = 0
         if framing.kind == "length":
             # The upstream connection is per request (Connection: close), so it may be taken over.
-            await netio.forward_exact(up, s.w, framing.length, self.limits.idle_timeout)
+            await netio.forward_counted(up, s.w, framing.length, self.limits.idle_timeout)
             size = framing.length
         elif framing.kind == "chunked":
             scanner = http1.ChunkedScanner()
