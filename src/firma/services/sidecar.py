@@ -635,11 +635,20 @@ class Sidecar:
         out = http1.RequestHead(head.method, path, "HTTP/1.1", head.headers).without(drop).with_added([("Host", authority), ("Connection", "close")])
         # Host first, as clients send it.
         out = http1.RequestHead(out.method, out.target, out.version, (out.headers[-2],) + out.headers[:-2] + (out.headers[-1],))
+        client_keep = head.version == "HTTP/1.1" and "close" not in connection_tokens
+        if framing.kind == "none" or held is not None:
+            # Nothing left to stream from the agent: head (and the held, scanned body) in one write,
+            # and no task of its own (most requests; a task per request cost loop turns).
+            up.w.write(out.to_bytes() + (held or b""))
+            try:
+                status, size, resp_keep = await self._relay_response(s, up, head.method, client_keep)
+            except HttpError as exc:
+                return 0, 0, False, exc.reason
+            return status, size, client_keep and resp_keep, ""
         up.w.write(out.to_bytes())
         body_task = asyncio.ensure_future(bodies.send_request_body(
             s, up, framing, max_body=self.limits.max_body_bytes, idle=self.limits.idle_timeout,
             needles=self.broker.needles(), held=held))
-        client_keep = head.version == "HTTP/1.1" and "close" not in connection_tokens
         try:
             status, size, resp_keep = await self._relay_response(s, up, head.method, client_keep)
         except (OSError, ConnectionError, HttpError, asyncio.TimeoutError) as exc:
