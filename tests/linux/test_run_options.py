@@ -138,6 +138,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _hung_run_report(p, tmp_path) -> str:
+    """What a run that never got going was doing: the process tree with kernel wait channels,
+    the run logs, and its output once killed (never waiting on a child that holds its pipes)."""
+    import subprocess
+
+    tree = subprocess.run(["ps", "-eo", "pid,ppid,pgid,stat,etime,wchan:32,cmd"], capture_output=True, text=True).stdout
+    logs = "".join(f"--- {f}\n{f.read_text(errors='replace')[-4000:]}" for f in (tmp_path / "state").rglob("run.log"))
+    p.kill()
+    try:
+        out, err = p.communicate(timeout=10)
+    except subprocess.TimeoutExpired:
+        out, err = "(pipes still held 10 s after SIGKILL)", ""
+    return f"rc={p.returncode}\nstdout: {out}\nstderr: {err}\n{logs}\n{tree}"
+
+
 def test_publish_makes_a_server_inside_reachable_from_the_host(tmp_path, ws):
     """A server the agent starts inside answers on the published host port; the same server is
     unreachable when nothing is published (control); each inbound connection is audited."""
@@ -169,9 +184,7 @@ def test_publish_makes_a_server_inside_reachable_from_the_host(tmp_path, ws):
             deadline = time.monotonic() + 30
             while not (ws / "listening").exists():
                 if p.poll() is not None or time.monotonic() > deadline:
-                    p.kill()  # the output must not wait on a hung run (or on a child holding its pipes)
-                    out, err = p.communicate(timeout=10)
-                    raise AssertionError(f"the server inside never listened: rc={p.returncode}\n{out}\n{err}")
+                    raise AssertionError(f"the server inside never listened: {_hung_run_report(p, tmp_path)}")
                 time.sleep(0.05)
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
@@ -225,3 +238,42 @@ def test_print_effective_config_shows_the_everyday_options(tmp_path, ws):
     assert {"source": f"{tmp_path}/data", "target": f"{tmp_path}/data", "read_only": False} in doc["mounts"]
     assert doc["publish"] == [{"bind": "127.0.0.1", "host_port": 8080, "port": 3000}]
     assert doc["caches"] == ["npm"] and doc["terminal"] is False
+
+
+def test_the_publish_helper_holds_none_of_the_launchers_descriptors(tmp_path, ws):
+    """The --publish socket helper (forked by the launcher into the sandbox's namespaces) holds
+    its control socket and the two namespace descriptors, with 0-2 on /dev/null: not the
+    launcher's output pipes (a killed run's output would wait on it) and not a pipe another
+    launcher thread reads to its end. Control: the launcher itself holds the output pipes."""
+    import subprocess
+
+    from linux_support import firma_cmd
+
+    require_tools()
+    p = subprocess.Popen(firma_cmd("run", "--quiet", "--publish", f"{_free_port()}:8000", "--", "/bin/sleep", "30"),
+                         cwd=ws, env=base_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        own_net = os.readlink("/proc/self/ns/net")
+        helper = None
+        deadline = time.monotonic() + 30
+        while helper is None and time.monotonic() < deadline and p.poll() is None:
+            for pid in os.listdir("/proc"):
+                try:
+                    with open(f"/proc/{pid}/stat") as f:
+                        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                    if ppid == p.pid and os.readlink(f"/proc/{pid}/ns/net") != own_net and \
+                            os.readlink(f"/proc/{pid}/exe") == os.readlink(f"/proc/{p.pid}/exe"):
+                        helper = int(pid)
+                except (OSError, ValueError, IndexError):
+                    continue
+            time.sleep(0.05)
+        assert helper is not None, "no --publish helper found"
+        fds = {int(fd): os.readlink(f"/proc/{helper}/fd/{fd}") for fd in os.listdir(f"/proc/{helper}/fd")}
+        launcher_fds = [os.readlink(f"/proc/{p.pid}/fd/{fd}") for fd in (1, 2)]
+    finally:
+        p.kill()
+        p.communicate(timeout=30)
+    assert all(t.startswith("pipe:") for t in launcher_fds), launcher_fds  # control
+    assert [fds[fd] for fd in (0, 1, 2)] == ["/dev/null"] * 3, fds
+    rest = sorted(t.split(":")[0] for fd, t in fds.items() if fd > 2)
+    assert rest == ["net", "socket", "user"], fds

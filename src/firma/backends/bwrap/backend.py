@@ -193,8 +193,9 @@ class BwrapBackend:
             self._host = detect_host()
         bwrap_preflight(self._host)
         self._sandbox_id = envelope.sandbox_id
-        # The run's cgroup is made while the plan is built and bwrap builds the sandbox (§5.3).
-        limiter = self._start_limits()
+        # The run's cgroup is made while bwrap builds the sandbox (§5.3); its thread starts
+        # once bwrap has started (see _build).
+        limiter = self._make_limits()
         try:
             return self._build(envelope, add_check, log, waits, limiter, terminal, terminal_stderr)
         except BaseException:
@@ -239,6 +240,11 @@ class BwrapBackend:
                 stdin=terminal, stdout=terminal, stderr=terminal if terminal_stderr else None,
             )
             proc_pidfd = os.pidfd_open(proc.pid)
+            if limiter is not None:
+                # Only now: no thread of the launcher may run while the child runs Python
+                # between fork and exec (the idmap staging, a preexec_fn), nor while Popen
+                # forks: a lock another thread held at the fork stays held in the child forever.
+                limiter.start()
         except (OSError, LaunchError, subprocess.SubprocessError) as exc:
             why = clones.failure() if clones is not None and isinstance(exc, subprocess.SubprocessError) else ""
             for fd in passed + [info_r, block_w]:
@@ -322,11 +328,12 @@ class BwrapBackend:
             self.abort(held)
             raise
 
-    def _start_limits(self) -> Limiter | None:
-        """The run's limits, on a thread: the cgroup is made and its limits written while bwrap
-        builds the sandbox; once the held sandbox's pids are attached they are moved in and its
-        init's rlimits set. The first move into a cgroup waits for an RCU grace period (~10 ms
-        here), which this way overlaps the launch instead of adding to it."""
+    def _make_limits(self) -> Limiter | None:
+        """The run's limits, on a thread (started by `_build` once bwrap has started): the cgroup
+        is made and its limits written while bwrap builds the sandbox; once the held sandbox's
+        pids are attached they are moved in and its init's rlimits set. The first move into a
+        cgroup waits for an RCU grace period (~10 ms here), which this way overlaps the launch
+        instead of adding to it."""
         lp = self._limits
         if lp is None:  # a runner's launch: contract v1 carries no limits
             return None
@@ -335,9 +342,7 @@ class BwrapBackend:
             from .cgroup import RunCgroup  # noqa: PLC0415 - only with a cgroup
 
             cg = RunCgroup(lp, "firma-" + self._sandbox_id)
-        limiter = Limiter(cg, lp.rlimits)
-        limiter.start()
-        return limiter
+        return Limiter(cg, lp.rlimits)
 
     def _finish_limits(self, child: BwrapChild, top, add_check: AddCheck, limiter: Limiter | None) -> None:
         """Before release: the limits are in place, read back; the sandbox's processes are in the

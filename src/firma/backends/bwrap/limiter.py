@@ -1,5 +1,6 @@
-"""The run's limits set on a thread while the launch goes on (DESIGN §5.3). Started before bwrap:
-the run's cgroup is made and its limits written while bwrap builds the sandbox; once the held
+"""The run's limits set on a thread while the launch goes on (DESIGN §5.3). Started once bwrap has
+started (never while the launcher forks a child that runs Python before exec): the run's cgroup
+is made and its limits written while bwrap builds the sandbox; once the held
 sandbox's pids are known (`attach`) they are moved in, then its init's rlimits are set. The
 launcher's main thread joins it before the release; nothing of the agent runs before that."""
 
@@ -45,6 +46,8 @@ class Limiter(threading.Thread):
 
     def abandon(self) -> None:
         """The launch stops: let the thread end without touching a sandbox, and wait for it."""
+        if self.ident is None:  # never started (bwrap did not start)
+            return
         if not self._attached.is_set():
             self.attach(None)
         self.join()

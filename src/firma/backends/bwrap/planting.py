@@ -100,6 +100,28 @@ def _libc_setns():
     return fn
 
 
+def _libc_prctl():
+    fn = ctypes.CDLL(None, use_errno=True).prctl
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _keep_only(keep: tuple[int, ...]) -> None:
+    """In a forked helper, first thing: close every descriptor but `keep`, with 0-2 on /dev/null.
+    A helper holds nothing of the launcher's: not its terminal or output pipes, and not a pipe
+    another launcher thread reads to its end (the limits thread's rlimit helper: a long-lived
+    --publish helper holding its write end hung the launch for good)."""
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        if fd not in keep:
+            os.dup2(null, fd)
+    low = 3
+    for fd in sorted(k for k in keep if k >= 3):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+
+
 def _ns_ino(path: str) -> int:
     return os.stat(path).st_ino
 
@@ -129,7 +151,7 @@ def plant(pid: int, addrs: Addresses = Addresses()) -> PlantedSockets:
         if helper == 0:  # pragma: no cover - runs in the forked helper
             code = 1
             try:
-                parent.close()
+                _keep_only((child.fileno(), user_fd, net_fd))
                 if join_user and setns(user_fd, CLONE_NEWUSER) != 0:
                     child.send(b"ERR setns(user) errno %d" % ctypes.get_errno())
                     os._exit(2)
@@ -215,7 +237,7 @@ def socket_factory(pid: int) -> tuple[int, socket.socket]:
     for each byte it reads, hands back one unconnected TCP socket of that network namespace
     (`--publish`: the services process connects it to the agent's port inside, from outside).
     It makes nothing else, ends at EOF on the control socket, and dies with the launcher."""
-    setns = _libc_setns()
+    setns, prctl = _libc_setns(), _libc_prctl()  # resolved before the fork
     try:
         net_fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         user_fd = fcntl.ioctl(net_fd, NS_GET_USERNS)
@@ -229,8 +251,8 @@ def socket_factory(pid: int) -> tuple[int, socket.socket]:
         helper = os.fork()
         if helper == 0:  # pragma: no cover - runs in the forked helper
             try:
-                parent.close()
-                ctypes.CDLL(None, use_errno=True).prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
+                prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
+                _keep_only((child.fileno(), user_fd, net_fd))
                 if os.getppid() != launcher:
                     os._exit(1)
                 if (join_user and setns(user_fd, CLONE_NEWUSER) != 0) or setns(net_fd, CLONE_NEWNET) != 0:

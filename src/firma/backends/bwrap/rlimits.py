@@ -78,13 +78,18 @@ def apply(pid: int, rlimits: tuple[tuple[str, int], ...], as_ids: tuple[int, int
             finally:  # whatever happens, this fork never runs the launcher's code
                 os.kill(os.getpid(), signal.SIGKILL)
     os.close(w)
+    # The helper's exit, not the pipe's end, says it is done: a process the launcher's main thread
+    # forks meanwhile may hold a copy of the write end. Its answer (< PIPE_BUF) is in the pipe.
+    data = b""
     try:
-        data = b""
+        os.waitpid(child, 0)
+        os.set_blocking(r, False)
         while chunk := os.read(r, 4096):
             data += chunk
+    except BlockingIOError:
+        pass
     finally:
         os.close(r)
-        os.waitpid(child, 0)
     text = data.decode(errors="replace")
     if not text or text.startswith("!"):
         raise LaunchError(f"cannot set the sandbox's rlimits: {text[1:] or 'the helper failed'}; refusing to start the agent")
