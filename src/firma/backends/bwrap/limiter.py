@@ -9,7 +9,11 @@ from __future__ import annotations
 import threading
 
 from . import rlimits
+from ...errors import LaunchError
 from .cgroup import RunCgroup
+
+
+RESULT_TIMEOUT = 10.0  # making a cgroup and setting rlimits takes milliseconds
 
 
 class Limiter(threading.Thread):
@@ -50,11 +54,14 @@ class Limiter(threading.Thread):
             return
         if not self._attached.is_set():
             self.attach(None)
-        self.join()
+        self.join(RESULT_TIMEOUT)  # a daemon thread: one that hangs does not hold the launcher
 
     def result(self) -> dict[str, tuple[int, int]]:
-        """The rlimits read back, by name, once the thread is done; raises what it raised."""
-        self.join()
+        """The rlimits read back, by name, once the thread is done; raises what it raised. A
+        thread that does not end within RESULT_TIMEOUT fails the launch rather than hang it."""
+        self.join(RESULT_TIMEOUT)
+        if self.is_alive():
+            raise LaunchError(f"the run's limits were not in place within {RESULT_TIMEOUT:g}s; refusing to start the agent")
         if self._error is not None:
             raise self._error
         return self._got
