@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import http.server
 import os
+import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -232,3 +234,48 @@ def ws(tmp_path: Path) -> Path:
     d = tmp_path / "ws"
     d.mkdir()
     return d
+
+
+HELD_DRIVER = r'''
+import pathlib, sys, time
+import firma.backends.bwrap.backend as backend
+mark, guarded = sys.argv[1], sys.argv[2] == "guarded"
+plant = backend.plant
+def held_plant(*a, **k):
+    pathlib.Path(mark).touch()  # bwrap has built the sandbox and holds the agent
+    time.sleep(30)
+    return plant(*a, **k)
+backend.plant = held_plant
+if not guarded:  # the control: the launcher as it was before the guard
+    class NoGuard:
+        def watch(self, pid): pass
+        def stand_down(self): pass
+    backend.Guard.start = classmethod(lambda cls, *a: NoGuard())
+from firma.cli.main import entry
+sys.argv = ["firma", *sys.argv[3:]]
+sys.exit(entry())
+'''
+
+
+def kill_launcher_while_held(python: list[str], env: dict, ws: Path, marks: Path, *, guarded: bool) -> tuple[bool, list[int]]:
+    """Launch `sh -c 'touch ran; exec sleep N'` with a launcher (run by `python`, a command prefix
+    ending in an interpreter) that stops once bwrap holds the built sandbox, SIGKILL it there,
+    and say whether the agent ran and which of its processes are left (then killed). `guarded`
+    False replaces the guard by one that does nothing (the control)."""
+    n = 5000 + secrets.randbelow(4000)
+    tag = "guarded" if guarded else "unguarded"
+    mark, ran = marks / f"held-{tag}", ws / f"ran-{tag}"
+    p = subprocess.Popen([*python, "-c", HELD_DRIVER, str(mark), tag, "run", "--quiet", "--", "sh", "-c",
+                          f"touch {ran}; exec sleep {n}.6"], cwd=ws, env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    end = time.monotonic() + 30
+    while not mark.exists() and time.monotonic() < end and p.poll() is None:
+        time.sleep(0.01)
+    assert mark.exists(), "the launch never reached the held sandbox"
+    p.kill()  # the launcher only: setpriv (unprivileged) execs it, so it is p itself
+    p.wait(10)
+    time.sleep(1.0)  # time for a released agent to start
+    left = wait_for_processes(f"sleep {n}.6", present=False, limit=3)
+    for pid in left:  # the control leaves its agent running: end it
+        os.kill(pid, signal.SIGKILL)
+    return ran.exists(), left

@@ -25,6 +25,7 @@ from linux_support import (
     require_tools,
     run_firma,
     wait_for,
+    kill_launcher_while_held,
     wait_for_processes,
     wrapped_bwrap_env,
 )
@@ -495,3 +496,15 @@ def test_a_script_whose_interpreter_the_sandbox_hides_is_refused_in_one_line(ws,
         assert p.returncode == 1 and p.stdout == "", (name, p.stderr)
         assert p.stderr.startswith(f"[ERR]  command ./{name} runs through ") and p.stderr.count("\n") == 1, p.stderr
         assert "which the sandbox does not show" in p.stderr and "/tmp" in p.stderr
+
+
+def test_a_launcher_killed_while_it_holds_the_sandbox_leaves_nothing_and_nothing_runs(ws, tmp_path):
+    """SIGKILL to the launcher while bwrap holds the built sandbox (the agent not released yet):
+    the agent never runs and no sandbox process is left. Control: without the guard, bwrap's
+    namespace init outlives the launcher, reads the release pipe's end as the release and runs
+    the agent unsupervised."""
+    env = base_env(tmp_path)
+    ran, left = kill_launcher_while_held([sys.executable], env, ws, tmp_path, guarded=True)
+    assert not ran and left == [], (ran, left)
+    ran, left = kill_launcher_while_held([sys.executable], env, ws, tmp_path, guarded=False)
+    assert ran and left, "control: without the guard the agent should have been released"

@@ -18,7 +18,7 @@ import subprocess
 
 import pytest
 
-from linux_support import HERE, SYSTEM_PYTHON, StreamRecorder, UdpRecorder, Upstream, require_tools
+from linux_support import HERE, SYSTEM_PYTHON, StreamRecorder, UdpRecorder, Upstream, kill_launcher_while_held, require_tools
 from unprivileged_support import PY, make_install, remove_install
 
 pytestmark = [pytest.mark.confinement, pytest.mark.unprivileged]
@@ -133,3 +133,17 @@ def test_credential_stores_are_unreadable_inside_for_a_non_root_caller(install):
     finally:
         shutil.rmtree(home, ignore_errors=True)
         shutil.rmtree(ws, ignore_errors=True)
+
+
+def test_unprivileged_launcher_killed_while_it_holds_the_sandbox_leaves_nothing(install):
+    """As for root (test_linux_lifecycle): SIGKILL to an unprivileged caller's launcher while bwrap
+    holds the sandbox runs nothing and leaves nothing; without the guard (control) the agent runs."""
+    u = install.user
+    ws = install.root / "ws-held"
+    ws.mkdir()
+    os.chown(ws, u.pw_uid, u.pw_gid)
+    python, env = install.argv(PY), install.env()
+    ran, left = kill_launcher_while_held(python, env, ws, ws, guarded=True)
+    assert not ran and left == [], (ran, left)
+    ran, left = kill_launcher_while_held(python, env, ws, ws, guarded=False)
+    assert ran and left, "control: without the guard the agent should have been released"

@@ -25,6 +25,8 @@ class Term:
     def __init__(self, argv: list[str], cwd, env) -> None:
         self.master, slave = os.openpty()
         self.slave_name = os.ttyname(slave)
+        # the outer terminal's settings before firma exists (read later, firma may have made it raw)
+        self.initial = termios.tcgetattr(slave)
         self.pid = os.fork()
         if self.pid == 0:  # pragma: no cover - the child becomes firma
             try:
@@ -90,7 +92,7 @@ def test_job_control_dev_tty_silent_reads_and_signals_reach_the_agent_only(ws, t
     require_tools()
     t = _bash(ws, tmp_path)
     try:
-        before = t.attrs()
+        before = t.initial
         assert b"$ " in t.read(10, b"$ "), t.out
         assert b"no job control" not in t.out and b"cannot set terminal process group" not in t.out
         out = t.send(b"sleep 100 &\n", b"$ ")
@@ -163,7 +165,7 @@ def test_sigterm_mid_run_restores_the_outer_terminal(ws, tmp_path):
     require_tools()
     t = _bash(ws, tmp_path)
     try:
-        before = t.attrs()
+        before = t.initial
         t.read(10, b"$ ")
         t.send(b"sleep 100\n", b"sleep 100")
         time.sleep(0.3)
@@ -232,7 +234,7 @@ def test_full_screen_programs_draw_and_exit(ws, tmp_path):
         t = Term(firma_cmd("run", "--quiet", "--", *argv), ws, env)
         try:
             fcntl.ioctl(t.master, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 100, 0, 0))
-            before = t.attrs()
+            before = t.initial
             assert drawn in t.read(15, drawn), (argv, t.out[-300:])
             assert b"\x1b[" in t.out  # it drew with escape sequences (a real terminal for it)
             t.send(keys)

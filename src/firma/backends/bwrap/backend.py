@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import subprocess
 import time
@@ -32,11 +33,12 @@ from ...errors import LaunchError, SeccompError
 from ...host import detect_host
 from ..base import AddCheck, LaunchHooks, RoutingMode, RoutingPlan, Waits
 from ..preflight import bwrap_preflight
-from .child import BLOCKING, BwrapChild, HeldSandbox, kill_and_reap, pidfd_of
+from .child import BLOCKING, BwrapChild, HeldSandbox, kill_and_reap, pidfd_of, send
 from .limiter import Limiter
 from .command import require_command
 from .facts import git_refs, kind_of, measure_facts
 from .idmap import StagedClones
+from .guard import Guard
 from .planting import Addresses, netns_interfaces, plant, socket_factory
 from .verify import (
     mount_table,
@@ -240,6 +242,15 @@ class BwrapBackend:
                 stdin=terminal, stdout=terminal, stderr=terminal if terminal_stderr else None,
             )
             proc_pidfd = os.pidfd_open(proc.pid)
+            # Before anything else, and before any thread starts: the held sandbox must die with
+            # the launcher (guard.py says why bwrap alone does not do it).
+            try:
+                guard = Guard.start(proc.pid, proc_pidfd, block_w)
+            except OSError:
+                send(proc_pidfd, signal.SIGKILL)
+                proc.wait()
+                os.close(proc_pidfd)
+                raise
             if limiter is not None:
                 # Only now: no thread of the launcher may run while the child runs Python
                 # between fork and exec (the idmap staging, a preexec_fn), nor while Popen
@@ -267,7 +278,9 @@ class BwrapBackend:
         try:
             info = _read_info(info_r, _INFO_TIMEOUT, waits)
             init_pid = int(info["child-pid"])
-            child = BwrapChild(proc=proc, proc_pidfd=proc_pidfd, init_pid=init_pid, init_pidfd=pidfd_of(init_pid))
+            child = BwrapChild(proc=proc, proc_pidfd=proc_pidfd, init_pid=init_pid, init_pidfd=pidfd_of(init_pid),
+                               guard=guard)
+            guard.watch(init_pid)
             log(f"sandbox init pid {init_pid}")
             if limiter is not None:
                 child.cgroup = limiter.cgroup  # removed with the child, whatever happens next
@@ -301,6 +314,7 @@ class BwrapBackend:
             if limiter is not None:
                 limiter.abandon()  # before the child's close removes its cgroup
             kill_and_reap(proc, proc_pidfd, child)
+            guard.stand_down()  # (the child's close did, if there was one)
             raise
         finally:
             os.close(info_r)

@@ -19,6 +19,7 @@ from ..base import PlantedSockets
 
 if TYPE_CHECKING:
     from .cgroup import RunCgroup
+    from .guard import Guard
     from .limiter import Limiter
 
 
@@ -54,6 +55,7 @@ class BwrapChild:
     limit_plan: LimitPlan | None = None  # set at release
     limit_notes: tuple[str, ...] = ()  # the limits the run hit, known at close (run summary)
     cgroup_error: str | None = None  # why the run's cgroup could not be removed
+    guard: Guard | None = None  # kills the sandbox if the launcher ends without closing it
     _closed: bool = field(default=False, repr=False)
 
     @property
@@ -101,6 +103,8 @@ class BwrapChild:
         if self._closed:
             return
         self._closed = True
+        if self.guard is not None:
+            self.guard.stand_down()
         for fd in (self.init_pidfd, self.agent_pidfd, self.proc_pidfd):
             if fd is not None:
                 os.close(fd)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import signal
 import struct
 
 from ...core import bwrap_plan
@@ -38,6 +39,7 @@ _AT_SYMLINK_NOFOLLOW = 0x100
 _MOVE_MOUNT_F_EMPTY_PATH = 0x4
 _MOUNT_ATTR_IDMAP = 0x00100000
 _CLONE_NEWUSER = 0x10000000
+_PR_SET_PDEATHSIG = 1
 _CLONE_NEWNS = 0x00020000
 _MS_NOSUID = 0x2
 _MS_NODEV = 0x4
@@ -58,6 +60,7 @@ class _Sys:
 
     def __init__(self) -> None:
         self.libc = _libc()
+        self._prctl = self.libc.prctl  # looked up before the fork, not in the child
 
     def _check(self, rc: int, what: str) -> int:
         if rc < 0:
@@ -84,6 +87,13 @@ class _Sys:
 
     def unshare(self, flags: int) -> None:
         self._check(self.libc.unshare(flags), "unshare")
+
+    def die_with_parent(self, parent: int) -> None:
+        """SIGKILL when `parent` dies; exits now if it already has (the setting is cleared by a
+        credential change, so it is made after the drop, and bwrap's own comes only later)."""
+        self._check(self._prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl")
+        if os.getppid() != parent:
+            os._exit(1)
 
     def mount(self, source: bytes | None, target: str, fstype: bytes | None, flags: int, data: bytes | None) -> None:
         self._check(self.libc.mount(source, os.fsencode(target), fstype, flags, data), "mount")
@@ -128,6 +138,7 @@ class StagedClones:
 
     def __init__(self, plan: bwrap_plan.BwrapPlan) -> None:
         self._sys = _Sys()
+        self._launcher = os.getpid()
         self._agent = (plan.agent_host_uid, plan.agent_host_gid)
         self._trees: list[tuple[int, bwrap_plan.StagedSource]] = []
         self._report_r, self._report_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -200,6 +211,8 @@ class StagedClones:
         os.setgroups([])
         os.setresgid(*(self._agent[1],) * 3)
         os.setresuid(*(self._agent[0],) * 3)
+        # Launcher killed while this child stages: no bwrap may start without it (guard.py).
+        self._sys.die_with_parent(self._launcher)
 
     def close(self) -> None:
         for fd, _ in self._trees:

@@ -106,7 +106,7 @@ def _libc_prctl():
     return fn
 
 
-def _keep_only(keep: tuple[int, ...]) -> None:
+def keep_only(keep: tuple[int, ...]) -> None:
     """In a forked helper, first thing: close every descriptor but `keep`, with 0-2 on /dev/null.
     A helper holds nothing of the launcher's: not its terminal or output pipes, and not a pipe
     another launcher thread reads to its end (the limits thread's rlimit helper: a long-lived
@@ -151,7 +151,7 @@ def plant(pid: int, addrs: Addresses = Addresses()) -> PlantedSockets:
         if helper == 0:  # pragma: no cover - runs in the forked helper
             code = 1
             try:
-                _keep_only((child.fileno(), user_fd, net_fd))
+                keep_only((child.fileno(), user_fd, net_fd))
                 if join_user and setns(user_fd, CLONE_NEWUSER) != 0:
                     child.send(b"ERR setns(user) errno %d" % ctypes.get_errno())
                     os._exit(2)
@@ -252,7 +252,7 @@ def socket_factory(pid: int) -> tuple[int, socket.socket]:
         if helper == 0:  # pragma: no cover - runs in the forked helper
             try:
                 prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
-                _keep_only((child.fileno(), user_fd, net_fd))
+                keep_only((child.fileno(), user_fd, net_fd))
                 if os.getppid() != launcher:
                     os._exit(1)
                 if (join_user and setns(user_fd, CLONE_NEWUSER) != 0) or setns(net_fd, CLONE_NEWNET) != 0:
