@@ -99,7 +99,7 @@ def _guard(ctl: int, bwrap_pid: int, bwrap_pidfd: int, release_w: int, launcher:
             if not msg:  # the launcher's end closed without standing down: it is ending
                 _kill(targets if init_found else _with_init(targets, bwrap_pid))
                 return
-            if msg.startswith(b"I") and not init_found:
+            if msg.startswith(b"I"):  # the launcher's word (from bwrap's info) counts too
                 try:
                     targets = [os.pidfd_open(int(msg[1:])), *targets]
                     init_found = True
