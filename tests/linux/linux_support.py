@@ -257,15 +257,16 @@ sys.exit(entry())
 '''
 
 
-def kill_launcher_while_held(python: list[str], env: dict, ws: Path, marks: Path, *, guarded: bool) -> tuple[bool, list[int]]:
+def kill_launcher_while_held(python: list[str], env: dict, ws: Path, marks: Path, *, guarded: bool,
+                             attempt: int = 0) -> tuple[bool, list[int]]:
     """Launch `sh -c 'touch ran; exec sleep N'` with a launcher (run by `python`, a command prefix
     ending in an interpreter) that stops once bwrap holds the built sandbox, SIGKILL it there,
     and say whether the agent ran and which of its processes are left (then killed). `guarded`
     False replaces the guard by one that does nothing (the control)."""
     n = 5000 + secrets.randbelow(4000)
-    tag = "guarded" if guarded else "unguarded"
+    tag = f"{'guarded' if guarded else 'unguarded'}-{attempt}"
     mark, ran = marks / f"held-{tag}", ws / f"ran-{tag}"
-    p = subprocess.Popen([*python, "-c", HELD_DRIVER, str(mark), tag, "run", "--quiet", "--", "sh", "-c",
+    p = subprocess.Popen([*python, "-c", HELD_DRIVER, str(mark), "guarded" if guarded else "unguarded", "run", "--quiet", "--", "sh", "-c",
                           f"touch {ran}; exec sleep {n}.6"], cwd=ws, env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     end = time.monotonic() + 30
@@ -274,8 +275,10 @@ def kill_launcher_while_held(python: list[str], env: dict, ws: Path, marks: Path
     assert mark.exists(), "the launch never reached the held sandbox"
     p.kill()  # the launcher only: setpriv (unprivileged) execs it, so it is p itself
     p.wait(10)
-    time.sleep(1.0)  # time for a released agent to start
-    left = wait_for_processes(f"sleep {n}.6", present=False, limit=3)
+    end = time.monotonic() + 3.0  # time for a released agent to start, even on a loaded machine
+    while not ran.exists() and time.monotonic() < end:
+        time.sleep(0.02)
+    left = wait_for_processes(f"sleep {n}.6", present=ran.exists(), limit=3)
     for pid in left:  # the control leaves its agent running: end it
         os.kill(pid, signal.SIGKILL)
     return ran.exists(), left

@@ -506,5 +506,7 @@ def test_a_launcher_killed_while_it_holds_the_sandbox_leaves_nothing_and_nothing
     env = base_env(tmp_path)
     ran, left = kill_launcher_while_held([sys.executable], env, ws, tmp_path, guarded=True)
     assert not ran and left == [], (ran, left)
-    ran, left = kill_launcher_while_held([sys.executable], env, ws, tmp_path, guarded=False)
-    assert ran and left, "control: without the guard the agent should have been released"
+    # control: without the guard the agent is released (not every time: a kill during bwrap's own
+    # setup can take the sandbox down with it, so up to five tries)
+    assert any(all(kill_launcher_while_held([sys.executable], env, ws, tmp_path, guarded=False, attempt=k))
+               for k in range(5)), "control: without the guard the agent should have been released"

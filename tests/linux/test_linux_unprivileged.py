@@ -145,5 +145,6 @@ def test_unprivileged_launcher_killed_while_it_holds_the_sandbox_leaves_nothing(
     python, env = install.argv(PY), install.env()
     ran, left = kill_launcher_while_held(python, env, ws, ws, guarded=True)
     assert not ran and left == [], (ran, left)
-    ran, left = kill_launcher_while_held(python, env, ws, ws, guarded=False)
-    assert ran and left, "control: without the guard the agent should have been released"
+    # control: without the guard the agent is released (up to five tries, as for root)
+    assert any(all(kill_launcher_while_held(python, env, ws, ws, guarded=False, attempt=k)) for k in range(5)), \
+        "control: without the guard the agent should have been released"
