@@ -96,3 +96,37 @@ def test_bwrap_refusing_a_mount_is_reported_as_such(ws, tmp_path):
         "fix the mount or path it names, then rerun"
     )
     assert not (ws / "ran").exists()
+
+
+_LATE_READ = r'''
+import os, sys, time
+import firma.backends.bwrap.backend as backend
+read = backend.netns_interfaces
+def late(pid):
+    end = time.monotonic() + 10
+    while os.path.exists(f"/proc/{pid}/net/dev") and time.monotonic() < end:
+        time.sleep(0.005)  # read only once bwrap's init is gone, as a slow launcher would
+    return read(pid)
+backend.netns_interfaces = late
+from firma.cli.main import entry
+sys.argv = ["firma", *sys.argv[1:]]
+sys.exit(entry())
+'''
+
+
+def test_bwrap_giving_up_before_the_launcher_reads_the_sandbox_is_reported_as_such(ws, tmp_path):
+    """The same refusal when the launcher reads the sandbox's network only after bwrap's init
+    is gone: still bwrap's one-line reason and firma's line about it, not a traceback."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "data"
+    data.mkdir()
+    cfg = tmp_path / "mount.toml"
+    cfg.write_text(f'[run]\nmounts = [{{source = "{data}", target = "/nonexistent-firma-test/x", read_only = true}}]\n')
+    p = subprocess.run([sys.executable, "-c", _LATE_READ, "run", "--config", str(cfg), "--", "sh", "-c", f"touch {ws}/ran"],
+                       cwd=ws, env=base_env(tmp_path), capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr
+    assert "/nonexistent-firma-test/x" in p.stderr
+    assert p.stderr.splitlines()[-1].startswith("[ERR]  bwrap could not build the sandbox"), p.stderr
+    assert not (ws / "ran").exists()

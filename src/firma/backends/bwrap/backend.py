@@ -41,6 +41,7 @@ from .idmap import StagedClones
 from .guard import Guard
 from .planting import Addresses, netns_interfaces, plant, socket_factory
 from .verify import (
+    bwrap_gave_up,
     mount_table,
     verify_agent,
     verify_kernel_read_only,
@@ -85,6 +86,14 @@ def open_seccomp(envelope: ExecutionEnvelope) -> int | None:
             "writable by group or others"
         )
     return fd
+
+
+def _exits_within(proc: subprocess.Popen, secs: float) -> bool:
+    try:
+        proc.wait(secs)
+        return True
+    except subprocess.TimeoutExpired:
+        return False
 
 
 def _read_info(fd: int, timeout: float, waits: Waits) -> dict:
@@ -309,12 +318,17 @@ class BwrapBackend:
             )
 
             return HeldSandbox(child=child, plan=plan, socks=socks, block_w=block_w, limiter=limiter)
-        except BaseException:
+        except BaseException as exc:
+            # Reading the sandbox from outside fails once bwrap has given up building it (its
+            # init is gone): that is bwrap's failure, with its reason on stderr.
+            gave_up = isinstance(exc, (OSError, LaunchError)) and _exits_within(proc, 0.5)
             os.close(block_w)
             if limiter is not None:
                 limiter.abandon()  # before the child's close removes its cgroup
             kill_and_reap(proc, proc_pidfd, child)
             guard.stand_down()  # (the child's close did, if there was one)
+            if gave_up and proc.returncode not in (0, -signal.SIGKILL):
+                raise bwrap_gave_up() from None
             raise
         finally:
             os.close(info_r)

@@ -74,12 +74,15 @@ def verify_resolv_conf(child: BwrapChild, add_check: AddCheck, waits: Waits) -> 
     if not ok and child.proc.poll() is not None:
         # bwrap gave up while building the mount namespace (e.g. a mount target it cannot
         # create); its own one-line reason is already on stderr.
-        raise LaunchError(
-            "bwrap could not build the sandbox (its reason is printed above); "
-            "fix the mount or path it names, then rerun"
-        )
+        raise bwrap_gave_up()
     if not ok:
         raise LaunchError("sandbox /etc/resolv.conf does not point at the planted DNS stub; refusing to start the agent")
+
+
+def bwrap_gave_up() -> LaunchError:
+    """bwrap exited while it built the sandbox; its own one-line reason is already on stderr."""
+    return LaunchError("bwrap could not build the sandbox (its reason is printed above); "
+                       "fix the mount or path it names, then rerun")
 
 
 def verify_masks(top: Mapping[str, list[str]], plan: bwrap_plan.BwrapPlan, add_check: AddCheck) -> None:
