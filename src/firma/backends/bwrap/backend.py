@@ -321,7 +321,8 @@ class BwrapBackend:
         except BaseException as exc:
             # Reading the sandbox from outside fails once bwrap has given up building it (its
             # init is gone): that is bwrap's failure, with its reason on stderr.
-            gave_up = isinstance(exc, (OSError, LaunchError)) and _exits_within(proc, 0.5)
+            # (Before bwrap reported the sandbox, _read_info has said what happened already.)
+            gave_up = child is not None and isinstance(exc, (OSError, LaunchError)) and _exits_within(proc, 0.5)
             os.close(block_w)
             if limiter is not None:
                 limiter.abandon()  # before the child's close removes its cgroup
